@@ -1,0 +1,28 @@
+"""`attnlab kernels`: the registry as a table, with why each unavailable one cannot run."""
+from __future__ import annotations
+
+HELP = "list attention implementations and whether they run here"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--device", default=None, help="device type to check (default: cuda if present, else cpu)")
+
+
+def run(args) -> int:
+    import torch
+
+    from attnlab.kernels import implementations
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = [("name", "modes", "dtypes", "head_dim", "devices", f"on {device}")]
+    for impl in implementations():
+        status = impl.available(device)
+        rows.append((impl.name, ",".join(impl.modes),
+                     ",".join(str(d).removeprefix("torch.").replace("float", "fp").replace("bfp", "bf")
+                              for d in impl.dtypes),
+                     impl.head_dims_text, ",".join(impl.devices),
+                     "available" if status else f"unavailable: {status.reason}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    return 0

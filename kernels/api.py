@@ -1,0 +1,151 @@
+"""The public attention API: validate once, pick an implementation, run it.
+
+Every tensor is in the flash-attn layout (batch, seqlen, heads, head_dim). All checks
+happen here, before any kernel launches, so implementations see only valid input.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from attnlab.kernels import registry
+from attnlab.kernels.registry import DECODE, PREFILL
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_DECODE_Q_LEN = 16
+
+
+def attention(q, k, v, *, causal=False, scale=None, impl="auto"):
+    """Attention of q over k, v: softmax(q k^T * scale) v, per head.
+
+    q: (batch, seqlen_q, heads, head_dim); k, v: (batch, seqlen_k, kv_heads, head_dim),
+    heads % kv_heads == 0 (MHA, GQA, MQA). `scale` defaults to 1/sqrt(head_dim).
+    `causal` is bottom-right aligned: query i sees key j iff j <= i + seqlen_k - seqlen_q;
+    a query row that sees no key returns zeros. Returns (batch, seqlen_q, heads, head_dim)
+    in q's dtype. `impl` names a registered implementation or "auto" (the fastest here).
+    """
+    return prepare_attention(q, k, v, causal=causal, scale=scale, impl=impl)()
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, impl="auto"):
+    """Attention of a few new queries over a KV cache.
+
+    q: (batch, q_len, heads, head_dim) with 1 <= q_len <= 16; k_cache, v_cache:
+    (batch, max_seqlen, kv_heads, head_dim); cache_seqlens: int32 (batch,) with
+    0 <= len <= max_seqlen. Sequence b attends to keys [0, cache_seqlens[b]); its q_len
+    queries are the last q_len positions (bottom-right causal). Rows that see no key are 0.
+    """
+    return prepare_decode(q, k_cache, v_cache, cache_seqlens, scale=scale, impl=impl)()
+
+
+def prepare_attention(q, k, v, *, causal=False, scale=None, impl="auto") -> Callable[[], torch.Tensor]:
+    """Validate and choose once; return a call that runs the chosen kernel on these tensors.
+
+    Benchmarks time the returned call, so validation and dispatch stay outside the timing.
+    """
+    _check_qkv(q, k, v, "k", "v", "seqlen_k")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    scale = _check_scale(scale, q.shape[-1])
+    chosen = resolve(impl, PREFILL, q)
+    if q.shape[1] == 0 or k.shape[1] == 0 or q.shape[0] == 0:
+        return lambda: q.new_zeros(q.shape)
+    return lambda: chosen.prefill(q, k, v, causal, scale)
+
+
+def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, scale=None, impl="auto") -> Callable[[], torch.Tensor]:
+    """Like `prepare_attention`, for `decode_attention`."""
+    _check_qkv(q, k_cache, v_cache, "k_cache", "v_cache", "max_seqlen")
+    q_len = q.shape[1]
+    if not 1 <= q_len <= MAX_DECODE_Q_LEN:
+        raise ValueError(f"q: decode takes q_len from 1 to {MAX_DECODE_Q_LEN}, got q_len={q_len}")
+    _check_cache_seqlens(cache_seqlens, q.shape[0], k_cache.shape[1], q.device)
+    scale = _check_scale(scale, q.shape[-1])
+    chosen = resolve(impl, DECODE, q)
+    if q.shape[0] == 0 or k_cache.shape[1] == 0:
+        return lambda: q.new_zeros(q.shape)
+    return lambda: chosen.decode(q, k_cache, v_cache, cache_seqlens, scale)
+
+
+def resolve(impl: str, mode: str, q: torch.Tensor) -> registry.Implementation:
+    """The implementation that runs `mode` on q's device, dtype and head_dim."""
+    if not isinstance(impl, str):
+        raise TypeError(f"impl: expected a name or 'auto', got {type(impl).__name__}")
+    device_type, dtype, head_dim = q.device.type, q.dtype, q.shape[-1]
+    usable = [i for i in registry.implementations()
+              if i.available(device_type) and i.supports(mode, dtype, head_dim, device_type)]
+    if impl == "auto":
+        if not usable:
+            raise ValueError(f"impl: no implementation runs {mode} for {_describe(q)} on {device_type}")
+        return min(usable, key=lambda i: i.speed_rank.get(device_type, 100))
+    chosen = registry.get(impl)
+    why_not = chosen.available(device_type)
+    if why_not:
+        why_not = chosen.supports(mode, dtype, head_dim, device_type)
+    if not why_not:
+        names = ", ".join(i.name for i in usable) or "none"
+        raise ValueError(f"impl: {impl!r} cannot run {mode} for {_describe(q)} on {device_type} "
+                         f"({why_not.reason}); available here: {names}")
+    return chosen
+
+
+def _check_qkv(q, k, v, k_name: str, v_name: str, k_len_name: str) -> None:
+    for name, t in (("q", q), (k_name, k), (v_name, v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor (batch, seqlen, heads, head_dim), "
+                             f"got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name}: dtype must be one of float16, bfloat16, float32, float64, got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"{v_name}: shape {tuple(v.shape)} must equal {k_name}'s {tuple(k.shape)}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"{k_name}: batch {k.shape[0]} does not match q's batch {q.shape[0]}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"{k_name}: head_dim {k.shape[3]} does not match q's head_dim {q.shape[3]}")
+    if q.shape[3] == 0:
+        raise ValueError("q: head_dim must be at least 1, got 0")
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"{k_name}: heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    for name, t in ((k_name, k), (v_name, v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: device {t.device} does not match q's device {q.device}")
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
+    return float(scale)
+
+
+def _check_cache_seqlens(cache_seqlens, batch: int, max_seqlen: int, device: torch.device) -> None:
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens: expected an int32 torch.Tensor, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens: dtype must be torch.int32, got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"cache_seqlens: expected shape ({batch},) (one length per sequence), "
+                         f"got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens: device {cache_seqlens.device} does not match q's device {device}")
+    # Reading the lengths syncs with the device; a CUDA graph being captured cannot, and its
+    # lengths were checked by the eager call that preceded the capture.
+    if batch and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0 or hi > max_seqlen:
+            raise ValueError(f"cache_seqlens: lengths must lie in [0, {max_seqlen}] (max_seqlen), "
+                             f"got min {lo}, max {hi}")
+
+
+def _describe(q: torch.Tensor) -> str:
+    return f"dtype {str(q.dtype).removeprefix('torch.')}, head_dim {q.shape[-1]}"

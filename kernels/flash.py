@@ -1,0 +1,50 @@
+"""Adapter to the flash-attn package (FlashAttention-2/3), where it is installed.
+
+flash-attn uses this package's layout and bottom-right causal rule, so the calls pass
+straight through. It is a CUDA source build and never a requirement.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from attnlab.kernels.registry import YES, Implementation, no, register
+
+
+def _flash_attn():
+    return importlib.import_module("flash_attn")
+
+
+def _probe(device_type: str):
+    try:
+        module = _flash_attn()
+    except Exception as exc:  # ImportError, or a build that fails to load its CUDA library
+        return no(f"flash-attn not importable ({type(exc).__name__}: {exc}); install attnlab[flash]")
+    if not torch.cuda.is_available():
+        return no("no CUDA device")
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        return no(f"flash-attn {module.__version__} needs compute capability 8.0+")
+    return YES
+
+
+def prefill(q, k, v, causal, scale):
+    return _flash_attn().flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
+
+
+def decode(q, k_cache, v_cache, cache_seqlens, scale):
+    return _flash_attn().flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
+                                                 softmax_scale=scale, causal=True)
+
+
+register(Implementation(
+    name="flash-attn",
+    description="flash-attn package: flash_attn_func, flash_attn_with_kvcache",
+    dtypes=(torch.float16, torch.bfloat16),
+    head_dims=lambda d: d <= 256 and d % 8 == 0, head_dims_text="multiple of 8 up to 256",
+    devices=("cuda",),
+    probe=_probe,
+    prefill=prefill, decode=decode,
+    speed_rank={"cuda": 10},
+))

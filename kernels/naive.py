@@ -1,0 +1,44 @@
+"""The quadratic baseline: the full score matrix in memory, softmax in fp32.
+
+Scores and P @ V run in the input dtype, as a framework's plain attention would, so its
+error is the honest yardstick for what a dtype costs.
+"""
+from __future__ import annotations
+
+import torch
+
+from attnlab.kernels.masks import decode_visible, visible
+from attnlab.kernels.registry import YES, Implementation, register
+
+
+def _attend(q, k, v, mask, scale):
+    """q (B, Sq, H, D); k, v (B, Sk, KVH, D); mask broadcastable to (B, H, Sq, Sk)."""
+    groups = q.shape[2] // k.shape[2]
+    qh = q.transpose(1, 2)                                   # (B, H, Sq, D)
+    kh = k.transpose(1, 2).repeat_interleave(groups, dim=1)  # (B, H, Sk, D)
+    vh = v.transpose(1, 2).repeat_interleave(groups, dim=1)
+    scores = (qh @ kh.transpose(-1, -2)).float() * scale     # the (B, H, Sq, Sk) matrix
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)    # rows that see nothing -> 0
+    return (probs.to(q.dtype) @ vh).transpose(1, 2).contiguous()
+
+
+def prefill(q, k, v, causal, scale):
+    return _attend(q, k, v, visible(q.shape[1], k.shape[1], causal, q.device), scale)
+
+
+def decode(q, k_cache, v_cache, cache_seqlens, scale):
+    mask = decode_visible(cache_seqlens, q.shape[1], k_cache.shape[1])[:, None]  # (B, 1, q_len, S)
+    return _attend(q, k_cache, v_cache, mask, scale)
+
+
+register(Implementation(
+    name="naive",
+    description="quadratic baseline: full score matrix, softmax in fp32",
+    dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    head_dims=lambda d: d >= 1, head_dims_text="any",
+    devices=("cpu", "cuda"),
+    probe=lambda device_type: YES,
+    prefill=prefill, decode=decode,
+    speed_rank={"cpu": 30, "cuda": 90},
+))

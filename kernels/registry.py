@@ -1,0 +1,117 @@
+"""The registry of attention implementations: the one piece of global state.
+
+A new kernel is one module in this package that calls `register(...)`; the public
+API, the CLI and the sweep all read this table and nothing else.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+PREFILL, DECODE = "prefill", "decode"
+MODES = (PREFILL, DECODE)
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether an implementation can run on a device type; `reason` says why not."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+YES = Availability(True)
+
+
+def no(reason: str) -> Availability:
+    return Availability(False, reason)
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One attention implementation and what it serves.
+
+    `prefill(q, k, v, causal, scale)` and `decode(q, k_cache, v_cache, cache_seqlens, scale)`
+    take validated tensors in the (batch, seqlen, heads, head_dim) layout.
+    `probe(device_type)` answers availability; `speed_rank` orders `impl="auto"` (lower is faster);
+    `limits(device_type, dtype, head_dim)`, where given, adds rules that differ by device.
+    """
+
+    name: str
+    description: str
+    dtypes: tuple
+    head_dims: Callable[[int], bool]
+    head_dims_text: str
+    devices: tuple
+    probe: Callable[[str], Availability]
+    prefill: Optional[Callable] = None
+    decode: Optional[Callable] = None
+    speed_rank: dict = field(default_factory=dict)
+    limits: Optional[Callable[[str, torch.dtype, int], Availability]] = None
+
+    @property
+    def modes(self) -> tuple:
+        return tuple(m for m in MODES if getattr(self, m) is not None)
+
+    def available(self, device: str | torch.device = "cuda") -> Availability:
+        """Can this implementation run on `device` (a device type such as "cuda" or "cpu")?"""
+        device_type = torch.device(device).type
+        if device_type not in self.devices:
+            return no(f"runs on {', '.join(self.devices)}, not {device_type}")
+        return _cached_probe(self.name, device_type)
+
+    def supports(self, mode: str, dtype: torch.dtype, head_dim: int, device_type: str = "cuda") -> Availability:
+        if mode not in self.modes:
+            return no(f"serves {', '.join(self.modes)}, not {mode}")
+        if dtype not in self.dtypes:
+            return no(f"dtypes {', '.join(_dtype_name(d) for d in self.dtypes)}, not {_dtype_name(dtype)}")
+        if not self.head_dims(head_dim):
+            return no(f"head_dim {self.head_dims_text}, not {head_dim}")
+        return self.limits(device_type, dtype, head_dim) if self.limits else YES
+
+
+_REGISTRY: dict[str, Implementation] = {}
+
+
+def register(impl: Implementation) -> Implementation:
+    if impl.name in _REGISTRY:
+        raise ValueError(f"implementation {impl.name!r} is already registered")
+    _REGISTRY[impl.name] = impl
+    return impl
+
+
+def implementations() -> list[Implementation]:
+    """All registered implementations, in registration order."""
+    return list(_REGISTRY.values())
+
+
+def get(name: str) -> Implementation:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"impl: unknown implementation {name!r}; known: {', '.join(_REGISTRY)}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_probe(name: str, device_type: str) -> Availability:
+    # Optional backends are detected once per process and device type.
+    try:
+        return _REGISTRY[name].probe(device_type)
+    except Exception as exc:  # a probe that breaks means "not here", with the reason
+        return no(f"probe failed: {type(exc).__name__}: {exc}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -1,0 +1,131 @@
+"""torch's scaled_dot_product_attention pinned to one backend each.
+
+On an H100 `sdpa-flash` (FlashAttention-2) and `sdpa-cudnn` are the peers a user would
+otherwise pick. SDPA's own `is_causal` is top-left aligned, so the bottom-right rule of
+this package is built from it: see `_prefill`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+
+from attnlab.kernels.registry import YES, Availability, Implementation, no, register
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _prefill(backend, q, k, v, causal, scale):
+    """q (B, Sq, H, D); k, v (B, Sk, KVH, D) -> (B, Sq, H, D), bottom-right causal."""
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    if causal and seqlen_q > seqlen_k:
+        # The first seqlen_q - seqlen_k rows see no key; the rest form a square causal problem.
+        out = q.new_zeros(q.shape)
+        if seqlen_k:
+            out[:, seqlen_q - seqlen_k:] = _prefill(backend, q[:, seqlen_q - seqlen_k:], k, v, True, scale)
+        return out
+    mask, is_causal = None, False
+    if causal and seqlen_q == seqlen_k:
+        is_causal = True
+    elif causal and seqlen_q > 1:
+        mask = causal_lower_right(seqlen_q, seqlen_k)
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1 and not _native_gqa(backend, q.device.type):
+        kh, vh = kh.repeat_interleave(groups, dim=1), vh.repeat_interleave(groups, dim=1)
+    try:
+        with sdpa_kernel(backend):
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=is_causal,
+                                                 scale=scale, enable_gqa=kh.shape[1] != qh.shape[1])
+    except RuntimeError as exc:
+        # torch refuses before launching when the pinned backend cannot take these inputs.
+        raise ValueError(f"impl: torch's {backend.name} backend refused {_shape_text(q, k, causal)}: "
+                         f"{str(exc).splitlines()[0]}") from exc
+    return out.transpose(1, 2)
+
+
+def _decode(backend, q, k_cache, v_cache, cache_seqlens, scale):
+    """SDPA has no ragged cache: attend per group of equal lengths (reading lengths syncs)."""
+    lengths = cache_seqlens.tolist()
+    if len(set(lengths)) == 1:
+        n = lengths[0]
+        return _prefill(backend, q, k_cache[:, :n], v_cache[:, :n], True, scale)
+    out = q.new_empty(q.shape)
+    for n in sorted(set(lengths)):
+        rows = torch.tensor([b for b, m in enumerate(lengths) if m == n], device=q.device)
+        out[rows] = _prefill(backend, q[rows], k_cache[rows, :n], v_cache[rows, :n], True, scale)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _native_gqa(backend, device_type: str) -> bool:
+    """Does this backend take fewer kv heads than query heads (enable_gqa) on this device?"""
+    dtype = torch.float32 if device_type == "cpu" else torch.float16
+    q = torch.randn(1, 2, 8, 64, device=device_type, dtype=dtype)
+    kv = torch.randn(1, 1, 8, 64, device=device_type, dtype=dtype)
+    try:
+        with sdpa_kernel(backend):
+            F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _probe(backend):
+    def probe(device_type: str) -> Availability:
+        if device_type == "cuda" and not torch.cuda.is_available():
+            return no("no CUDA device")
+        dtype = torch.float32 if device_type == "cpu" else torch.bfloat16
+        q = torch.randn(1, 2, 128, 64, device=device_type, dtype=dtype)
+        try:
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        except RuntimeError as exc:
+            return no(f"torch {torch.__version__} has no {backend.name} kernel here: "
+                      f"{str(exc).splitlines()[0][:120]}")
+        return YES
+    return probe
+
+
+def _cuda_limits(dtypes, max_head_dim):
+    """Rules torch applies to its fused CUDA backends; the CPU flash kernel takes anything."""
+    def limits(device_type, dtype, head_dim):
+        if device_type != "cuda":
+            return YES
+        if dtype not in dtypes:
+            return no(f"on cuda takes {', '.join(str(d).removeprefix('torch.') for d in dtypes)}")
+        if head_dim % 8 or head_dim > max_head_dim:
+            return no(f"on cuda takes head_dim a multiple of 8 up to {max_head_dim}")
+        return YES
+    return limits
+
+
+def _shape_text(q, k, causal):
+    return (f"q {tuple(q.shape)}, k {tuple(k.shape)}, {str(q.dtype).removeprefix('torch.')}, "
+            f"causal={causal}")
+
+
+def _register(name, backend, description, dtypes, devices, limits, speed_rank):
+    register(Implementation(
+        name=name, description=description, dtypes=dtypes,
+        head_dims=lambda d: d >= 1, head_dims_text="any", devices=devices,
+        probe=_probe(backend),
+        prefill=functools.partial(_prefill, backend),
+        decode=functools.partial(_decode, backend),
+        speed_rank=speed_rank, limits=limits,
+    ))
+
+
+ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_register("sdpa-flash", SDPBackend.FLASH_ATTENTION, "torch SDPA, FlashAttention-2 backend",
+          ALL, ("cpu", "cuda"), _cuda_limits(HALF, 256), {"cpu": 10, "cuda": 40})
+_register("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, "torch SDPA, cuDNN backend",
+          HALF, ("cuda",), _cuda_limits(HALF, 256), {"cuda": 20})
+_register("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, "torch SDPA, memory-efficient backend",
+          (torch.float16, torch.bfloat16, torch.float32), ("cuda",),
+          _cuda_limits((torch.float16, torch.bfloat16, torch.float32), 512), {"cuda": 50})
+_register("sdpa-math", SDPBackend.MATH, "torch SDPA, math backend (unfused)",
+          ALL, ("cpu", "cuda"), None, {"cpu": 20, "cuda": 80})

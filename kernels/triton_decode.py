@@ -1,0 +1,157 @@
+"""Split-KV ("flash-decoding") attention for a few new queries over a KV cache, in Triton.
+
+Decoding has too few queries to fill a GPU, so the cache is split along its length:
+step 1 gives each (sequence, kv head, split) a program that attends every query row of
+the kv head's group (all its query heads x q_len) to its slice, reading each K/V tile once,
+and writes a partial output with its log-sum-exp; step 2 merges the splits. Tensors are in
+the (batch, seqlen, heads, head_dim) layout; cache_seqlens may be ragged, 0 included.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from attnlab.kernels.registry import triton_interpreting
+from attnlab.kernels.triton_prefill import LOG2E, _attend_tile, _load_tile, block_d, dot_precision, upcast_dot
+
+
+@triton.jit
+def _decode_split(
+    Q, K, V, Lens, Opart, Lpart,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_pb, stride_ph, stride_ps, stride_pm,
+    q_len, groups, kv_heads, split_len, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0) // kv_heads
+    kv_h = tl.program_id(0) % kv_heads
+    split = tl.program_id(2)
+    # Row r of the tile is query position r % q_len of query head kv_h * groups + r // q_len.
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_rows = groups * q_len
+    head = kv_h * groups + rows // q_len
+    pos = rows % q_len
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + pos[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = _load_tile(q_ptrs, rows, n_rows, offs_d, HEAD_DIM, BLOCK_D, True)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+
+    seqlen = tl.load(Lens + b)
+    key_limit = seqlen - q_len + 1 + pos          # the last q_len positions, causal
+    start = split * split_len
+    end = tl.minimum(start + split_len, seqlen)
+    unmasked_end = tl.maximum(tl.minimum(end, seqlen - q_len + 1), start)
+    unmasked_end = start + (unmasked_end - start) // BLOCK_N * BLOCK_N
+
+    k_ptrs = K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(start, unmasked_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(q, k_ptrs + start_n * stride_kn, v_ptrs + start_n * stride_vn,
+                                     offs_n, BLOCK_N, offs_d, key_limit, acc, m_i, l_i, qk_scale,
+                                     HEAD_DIM, BLOCK_D, False, UPCAST_DOT, DOT_PRECISION)
+    for start_n in range(unmasked_end, end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(q, k_ptrs + start_n * stride_kn, v_ptrs + start_n * stride_vn,
+                                     offs_n, end - start_n, offs_d, key_limit - start_n,
+                                     acc, m_i, l_i, qk_scale,
+                                     HEAD_DIM, BLOCK_D, True, UPCAST_DOT, DOT_PRECISION)
+
+    # Partial result of this split: normalised output and log2-sum-exp2 (-inf: saw no key).
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    part = b * stride_pb + kv_h * stride_ph + split * stride_ps
+    tl.store(Opart + part * BLOCK_D + rows[:, None] * BLOCK_D + offs_d[None, :], out)
+    tl.store(Lpart + part + rows, lse)
+
+
+@triton.jit
+def _decode_merge(
+    Opart, Lpart, Out,
+    stride_pb, stride_ph, stride_ps, stride_pm,
+    stride_ob, stride_om, stride_oh, stride_od,
+    q_len, groups, kv_heads, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    b = tl.program_id(0) // kv_heads
+    kv_h = tl.program_id(0) % kv_heads
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for split in range(0, num_splits):
+        part = b * stride_pb + kv_h * stride_ph + split * stride_ps
+        lse = tl.load(Lpart + part + rows)
+        o = tl.load(Opart + part * BLOCK_D + rows[:, None] * BLOCK_D + offs_d[None, :])
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)
+        weight = tl.math.exp2(lse - m_safe)
+        acc = acc * alpha[:, None] + o * weight[:, None]
+        total = total * alpha + weight
+        m = m_new
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+    head = kv_h * groups + rows // q_len
+    pos = rows % q_len
+    o_ptrs = Out + b * stride_ob + head[:, None] * stride_oh + pos[:, None] * stride_om + offs_d[None, :] * stride_od
+    mask = (rows[:, None] < groups * q_len) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_splits(programs: int, max_seqlen: int, block_n: int, device: torch.device) -> int:
+    """Enough splits for about two waves of programs on the GPU, never a split under one tile.
+
+    Chosen from the cache's capacity, not the lengths, so the launch needs no device sync.
+    """
+    target = 4 if device.type != "cuda" else 2 * _sm_count(device.index or 0)
+    return max(1, min(triton.cdiv(target, programs), triton.cdiv(max_seqlen, block_n), 256))
+
+
+def decode(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """q (B, q_len, H, D); caches (B, max_seqlen, KVH, D); cache_seqlens int32 (B,)."""
+    batch, q_len, heads, head_dim = q.shape
+    max_seqlen, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    groups = heads // kv_heads
+    bd = block_d(head_dim)
+    block_m = max(16, min(64, triton.next_power_of_2(groups * q_len)))
+    row_blocks = triton.cdiv(groups * q_len, block_m)
+    interpreting = triton_interpreting()
+    block_n = 32 if interpreting else (64 if bd <= 128 else 32)
+    splits = num_splits or choose_splits(batch * kv_heads * row_blocks, max_seqlen, block_n, q.device)
+    split_len = triton.cdiv(triton.cdiv(max_seqlen, splits), block_n) * block_n
+    splits = triton.cdiv(max_seqlen, split_len)
+
+    rows_padded = row_blocks * block_m
+    lse_part = torch.empty(batch, kv_heads, splits, rows_padded, device=q.device, dtype=torch.float32)
+    out_part = torch.empty(batch, kv_heads, splits, rows_padded, bd, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=block_m)
+    _decode_split[(batch * kv_heads, row_blocks, splits)](
+        q, k_cache, v_cache, cache_seqlens, out_part, lse_part,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *lse_part.stride(),
+        q_len, groups, kv_heads, split_len, scale * LOG2E,
+        **common, BLOCK_N=block_n, UPCAST_DOT=upcast_dot(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+        **({} if interpreting else dict(num_warps=4, num_stages=3)),
+    )
+    _decode_merge[(batch * kv_heads, row_blocks)](
+        out_part, lse_part, out, *lse_part.stride(), *out.stride(),
+        q_len, groups, kv_heads, splits, **common,
+    )
+    return out

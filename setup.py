@@ -1,0 +1,34 @@
+"""attnlab: an attention-performance lab for kernel engineers.
+
+The repository's top-level folders are the import packages of one distribution:
+kernels/ -> attnlab.kernels, bench/ -> attnlab.bench, analysis/ -> attnlab.analysis.
+"""
+from setuptools import setup
+
+PACKAGES = {
+    "attnlab": "attnlab",
+    "attnlab.cli": "attnlab/cli",
+    "attnlab.kernels": "kernels",
+    "attnlab.bench": "bench",
+    "attnlab.analysis": "analysis",
+}
+
+setup(
+    name="attnlab",
+    version="0.1.0",
+    description="Measure how attention cost grows from 1k to 128k tokens, kernel by kernel.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    package_data={"attnlab.bench": ["*.sh"]},
+    install_requires=["torch", "triton", "numpy"],
+    extras_require={
+        "nvml": ["nvidia-ml-py"],
+        "analysis": ["pandas", "scipy", "seaborn", "rich"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "flash": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["attnlab = attnlab.cli:main"]},
+)
