@@ -17,7 +17,8 @@ def _attend(q, k, v, mask, scale):
     qh = q.transpose(1, 2)                                   # (B, H, Sq, D)
     kh = k.transpose(1, 2).repeat_interleave(groups, dim=1)  # (B, H, Sk, D)
     vh = v.transpose(1, 2).repeat_interleave(groups, dim=1)
-    scores = (qh @ kh.transpose(-1, -2)).float() * scale     # the (B, H, Sq, Sk) matrix
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 input
+    scores = (qh @ kh.transpose(-1, -2)).to(softmax_dtype) * scale  # the (B, H, Sq, Sk) matrix
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)    # rows that see nothing -> 0
     return (probs.to(q.dtype) @ vh).transpose(1, 2).contiguous()

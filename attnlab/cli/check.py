@@ -1,0 +1,24 @@
+"""`attnlab check`: every implementation that runs here, against float64, on awkward shapes."""
+from __future__ import annotations
+
+HELP = "check every available implementation against a float64 reference on this machine"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+
+
+def run(args) -> int:
+    import torch
+
+    from attnlab.kernels.selfcheck import check
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = check(device, getattr(torch, args.dtype))
+    for r in results:
+        print(f"{'ok  ' if r.ok else 'FAIL'} {r.impl:15} {r.mode:8} err {r.max_error:.2e} "
+              f"(bound {r.bound:.2e})  {r.case}")
+    failed = sum(not r.ok for r in results)
+    print(f"{len(results) - failed} passed, {failed} failed ({device}, {args.dtype})")
+    return 1 if failed or not results else 0

@@ -1,0 +1,71 @@
+"""A quick correctness check of every implementation that runs on a device.
+
+Each result is compared with naive attention in float64 on upcast inputs (exact up to
+float64 rounding); the bar is the test suite's: at most twice the error of naive attention
+in the same dtype, plus a small slack.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnlab.kernels.api import attention, decode_attention
+from attnlab.kernels.registry import DECODE, PREFILL, implementations
+
+# (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal): awkward lengths, GQA.
+PREFILL_CASES = [(1, 113, 203, 4, 2, 64, True), (2, 97, 64, 4, 1, 40, True), (1, 128, 128, 2, 2, 128, False)]
+DECODE_CASES = [((0, 57, 203), 1, 8, 2, 64), ((130, 5), 4, 4, 4, 128)]  # (lengths, q_len, heads, kv_heads, d)
+
+
+@dataclass
+class CheckResult:
+    impl: str
+    mode: str
+    case: str
+    max_error: float
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_error <= self.bound
+
+
+def _bound(naive_error: float, dtype: torch.dtype) -> float:
+    return 2 * naive_error + max(torch.finfo(dtype).eps / 8, 1e-6)
+
+
+def _error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    err = (out.double() - ref).abs().max().item()
+    return float("inf") if err != err else err  # NaN never passes
+
+
+def _usable(mode, device, dtype, head_dim):
+    return [i.name for i in implementations()
+            if i.name != "naive" and i.available(device) and i.supports(mode, dtype, head_dim, device)]
+
+
+def _compare(impls, mode, case, run, dtype):
+    ref, naive = run("naive", torch.float64), run("naive", dtype)
+    bound = _bound(_error(naive, ref), dtype)
+    return [CheckResult(name, mode, case, _error(run(name, dtype), ref), bound) for name in impls]
+
+
+def check(device: str = "cpu", dtype: torch.dtype = torch.float16, seed: int = 0) -> list[CheckResult]:
+    """Run every usable implementation on a few awkward shapes and measure its error."""
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=gen).to(device)
+    results = []
+    for b, sq, sk, h, kvh, d, causal in PREFILL_CASES:
+        q, k, v = randn(b, sq, h, d), randn(b, sk, kvh, d), randn(b, sk, kvh, d)
+        run = lambda name, dt: attention(q.to(dt), k.to(dt), v.to(dt), causal=causal, impl=name)
+        case = f"q {tuple(q.shape)} k {tuple(k.shape)} causal={causal}"
+        results += _compare(_usable(PREFILL, device, dtype, d), PREFILL, case, run, dtype)
+    for lengths, q_len, h, kvh, d in DECODE_CASES:
+        s = max(lengths)
+        q, k, v = randn(len(lengths), q_len, h, d), randn(len(lengths), s, kvh, d), randn(len(lengths), s, kvh, d)
+        lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+        run = lambda name, dt: decode_attention(q.to(dt), k.to(dt), v.to(dt), lens, impl=name)
+        case = f"q {tuple(q.shape)} cache {tuple(k.shape)} lengths {list(lengths)}"
+        results += _compare(_usable(DECODE, device, dtype, d), DECODE, case, run, dtype)
+    return results

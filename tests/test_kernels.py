@@ -1,0 +1,129 @@
+"""Correctness of every implementation that runs here against a float64 reference.
+
+On a CPU the Triton kernels run in Triton's interpreter, so shapes stay small; the same
+checks run at GPU sizes in test_kernels_gpu.py.
+"""
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnlab.kernels as K
+from attnlab.kernels import triton_decode
+from reference import (assert_close_as_naive, decode_mask, max_error, random_qkv, reference, usable,
+                       visible_keys)
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# The seqlen pairs of FlashAttention's own tests, batch and heads sized for the interpreter.
+SEQLEN_PAIRS = [(1, 1), (64, 128), (113, 203), (128, 217), (239, 1), (799, 3), (512, 256),
+                (1023, 1024), (1024, 1023)]
+HEAD_DIMS = [16, 40, 59, 64, 80, 96, 111, 128, 256]
+HEAD_LAYOUTS = [(4, 4), (4, 2), (4, 1)]  # MHA, GQA, MQA
+
+
+def check_prefill(impl, batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, causal, seed=0):
+    q, k, v = random_qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, seed=seed)
+    ref = reference(q, k, v, visible_keys(seqlen_q, seqlen_k, causal)[None])
+    out = K.attention(q, k, v, causal=causal, impl=impl)
+    assert out.shape == q.shape and out.dtype == dtype
+    naive = K.attention(q, k, v, causal=causal, impl="naive")
+    assert_close_as_naive(out, naive, ref, f"{impl} {tuple(q.shape)} k {tuple(k.shape)} causal={causal}")
+
+
+def check_decode(impl, cache_seqlens, max_seqlen, q_len, heads, kv_heads, head_dim, dtype, seed=0, **kw):
+    batch = len(cache_seqlens)
+    q, k, v = random_qkv(batch, q_len, max_seqlen, heads, kv_heads, head_dim, dtype, seed=seed)
+    lens = torch.tensor(cache_seqlens, dtype=torch.int32)
+    ref = reference(q, k, v, decode_mask(lens, q_len, max_seqlen))
+    if kw:
+        out = triton_decode.decode(q, k, v, lens, head_dim ** -0.5, **kw)
+    else:
+        out = K.decode_attention(q, k, v, lens, impl=impl)
+    naive = K.decode_attention(q, k, v, lens, impl="naive")
+    assert_close_as_naive(out, naive, ref, f"{impl} lens {cache_seqlens} q_len {q_len}")
+
+
+# --- the yardstick itself: naive must be right, or "twice naive's error" proves nothing ---
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5),
+                                       (torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_naive_matches_float64(dtype, tol, causal):
+    q, k, v = random_qkv(2, 77, 131, 4, 2, 40, dtype)
+    ref = reference(q, k, v, visible_keys(77, 131, causal)[None])
+    assert max_error(K.attention(q, k, v, causal=causal, impl="naive"), ref) < tol
+
+
+def test_rows_that_see_no_key_are_zero():
+    q, k, v = random_qkv(1, 9, 4, 2, 2, 16, torch.float32)
+    for impl in usable("prefill", "cpu", torch.float32, 16):
+        out = K.attention(q, k, v, causal=True, impl=impl)
+        assert torch.equal(out[:, :5], torch.zeros_like(out[:, :5])), impl
+        assert out[:, 5:].abs().sum() > 0, impl
+
+
+# --- prefill ---
+
+CASES = [(sq, sk, causal, HEAD_DIMS[i % len(HEAD_DIMS)], DTYPES[i % len(DTYPES)])
+         for i, ((sq, sk), causal) in enumerate(itertools.product(SEQLEN_PAIRS, [False, True]))]
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k,causal,head_dim,dtype", CASES)
+def test_triton_seqlen_pairs(seqlen_q, seqlen_k, causal, head_dim, dtype):
+    heads = 1 if seqlen_q * seqlen_k > 200_000 else 2
+    check_prefill("triton", 1, seqlen_q, seqlen_k, heads, 1, head_dim, dtype, causal)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_triton_head_dims(head_dim):
+    check_prefill("triton", 2, 70, 97, 2, 1, head_dim, torch.float16, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads", HEAD_LAYOUTS)
+@pytest.mark.parametrize("impl", ["triton", "sdpa-flash", "sdpa-math"])
+def test_prefill_dtypes_and_head_layouts(impl, heads, kv_heads, dtype):
+    check_prefill(impl, 2, 97, 131, heads, kv_heads, 64, dtype, causal=True)
+    check_prefill(impl, 2, 131, 97, heads, kv_heads, 64, dtype, causal=True)
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(1, 1), (113, 203), (239, 1), (203, 113)])
+@pytest.mark.parametrize("impl", ["sdpa-flash", "sdpa-math"])
+def test_sdpa_bottom_right_causal(impl, seqlen_q, seqlen_k):
+    check_prefill(impl, 1, seqlen_q, seqlen_k, 2, 1, 32, torch.float32, causal=True)
+
+
+@settings(max_examples=12, deadline=None)
+@given(seqlen_q=st.integers(1, 150), seqlen_k=st.integers(1, 150), groups=st.sampled_from([1, 2, 4]),
+       kv_heads=st.integers(1, 2), head_dim=st.integers(16, 130), causal=st.booleans(),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_triton_random_shapes(seqlen_q, seqlen_k, groups, kv_heads, head_dim, causal, dtype, seed):
+    check_prefill("triton", 1, seqlen_q, seqlen_k, groups * kv_heads, kv_heads, head_dim, dtype, causal, seed)
+
+
+# --- decode ---
+
+@pytest.mark.parametrize("q_len", [1, 3, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", ["triton-decode", "sdpa-flash", "sdpa-math"])
+def test_decode_ragged(impl, dtype, q_len):
+    # 0 and max_seqlen included, and a length shorter than q_len (rows that see nothing).
+    check_decode(impl, [0, 2, 77, 150, 203], 203, q_len, 8, 2, 64, dtype)
+
+
+@pytest.mark.parametrize("heads,kv_heads", HEAD_LAYOUTS + [(16, 1)])
+@pytest.mark.parametrize("head_dim", [16, 59, 128, 256])
+def test_triton_decode_heads(heads, kv_heads, head_dim):
+    check_decode("triton-decode", [150, 33], 150, 2, heads, kv_heads, head_dim, torch.float16)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
+def test_triton_decode_split_counts(num_splits):
+    # Splits that end inside a sequence, past its end, and on an empty one.
+    check_decode("triton-decode", [300, 0, 45, 257], 300, 4, 4, 2, 64, torch.bfloat16, num_splits=num_splits)
+
+
+def test_triton_decode_q_len_16_mqa():
+    check_decode("triton-decode", [64, 17], 64, 16, 8, 1, 32, torch.float32)

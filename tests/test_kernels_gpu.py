@@ -1,0 +1,68 @@
+"""The correctness matrix at GPU sizes, for every implementation that runs on this GPU."""
+import pytest
+import torch
+
+import attnlab.kernels as K
+from reference import assert_close_as_naive, decode_mask, random_qkv, reference, usable, visible_keys
+
+pytestmark = pytest.mark.gpu
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+
+def cuda_impls(mode, dtype, head_dim):
+    return [n for n in usable(mode, "cuda", dtype, head_dim) if n != "naive"] if torch.cuda.is_available() else []
+
+
+def prefill_case(seqlen_q, seqlen_k, causal, head_dim, dtype, heads=8, kv_heads=2, batch=2):
+    q, k, v = random_qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, device="cuda")
+    ref = reference(q, k, v, visible_keys(seqlen_q, seqlen_k, causal)[None])
+    naive = K.attention(q, k, v, causal=causal, impl="naive")
+    impls = cuda_impls("prefill", dtype, head_dim)
+    assert impls, "no GPU implementation to check"
+    for impl in impls:
+        out = K.attention(q, k, v, causal=causal, impl=impl)
+        assert_close_as_naive(out, naive, ref, f"{impl} {seqlen_q}x{seqlen_k} d{head_dim} {dtype} causal={causal}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(1, 1), (113, 203), (239, 1), (799, 3), (1023, 1024),
+                                               (1024, 1023), (2048, 2048), (4097, 4095), (3000, 6001)])
+def test_prefill_matrix(seqlen_q, seqlen_k, dtype, causal):
+    prefill_case(seqlen_q, seqlen_k, causal, 128, dtype)
+
+
+@pytest.mark.parametrize("head_dim", [16, 40, 59, 64, 80, 96, 111, 256])
+def test_prefill_head_dims(head_dim):
+    prefill_case(1000, 2001, True, head_dim, BF16)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2), (8, 1)])
+def test_prefill_fp32_and_head_layouts(heads, kv_heads):
+    prefill_case(777, 1025, True, 64, FP32, heads=heads, kv_heads=kv_heads)
+
+
+@pytest.mark.parametrize("q_len", [1, 4, 16])
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+def test_decode_matrix(q_len, dtype):
+    max_seqlen, lens = 32768, [0, 3, 1000, 17001, 32768]
+    q, k, v = random_qkv(len(lens), q_len, max_seqlen, 32, 8, 128, dtype, device="cuda")
+    cache_seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    ref = reference(q, k, v, decode_mask(cache_seqlens.cpu(), q_len, max_seqlen))
+    naive = K.decode_attention(q, k, v, cache_seqlens, impl="naive")
+    for impl in cuda_impls("decode", dtype, 128):
+        out = K.decode_attention(q, k, v, cache_seqlens, impl=impl)
+        assert_close_as_naive(out, naive, ref, f"{impl} decode q_len {q_len} {dtype}")
+
+
+def test_triton_decode_is_capturable_in_a_cuda_graph():
+    q, k, v = random_qkv(2, 1, 4096, 32, 8, 128, BF16, device="cuda")
+    lens = torch.tensor([4096, 1234], dtype=torch.int32, device="cuda")
+    eager = K.decode_attention(q, k, v, lens, impl="triton-decode")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = K.decode_attention(q, k, v, lens, impl="triton-decode")
+    lens.copy_(torch.tensor([100, 4000], dtype=torch.int32))
+    graph.replay()
+    assert torch.equal(K.decode_attention(q, k, v, lens, impl="triton-decode"), captured)
+    assert not torch.equal(eager, captured)
