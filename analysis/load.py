@@ -1,0 +1,234 @@
+"""Read what runs measured: sweep JSON Lines and pytest-benchmark JSON, in any mix of files
+and folders, into one DataFrame of result records and one of run environments.
+
+Nothing here raises on odd content: unknown schemas, lines that are not JSON and files that
+are neither format become entries in `Loaded.warnings`; a truncated last line (a run killed
+mid-write) is ignored. Missing files and empty input are errors that name the argument.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from attnlab.analysis import _deps
+
+RESULT_SCHEMA = "attnlab.result/1"
+ENVIRONMENT_SCHEMA = "attnlab.environment/1"
+STATUSES = ("ok", "oom", "error", "unsupported", "skipped")
+CALIBRATION = "calibration"
+
+RESULT_FIELDS = (
+    "schema", "run_id", "kernel", "mode", "workload", "batch", "heads", "kv_heads", "head_dim", "dtype",
+    "causal", "seq_len", "q_len", "status", "reason", "times_ms", "median_ms", "p10_ms", "p90_ms", "flops",
+    "bytes", "tflops", "gbps", "tokens_per_s", "peak_mem_bytes", "predicted_mem_bytes", "power_w_mean",
+    "power_w_max", "energy_j", "joules_per_token", "device",
+)
+NUMERIC_FIELDS = (
+    "batch", "heads", "kv_heads", "head_dim", "seq_len", "q_len", "median_ms", "p10_ms", "p90_ms", "flops",
+    "bytes", "tflops", "gbps", "tokens_per_s", "peak_mem_bytes", "predicted_mem_bytes", "power_w_mean",
+    "power_w_max", "energy_j", "joules_per_token",
+)
+ENVIRONMENT_FIELDS = (
+    "run_id", "gpu_name", "gpu_uuid", "driver", "cuda", "torch", "triton", "flash_attn", "power_limit_w",
+    "clocks", "git_commit", "host", "time", "argv",
+)
+# Missing key values would drop rows from pandas group-bys; these placeholders keep them visible.
+KEY_DEFAULTS = {"kernel": "unknown", "mode": "unknown", "workload": "custom", "dtype": "unknown",
+                "device": "unknown device", "status": "ok", "run_id": "unknown run"}
+
+
+@dataclass
+class Loaded:
+    """What `load` read. `results`: one row per result record (all statuses; columns are the
+    record's fields plus `source`, the file it came from, and `source_format`);
+    `environments`: one row per run; `warnings`: what was skipped and why; `files`: files read."""
+
+    results: object
+    environments: object
+    warnings: list = field(default_factory=list)
+    files: list = field(default_factory=list)
+
+    @property
+    def ok(self):
+        """Result rows with status ok: the ones fits and rates use."""
+        return self.results[self.results["status"] == "ok"]
+
+
+def load(paths) -> Loaded:
+    """Load every sweep JSONL and pytest-benchmark JSON under `paths` (files or folders)."""
+    pd = _deps.pandas("loading records")
+    files = expand_paths(paths)
+    records, environments, warnings = [], [], []
+    for path in files:
+        got_records, got_envs, got_warnings = read_file(path)
+        records += got_records
+        environments += got_envs
+        warnings += got_warnings
+    results = _results_frame(pd, records, environments)
+    envs = _environments_frame(pd, environments)
+    return Loaded(results=results, environments=envs, warnings=warnings, files=[str(p) for p in files])
+
+
+def expand_paths(paths) -> list[Path]:
+    """Files named directly, plus every *.jsonl and *.json below named folders, each once."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    paths = list(paths)
+    if not paths:
+        raise ValueError("paths: expected at least one results file or folder, got none")
+    found, seen = [], set()
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            candidates = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json") and p.is_file())
+        elif path.is_file():
+            candidates = [path]
+        else:
+            raise FileNotFoundError(f"paths: {str(raw)!r} is neither a file nor a folder")
+        for candidate in candidates:
+            key = candidate.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(candidate)
+    return found
+
+
+def read_file(path) -> tuple[list, list, list]:
+    """(result records, environment records, warnings) of one file, by its content."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".json":
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return [], [], [f"{path}: skipped, not valid JSON ({exc.msg} at line {exc.lineno})"]
+        if isinstance(document, dict) and isinstance(document.get("benchmarks"), list):
+            return read_pytest_benchmark(document, path)
+        return [], [], [f"{path}: skipped, a JSON file without a 'benchmarks' list is not pytest-benchmark output"]
+    return read_jsonl(text, path)
+
+
+def read_jsonl(text: str, path="<text>") -> tuple[list, list, list]:
+    """Parse sweep JSON Lines; see the module docstring for what is skipped."""
+    lines = text.splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records, environments, warnings, unknown = [], [], [], Counter()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if i != last:
+                warnings.append(f"{path}:{i + 1}: skipped a line that is not JSON ({exc.msg})")
+            continue  # a truncated last line is what a killed run leaves; it is not an error
+        schema = obj.get("schema") if isinstance(obj, dict) else None
+        if schema == RESULT_SCHEMA:
+            records.append(_with_source(obj, path, "sweep"))
+        elif schema == ENVIRONMENT_SCHEMA:
+            environments.append(_with_source(obj, path, "sweep"))
+        else:
+            unknown[repr(schema)] += 1
+    for schema, count in unknown.items():
+        warnings.append(f"{path}: skipped {count} line(s) with schema {schema}; this reader knows "
+                        f"{RESULT_SCHEMA!r} and {ENVIRONMENT_SCHEMA!r}")
+    return records, environments, warnings
+
+
+def read_pytest_benchmark(document: dict, path="<json>") -> tuple[list, list, list]:
+    """Result records from a pytest-benchmark --benchmark-json document: each benchmark's
+    extra_info is an attnlab result record; times come from stats (seconds) when it has none."""
+    records, warnings = [], []
+    for bench in document["benchmarks"]:
+        extra = bench.get("extra_info") or {}
+        name = bench.get("name", "?")
+        if extra.get("schema") != RESULT_SCHEMA:
+            warnings.append(f"{path}: skipped benchmark {name!r}: its extra_info has schema "
+                            f"{extra.get('schema')!r}, expected {RESULT_SCHEMA!r}")
+            continue
+        record = _with_source(dict(extra), path, "pytest-benchmark")
+        _fill_times_from_stats(record, bench.get("stats") or {})
+        record.setdefault("run_id", f"pytest-benchmark:{Path(str(path)).stem}:{document.get('datetime', '')}")
+        record["benchmark_name"] = name
+        record["benchmark_group"] = bench.get("group")
+        records.append(record)
+    run_ids = sorted({r["run_id"] for r in records}) or [f"pytest-benchmark:{Path(str(path)).stem}"]
+    environments = [_benchmark_environment(document, run_id, path) for run_id in run_ids]
+    return records, environments, warnings
+
+
+def _fill_times_from_stats(record: dict, stats: dict) -> None:
+    if not record.get("times_ms") and stats.get("data"):
+        record["times_ms"] = [t * 1e3 for t in stats["data"]]
+    times = record.get("times_ms") or []
+    if record.get("median_ms") is None:
+        record["median_ms"] = _percentile(times, 50) if times else _scaled(stats.get("median"))
+    if record.get("p10_ms") is None and times:
+        record["p10_ms"] = _percentile(times, 10)
+    if record.get("p90_ms") is None and times:
+        record["p90_ms"] = _percentile(times, 90)
+
+
+def _benchmark_environment(document: dict, run_id: str, path) -> dict:
+    machine = document.get("machine_info") or {}
+    commit = document.get("commit_info") or {}
+    env = {"schema": ENVIRONMENT_SCHEMA, "run_id": run_id, "host": machine.get("node"),
+           "cpu": (machine.get("cpu") or {}).get("brand_raw"), "python": machine.get("python_version"),
+           "git_commit": commit.get("id"), "time": document.get("datetime"),
+           "pytest_benchmark": document.get("version")}
+    # A conftest may add attnlab's environment fields to machine_info; take them where present.
+    nested = machine.get("attnlab") if isinstance(machine.get("attnlab"), dict) else {}
+    for key in ENVIRONMENT_FIELDS:
+        value = nested.get(key, machine.get(key))
+        if value is not None and key != "run_id":
+            env[key] = value
+    return _with_source(env, path, "pytest-benchmark")
+
+
+def _with_source(obj: dict, path, source_format: str) -> dict:
+    obj = dict(obj)
+    obj["source"] = str(path)
+    obj["source_format"] = source_format
+    return obj
+
+
+def _percentile(values, q: float) -> float:
+    ordered = sorted(float(v) for v in values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _scaled(seconds):
+    return None if seconds is None else seconds * 1e3
+
+
+def _results_frame(pd, records: list, environments: list):
+    frame = pd.DataFrame.from_records(records) if records else pd.DataFrame()
+    for column in (*RESULT_FIELDS, "source", "source_format"):
+        if column not in frame.columns:
+            frame[column] = None
+    for column in NUMERIC_FIELDS:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
+    frame["status"] = frame["status"].fillna("ok").astype(str).str.lower()
+    frame["device"] = frame["device"].fillna(frame["run_id"].map(_gpu_names(environments)))
+    for column, default in KEY_DEFAULTS.items():
+        frame[column] = frame[column].fillna(default).astype(str)
+    frame["times_ms"] = frame["times_ms"].map(lambda t: list(t) if isinstance(t, (list, tuple)) else [])
+    return frame.reset_index(drop=True)
+
+
+def _gpu_names(environments: list) -> dict:
+    return {e.get("run_id"): e.get("gpu_name") or e.get("cpu") for e in environments if e.get("run_id")}
+
+
+def _environments_frame(pd, environments: list):
+    frame = pd.DataFrame.from_records(environments) if environments else pd.DataFrame()
+    for column in (*ENVIRONMENT_FIELDS, "source", "source_format"):
+        if column not in frame.columns:
+            frame[column] = None
+    return frame.reset_index(drop=True)

@@ -1,0 +1,243 @@
+"""One page that says what runs measured: report.html (self-contained, charts embedded as
+base64 PNG) and report.md (charts linked from charts/), built from the same sections.
+
+Sections: run conditions, records, fits, charts, roofline, the claim, failed and
+out-of-memory points. The files `analyze` writes (fits, roofline, claim, charts) sit
+beside the page.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from attnlab.analysis import text as fmt
+from attnlab.analysis.analyze import analyze
+from attnlab.analysis.claim import CLAIM
+from attnlab.analysis.roofline import roofline_summary
+
+
+# (column, environment fields to try in turn): older or CPU-only runs name some things differently.
+ENV_COLUMNS = (("run", ("run_id",)), ("device", ("gpu_name", "cpu", "device")), ("driver", ("driver",)),
+               ("CUDA", ("cuda",)), ("torch", ("torch",)), ("Triton", ("triton",)), ("flash-attn", ("flash_attn",)),
+               ("power limit (W)", ("power_limit_w",)), ("clocks", ("clocks",)),
+               ("commit", ("git_commit", "attnlab_commit")), ("host", ("host",)), ("time", ("time",)),
+               ("command", ("argv", "command")))
+CHART_ORDER = ("latency", "tflops", "gbps", "speedup", "memory", "power", "claim")
+
+
+@dataclass
+class Report:
+    """What `build_report` wrote, and what it had to leave out (`warnings`)."""
+
+    html_path: Path
+    md_path: Path
+    files: list = field(default_factory=list)
+    charts: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+
+
+def build_report(paths, out_dir, *, baseline=None, model="llama3-8b", gpu=None, formats=("png", "svg"),
+                 n_boot: int = 2000) -> Report:
+    """Analyse `paths` (run folders or files) as `analyze` does and write report.html and
+    report.md beside its files in `out_dir`."""
+    if "png" not in formats:
+        formats = ("png", *formats)  # the HTML page embeds PNG
+    analysis = analyze(paths, out_dir, baseline=baseline, model=model, gpu=gpu, formats=formats, n_boot=n_boot)
+    out = Path(out_dir)
+    sections = _sections(analysis.loaded, analysis.fits, analysis.roof, analysis.claim, _ordered(analysis.charts),
+                         analysis.warnings)
+    html_path, md_path = out / "report.html", out / "report.md"
+    html_path.write_text(render_html(sections), encoding="utf-8")
+    md_path.write_text(render_markdown(sections, out), encoding="utf-8")
+    return Report(html_path, md_path, analysis.files + [html_path, md_path], analysis.charts, analysis.warnings)
+
+
+def _ordered(drawn: list) -> list:
+    rank = {kind: i for i, kind in enumerate(CHART_ORDER)}
+    return sorted(drawn, key=lambda c: (rank.get(c.name.split("_")[0], len(rank)), c.name))
+
+
+# --- sections: (title, [blocks]); a block is ("p", text), ("list", items),
+# ("table", headers, rows) or ("chart", Chart) ----------------------------------------------------
+
+def _sections(loaded, fits, roof, claim, drawn, warnings) -> list:
+    results, envs = loaded.results, loaded.environments
+    intro = [("p", f"Read {len(loaded.files)} file(s): {', '.join(loaded.files)}. "
+                   f"{len(results)} result records, {int((results['status'] == 'ok').sum())} of them ok.")]
+    if "synthetic" in envs and envs["synthetic"].eq(True).any():
+        intro.append(("p", "Warning: some runs are marked synthetic: their numbers are sample data, "
+                           "not measurements."))
+    sections = [("attnlab report", intro)]
+    if warnings:
+        sections.append(("What was skipped", [("list", warnings)]))
+    sections += [
+        ("Run conditions", _conditions(results, envs)),
+        ("Records", [("table", *_record_counts(results))]),
+        ("Fits: latency_ms(n) = a + b n + c n^2", _fit_blocks(fits)),
+        ("Charts", [("chart", c) for c in drawn if c.name != "claim"] or [("p", "No charts could be drawn.")]),
+        ("Roofline", _roofline_blocks(roof)),
+        ("The claim: 10,000 tokens/s at 1k, 130 at 128k", _claim_blocks(claim, drawn)),
+        ("Failed and out-of-memory points", _failure_blocks(results)),
+    ]
+    return sections
+
+
+def _conditions(results, envs) -> list:
+    rows = [[_cell(_first(env, fields)) for _, fields in ENV_COLUMNS] for env in envs.to_dict("records")]
+    shown = [i for i in range(len(ENV_COLUMNS)) if any(row[i] != "-" for row in rows)]
+    blocks = [("table", [ENV_COLUMNS[i][0] for i in shown], [[row[i] for i in shown] for row in rows])] if rows else []
+    missing = sorted(set(results["run_id"]) - set(envs["run_id"].dropna()))
+    if missing:
+        blocks.append(("p", f"No environment record for run(s) {', '.join(missing)}: their conditions are unknown."))
+    devices = sorted(results["device"].unique())
+    blocks.append(("p", f"Devices in the records: {', '.join(devices)}."))
+    return blocks
+
+
+def _first(env: dict, fields) -> object:
+    return next((env[f] for f in fields if not fmt.missing(env.get(f))), None)
+
+
+def _record_counts(results):
+    counts = results.groupby(["mode", "kernel", "status"]).size().reset_index(name="records")
+    return ["mode", "kernel", "status", "records"], counts.values.tolist()
+
+
+def _fit_blocks(fits) -> list:
+    if not fits:
+        return [("p", "No group had ok records at three or more context lengths.")]
+    headers = ["kernel", "mode", "workload", "device", "dtype", "a (ms)", "b (ms/token)", "c (ms/token^2)",
+               "exponent [95% CI]", "R^2 (log)", "lengths", "c n^2 > b n beyond", "256k (ms) [95%]", "1M (ms) [95%]"]
+    rows = []
+    for f in fits:
+        lo, hi = f.exponent_ci
+        extrapolated = [f"{fmt.num(p['latency_ms'])} [{fmt.num(p['lo_ms'])}, {fmt.num(p['hi_ms'])}]"
+                        for p in f.extrapolation]
+        rows.append([f.kernel, f.mode, f.workload, f.device, f.dtype, fmt.num(f.a_ms), fmt.num(f.b_ms_per_token),
+                     fmt.num(f.c_ms_per_token2), f"{f.exponent:.2f} [{lo:.2f}, {hi:.2f}]", f"{f.r2:.4f}",
+                     f"{f.n_points} ({fmt.k(f.seq_lens[0])} to {fmt.k(f.seq_lens[-1])})",
+                     "never" if f.crossover_seq_len is None else f"{f.crossover_seq_len:,} tokens", *extrapolated])
+    note = ("Coefficients are non-negative and fitted on relative error. The exponent is the log-log slope over "
+            "the longer half of the lengths; its interval and the extrapolation intervals come from a bootstrap "
+            "over the repetitions (measurement noise only: they assume the quadratic model holds beyond the data).")
+    return [("p", note), ("table", headers, rows)]
+
+
+def _roofline_blocks(roof) -> list:
+    if roof.empty:
+        return [("p", "No ok prefill or decode records.")]
+    summary = roofline_summary(roof)
+    headers = ["kernel", "mode", "workload", "device", "% of peak at longest", "best % (at)", "peak", "peak source"]
+    rows = [[r["kernel"], r["mode"], r["workload"], r["device"],
+             f"{fmt.pct(r['pct_at_longest'])} at {fmt.k(r['longest_seq_len'])}",
+             f"{fmt.pct(r['best_pct'])} ({fmt.k(r['best_seq_len'])})", f"{fmt.num(r['peak'])} {r['peak_unit']}",
+             r["peak_source"]] for _, r in summary.iterrows()]
+    note = ("Prefill is judged against the compute peak (TFLOP/s), decode against memory bandwidth (GB/s): "
+            "decode reads the whole KV cache for one query. Measured peaks come from the run's calibration "
+            "(a bf16 matmul, a device copy); without them, from the GPU's spec sheet.")
+    return [("p", note), ("table", headers, rows)]
+
+
+def _claim_blocks(claim: dict, drawn) -> list:
+    headers = ["context", "largest batch", "tok/s at largest batch", "tok/s at batch 1", "tok/s with prefill"]
+    rows = [[fmt.k(p["seq_len"]), p["max_batch"], fmt.num(p["tok_s_max_batch"]), fmt.num(p["tok_s_batch1"]),
+             fmt.num(p["tok_s_with_prefill"])] for p in claim["points"]]
+    claimed = CLAIM["short_tok_s"] / CLAIM["long_tok_s"]
+    ratios = (f"Ratios, {fmt.k(CLAIM['short_ctx'])} over {fmt.k(CLAIM['long_ctx'])}: at the largest batch "
+              f"{fmt.ratio(claim['ratio_max_batch'])}, at batch 1 {fmt.ratio(claim['ratio_batch1'])}, with prefill "
+              f"{fmt.ratio(claim['ratio_with_prefill'])}; the claim: {claimed:.0f}x ({claim['claim_source']}).")
+    blocks = [("p", claim["explanation"]), ("p", ratios), ("table", headers, rows)]
+    sources = claim["assumptions"]["calibration"]["sources"]
+    if sources:
+        blocks.append(("p", "Calibration: " + "; ".join(sources) + "."))
+    if claim["measured_ratios"]:
+        blocks.append(("list", [f"measured {m['mode']} with {m['kernel']}: {fmt.k(m['short_ctx'])} over "
+                                f"{fmt.k(m['long_ctx'])} = {m['ratio']:.1f}x" for m in claim["measured_ratios"]]))
+    blocks += [("chart", c) for c in drawn if c.name == "claim"]
+    return blocks
+
+
+def _failure_blocks(results) -> list:
+    failed = results[results["status"] != "ok"]
+    if failed.empty:
+        return [("p", "Every point ran.")]
+    headers = ["status", "kernel", "mode", "workload", "contexts", "reason", "run"]
+    keys = ["status", "kernel", "mode", "workload", "reason", "run_id"]
+    rows = []
+    # One row per kernel and reason, so a kernel that cannot run at all takes one line, not eight.
+    for key, group in failed.assign(reason=failed["reason"].map(_cell)).groupby(keys, sort=True):
+        status, kernel, mode, workload, reason, run_id = key
+        lengths = sorted(int(n) for n in group["seq_len"].dropna())
+        rows.append([status, kernel, mode, workload, ", ".join(fmt.k(n) for n in lengths) or "-", reason, run_id])
+    return [("p", "Kept out of the fits; out-of-memory points appear in the memory charts."), ("table", headers, rows)]
+
+
+# --- formatting ---------------------------------------------------------------------------------
+
+def _cell(value) -> str:
+    if isinstance(value, (list, dict)):
+        return " ".join(map(str, value)) if isinstance(value, list) else json.dumps(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # pandas turns integer columns with gaps into floats
+    return "-" if fmt.missing(value) else str(value)
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:0.85em;margin:0.8em 0}th,td{border:1px solid #ccc;padding:3px 6px;
+text-align:left;vertical-align:top}th{background:#f2f2f2}figure{margin:1.5em 0}img{max-width:100%;
+border:1px solid #ddd}figcaption{font-size:0.85em;color:#444}h2{border-bottom:1px solid #ddd;margin-top:2em}"""
+
+
+def render_html(sections) -> str:
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>{html.escape(sections[0][0])}</title><style>{CSS}</style></head><body>"]
+    for i, (title, blocks) in enumerate(sections):
+        parts.append(f"<h{1 if i == 0 else 2}>{html.escape(title)}</h{1 if i == 0 else 2}>")
+        parts += [_html_block(block) for block in blocks]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _html_block(block) -> str:
+    kind = block[0]
+    if kind == "p":
+        return f"<p>{html.escape(block[1])}</p>"
+    if kind == "list":
+        return "<ul>" + "".join(f"<li>{html.escape(str(item))}</li>" for item in block[1]) + "</ul>"
+    if kind == "table":
+        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in block[1])
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in block[2])
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    chart = block[1]
+    data = base64.b64encode(Path(chart.files["png"]).read_bytes()).decode("ascii")
+    return (f'<figure><img alt="{html.escape(chart.title)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(chart.caption)}</figcaption></figure>")
+
+
+def render_markdown(sections, out_dir) -> str:
+    lines = []
+    for i, (title, blocks) in enumerate(sections):
+        lines += [f"{'#' if i == 0 else '##'} {title}", ""]
+        for block in blocks:
+            lines += _md_block(block, Path(out_dir)) + [""]
+    return "\n".join(lines)
+
+
+def _md_block(block, out_dir: Path) -> list:
+    kind = block[0]
+    if kind == "p":
+        return [block[1]]
+    if kind == "list":
+        return [f"- {item}" for item in block[1]]
+    if kind == "table":
+        def row(cells):
+            return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+        return [row(block[1]), row(["---"] * len(block[1]))] + [row(r) for r in block[2]]
+    chart = block[1]
+    link = Path(chart.files["png"]).relative_to(out_dir).as_posix()
+    return [f"![{chart.title}]({link})", "", f"*{chart.caption}*"]

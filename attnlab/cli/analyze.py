@@ -1,0 +1,86 @@
+"""`attnlab analyze`: fits, roofline shares, the claim model and charts from result files."""
+from __future__ import annotations
+
+import sys
+
+HELP = "fit latency against context, compare with the GPU's peaks and draw the charts"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("results", nargs="+", metavar="RESULTS",
+                        help="sweep JSONL, pytest-benchmark JSON, or folders holding them")
+    parser.add_argument("--out", default="out/analysis", metavar="DIR",
+                        help="folder for fits.json, fits.csv, roofline.csv, claim.json and charts/ "
+                             "(default %(default)s)")
+    add_common(parser)
+    parser.add_argument("--no-charts", action="store_true", help="write the data files only")
+
+
+def add_common(parser) -> None:
+    """Options `attnlab report` shares."""
+    parser.add_argument("--baseline", default=None,
+                        help="kernel the speedup charts divide by (default: sdpa-flash, flash-attn, sdpa-math "
+                             "or naive, the first present)")
+    parser.add_argument("--model", default="llama3-8b", help="model preset of the claim (default %(default)s)")
+    parser.add_argument("--gpu", default=None,
+                        help="GPU of the claim model (default: the one the records name, else h100-sxm)")
+    parser.add_argument("--formats", default="png,svg", help="chart formats, comma separated (default %(default)s)")
+    parser.add_argument("--bootstrap", type=int, default=2000, metavar="N",
+                        help="bootstrap samples behind the intervals (default %(default)s)")
+
+
+def formats(args) -> tuple:
+    return tuple(f.strip().lower() for f in args.formats.split(",") if f.strip())
+
+
+def run(args) -> int:
+    from attnlab.analysis import MissingExtra
+    try:
+        from attnlab.analysis.analyze import analyze
+        analysis = analyze(args.results, args.out, baseline=args.baseline, model=args.model, gpu=args.gpu,
+                           formats=formats(args), charts=not args.no_charts, n_boot=args.bootstrap)
+    except (MissingExtra, FileNotFoundError, ValueError) as exc:
+        print(f"attnlab analyze: {exc}", file=sys.stderr)
+        return 2
+    print_summary(analysis, args.out)
+    return 0
+
+
+def print_summary(analysis, out) -> None:
+    """Warnings to stderr; records, fits and roofline shares as tables on stdout."""
+    from attnlab.analysis import text
+    from attnlab.analysis.roofline import roofline_summary
+
+    for warning in analysis.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    results = analysis.results
+    print(f"{len(results)} records from {len(analysis.loaded.files)} file(s), "
+          f"{int((results['status'] == 'ok').sum())} ok\n")
+    if analysis.fits:
+        print(text.table(*_fit_rows(analysis.fits, text)) + "\n")
+    if not analysis.roof.empty:
+        print(text.table(*_roofline_rows(roofline_summary(analysis.roof), text)) + "\n")
+    claim, claimed = analysis.claim, analysis.claim["claim"]
+    print(f"claim model ({claim['model']} on {claim['gpu']}): {text.k(claimed['short_ctx'])}/"
+          f"{text.k(claimed['long_ctx'])} = {text.ratio(claim['ratio_max_batch'])} at the largest batch, "
+          f"{text.ratio(claim['ratio_batch1'])} at batch 1, {text.ratio(claim['ratio_with_prefill'])} with prefill; "
+          f"the claim: {text.ratio(claimed['short_tok_s'] / claimed['long_tok_s'])}\n")
+    print(f"wrote {len(analysis.files)} file(s) under {out}")
+
+
+def _fit_rows(fits, text):
+    headers = ["kernel", "mode", "workload", "device", "exponent [95% CI]", "R^2", "c n^2 > b n beyond", "1M (ms)"]
+    rows = []
+    for f in fits:
+        lo, hi = f.exponent_ci
+        crossover = "never" if f.crossover_seq_len is None else f"{f.crossover_seq_len:,} tokens"
+        rows.append([f.kernel, f.mode, f.workload, f.device, f"{f.exponent:.2f} [{lo:.2f}, {hi:.2f}]",
+                     f"{f.r2:.4f}", crossover, text.num(f.extrapolation[-1]["latency_ms"])])
+    return headers, rows
+
+
+def _roofline_rows(summary, text):
+    headers = ["kernel", "mode", "device", "% of peak at longest", "best %", "peak source"]
+    rows = [[r["kernel"], r["mode"], r["device"], f"{text.pct(r['pct_at_longest'])} at {text.k(r['longest_seq_len'])}",
+             text.pct(r["best_pct"]), r["peak_source"]] for _, r in summary.iterrows()]
+    return headers, rows

@@ -1,0 +1,32 @@
+"""`attnlab report`: one self-contained report.html and a report.md from run folders."""
+from __future__ import annotations
+
+import sys
+
+from attnlab.cli.analyze import add_common, formats
+
+HELP = "write report.html (self-contained) and report.md from run folders or result files"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="run folders or result files (on a machine without a GPU: profiles/)")
+    parser.add_argument("--out", default="out/report", metavar="DIR",
+                        help="folder for report.html, report.md, charts/ and the data files (default %(default)s)")
+    add_common(parser)
+
+
+def run(args) -> int:
+    from attnlab.analysis import MissingExtra
+    try:
+        from attnlab.analysis.report import build_report
+        report = build_report(args.runs, args.out, baseline=args.baseline, model=args.model, gpu=args.gpu,
+                              formats=formats(args), n_boot=args.bootstrap)
+    except (MissingExtra, FileNotFoundError, ValueError) as exc:
+        print(f"attnlab report: {exc}", file=sys.stderr)
+        return 2
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"wrote {report.html_path} and {report.md_path} ({len(report.charts)} charts, "
+          f"{len(report.files)} files in all)")
+    return 0

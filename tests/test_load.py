@@ -1,0 +1,129 @@
+"""Loading sweep JSONL and pytest-benchmark JSON: formats, odd content, optional packages."""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pandas")
+
+from attnlab.analysis import MissingExtra  # noqa: E402
+from attnlab.analysis.load import load  # noqa: E402
+
+SAMPLE = Path(__file__).parent / "data" / "sample_run"
+
+
+def result(seq_len=1024, status="ok", **extra):
+    base = {"schema": "attnlab.result/1", "run_id": "r1", "kernel": "naive", "mode": "prefill", "workload": "w",
+            "batch": 1, "heads": 2, "kv_heads": 2, "head_dim": 16, "dtype": "float32", "causal": False,
+            "seq_len": seq_len, "q_len": seq_len, "status": status, "reason": None, "times_ms": [1.0, 2.0, 3.0],
+            "median_ms": 2.0, "device": "cpu"}
+    return {**base, **extra}
+
+
+def lines(*objects) -> str:
+    return "".join(json.dumps(o) + "\n" for o in objects)
+
+
+def test_committed_benchmark_json_loads_from_extra_info():
+    loaded = load(SAMPLE / "benchmark.json")
+    results = loaded.results
+    assert len(results) == 6 and not loaded.warnings
+    assert set(results["source_format"]) == {"pytest-benchmark"}
+    assert set(results["kernel"]) == {"triton", "sdpa-flash"}
+    # sdpa-flash's extra_info has no times: they come from stats, seconds -> ms.
+    stats_only = results[results["kernel"] == "sdpa-flash"].iloc[0]
+    document = json.loads((SAMPLE / "benchmark.json").read_text())
+    bench = next(b for b in document["benchmarks"] if b["extra_info"]["kernel"] == "sdpa-flash")
+    assert stats_only["times_ms"] == pytest.approx([t * 1e3 for t in bench["stats"]["data"]])
+    assert stats_only["median_ms"] == pytest.approx(bench["stats"]["median"] * 1e3)
+    assert loaded.environments.iloc[0]["host"] == "sample-host"
+
+
+def test_real_pytest_benchmark_output_loads(tmp_path):
+    pytest.importorskip("pytest_benchmark")
+    (tmp_path / "test_tiny.py").write_text(textwrap.dedent('''
+        import pytest
+
+        @pytest.mark.parametrize("seq_len", [256, 512])
+        def test_attention(benchmark, seq_len):
+            benchmark.group = "prefill w"
+            benchmark.extra_info.update({"schema": "attnlab.result/1", "run_id": "pb", "kernel": "naive",
+                "mode": "prefill", "workload": "w", "seq_len": seq_len, "status": "ok", "device": "cpu"})
+            benchmark.pedantic(sum, args=(range(seq_len),), rounds=5, iterations=1)
+    '''))
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path),
+                           f"--benchmark-json={out}"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    loaded = load(out)
+    results = loaded.results.sort_values("seq_len")
+    assert list(results["seq_len"]) == [256, 512] and not loaded.warnings
+    assert all(len(t) == 5 for t in results["times_ms"])  # from stats.data
+    assert (results["median_ms"] > 0).all()
+    assert results.iloc[0]["benchmark_group"] == "prefill w"
+
+
+def test_files_and_folders_mix_and_each_file_counts_once():
+    loaded = load([SAMPLE, SAMPLE / "results.jsonl"])
+    assert len(loaded.files) == 2
+    assert len(loaded.results) == 80
+    assert {"sample-h100-20261127", "sample-h100-20261127-pytest-benchmark"} <= set(loaded.environments["run_id"])
+
+
+def test_failed_points_are_kept_with_their_reasons():
+    loaded = load(SAMPLE / "results.jsonl")
+    statuses = loaded.results["status"].value_counts()
+    assert statuses["oom"] == 4 and statuses["error"] == 1 and statuses["unsupported"] == 8
+    assert (loaded.ok["status"] == "ok").all() and len(loaded.ok) == statuses["ok"]
+    oom = loaded.results[loaded.results["status"] == "oom"].iloc[0]
+    assert "predicted peak" in oom["reason"] and oom["predicted_mem_bytes"] > 80e9
+
+
+def test_unknown_schemas_warn_and_a_truncated_last_line_is_ignored(tmp_path):
+    path = tmp_path / "run.jsonl"
+    env = {"schema": "attnlab.environment/1", "run_id": "r1", "gpu_name": "NVIDIA L4"}
+    text = lines(env, result(1024, device=None), {"schema": "attnlab.result/9", "x": 1}, result(2048))
+    path.write_text(text + "not json at all\n" + json.dumps(result(4096))[:40])  # killed mid-write
+    loaded = load(path)
+    assert list(loaded.results["seq_len"]) == [1024, 2048]
+    assert any("'attnlab.result/9'" in w for w in loaded.warnings)
+    assert any(":5: skipped a line that is not JSON" in w for w in loaded.warnings)
+    assert not any(":6" in w for w in loaded.warnings)  # the truncated tail is not an error
+    # A record without a device takes its run's GPU name.
+    assert loaded.results.iloc[0]["device"] == "NVIDIA L4"
+
+
+def test_other_json_is_skipped_with_a_reason(tmp_path):
+    (tmp_path / "fits.json").write_text(json.dumps({"fits": []}))
+    (tmp_path / "run.jsonl").write_text(lines(result()))
+    loaded = load(tmp_path)
+    assert len(loaded.results) == 1
+    assert any("fits.json" in w and "pytest-benchmark" in w for w in loaded.warnings)
+
+
+def test_missing_paths_are_named():
+    with pytest.raises(FileNotFoundError, match="paths: '/no/such/run'"):
+        load(["/no/such/run"])
+    with pytest.raises(ValueError, match="paths"):
+        load([])
+
+
+def test_a_missing_extra_is_named_when_a_function_needs_it(monkeypatch, tmp_path):
+    (tmp_path / "run.jsonl").write_text(lines(result()))
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as if not installed
+    with pytest.raises(MissingExtra, match=r"pandas.*attnlab\[analysis\]"):
+        load(tmp_path)
+
+
+def test_the_package_and_the_claim_model_import_without_the_extra():
+    code = ("import sys\n"
+            "for name in ('pandas', 'scipy', 'seaborn', 'matplotlib'): sys.modules[name] = None\n"
+            "import attnlab.analysis\n"
+            "from attnlab.analysis.claim import build_claim\n"
+            "print(build_claim()[0]['points'][0]['max_batch'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) > 100

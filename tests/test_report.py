@@ -1,0 +1,77 @@
+"""The report builds from the committed sample: self-contained HTML, Markdown, data files."""
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("seaborn")
+pytest.importorskip("scipy")
+
+from attnlab.cli import main  # noqa: E402
+
+SAMPLE = Path(__file__).parent / "data" / "sample_run"
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    assert main(["report", str(SAMPLE), "--out", str(out), "--formats", "png", "--bootstrap", "300"]) == 0
+    return out
+
+
+def test_html_is_self_contained_with_every_chart_embedded(report_dir):
+    page = (report_dir / "report.html").read_text()
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    charts = sorted((report_dir / "charts").glob("*.png"))
+    assert len(images) == len(charts) >= 10
+    assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for data in images)
+    # Nothing fetched from elsewhere: no external scripts, styles or images.
+    assert not re.search(r'<(script|link)\b|src="(?!data:)', page)
+
+
+def test_html_has_every_section(report_dir):
+    page = (report_dir / "report.html").read_text()
+    for heading in ("Run conditions", "Fits: latency_ms(n)", "Charts", "Roofline", "The claim",
+                    "Failed and out-of-memory points"):
+        assert f">{heading}" in page, heading
+    # Conditions of the run, the failures with their reasons, the synthetic-data warning.
+    for text in ("550.90.07", "sm_mhz", "cuDNN Frontend error", "flash_attn is not installed", "predicted peak",
+                 "marked synthetic", "measured: bf16 matmul calibration", "largest batch falls from 405"):
+        assert text in page, text
+
+
+def test_markdown_links_charts_that_exist(report_dir):
+    md = (report_dir / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) >= 10 and all((report_dir / link).is_file() for link in links)
+    assert "| triton | prefill | llama3-8b |" in md
+
+
+def test_data_files_follow_their_contracts(report_dir):
+    fits = json.loads((report_dir / "fits.json").read_text())["fits"]
+    triton = next(f for f in fits if f["kernel"] == "triton" and f["mode"] == "prefill")
+    assert 1.9 < triton["exponent"] < 2.1 and triton["n_points"] == 8
+    claim = json.loads((report_dir / "claim.json").read_text())
+    assert {"model", "gpu", "claim", "points", "ratio_max_batch", "ratio_batch1", "ratio_with_prefill",
+            "explanation"} <= set(claim)
+    assert (report_dir / "fits.csv").read_text().startswith("kernel,mode,workload,device,a_ms,")
+    header = (report_dir / "roofline.csv").read_text().splitlines()[0]
+    assert "pct_of_peak" in header and "peak_source" in header
+
+
+def test_analyze_cli_writes_the_contract_files(tmp_path, capsys):
+    assert main(["analyze", str(SAMPLE / "results.jsonl"), "--out", str(tmp_path), "--no-charts",
+                 "--bootstrap", "200"]) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"fits.json", "fits.csv", "roofline.csv", "claim.json"}
+    printed = capsys.readouterr().out
+    assert "triton-decode" in printed and "% of peak" in printed
+
+
+def test_commands_name_a_missing_input(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["analyze", str(tmp_path / "empty"), "--out", str(tmp_path / "a")]) == 2
+    assert "no attnlab result records" in capsys.readouterr().err
