@@ -30,7 +30,9 @@ def prefill(q, k, v, causal, scale):
 
 def decode(q, k_cache, v_cache, cache_seqlens, scale):
     mask = decode_visible(cache_seqlens, q.shape[1], k_cache.shape[1])[:, None]  # (B, 1, q_len, S)
-    return _attend(q, k_cache, v_cache, mask, scale)
+    # Slots past a sequence's length may hold anything (NaN too); 0 x NaN would leak into P @ V.
+    written = torch.arange(k_cache.shape[1], device=q.device) < cache_seqlens[:, None].long()
+    return _attend(q, k_cache, v_cache.masked_fill(~written[:, :, None, None], 0.0), mask, scale)
 
 
 register(Implementation(

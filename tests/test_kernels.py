@@ -127,3 +127,13 @@ def test_triton_decode_split_counts(num_splits):
 
 def test_triton_decode_q_len_16_mqa():
     check_decode("triton-decode", [64, 17], 64, 16, 8, 1, 32, torch.float32)
+
+
+@pytest.mark.parametrize("impl", ["naive", "triton-decode", "sdpa-flash", "sdpa-math"])
+def test_decode_ignores_garbage_past_each_length(impl):
+    # A cache is preallocated: slots past cache_seqlens may hold anything, NaN included.
+    q, k, v = random_qkv(2, 1, 96, 4, 2, 32, torch.float32)
+    lens = torch.tensor([40, 0], dtype=torch.int32)
+    clean = K.decode_attention(q, k, v, lens, impl=impl)
+    k[:, 40:], v[:, 40:] = float("nan"), float("nan")
+    assert torch.equal(K.decode_attention(q, k, v, lens, impl=impl), clean)
