@@ -1,0 +1,340 @@
+"""End to end: output tokens/s of a Llama-shaped decoder against context length.
+
+For each context length: the largest batch that fits (from the shapes, confirmed by
+allocating, shrunk on out-of-memory) or a fixed one, a KV cache of seq_len + decode_tokens
+positions per sequence filled with random values (or by a timed prefill), warm-up and CUDA
+graph capture, then `decode_tokens` greedy decode steps timed one by one. One record per
+length, in the sweep's format (bench/records.py), with mode `e2e-decode` or
+`e2e-prefill-decode`. An out-of-memory or an error at one length becomes that length's
+record and the run goes on.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from attnlab.bench import model as model_lib
+from attnlab.bench.model import Decoder, StaticDecoder, largest_batch, predicted_bytes
+from attnlab.bench.nvml import NvmlSampler
+from attnlab.bench.records import device_name, new_record, new_run_id
+from attnlab.bench.timer import Timing
+from attnlab.bench.workloads import CPU_SEQ_LENS, LONG_SEQ_LENS
+
+MODE_DECODE, MODE_PREFILL_DECODE = "e2e-decode", "e2e-prefill-decode"
+DEFAULT_SEQ_LENS = LONG_SEQ_LENS            # 1k .. 128k, as the sweep
+CPU_BATCH = 4            # on a CPU memory is not what the experiment studies: a small fixed batch
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class E2EOptions:
+    """What `run` measures. None means: chosen for the device (see `resolved`)."""
+
+    preset: str | None = None                 # llama3-8b on CUDA, tiny on a CPU
+    attention: str = "auto"                   # decode implementation, by registry name
+    prefill_attention: str = "auto"           # used when `attention` serves no prefill
+    seq_lens: Sequence[int] | None = None
+    batch: int | None = None                  # fixed batch; None: the largest that fits
+    decode_tokens: int = 128
+    warmup_steps: int = 3
+    with_prefill: bool = False
+    device: str | None = None                 # cuda if present, else cpu
+    dtype: str | None = None                  # bfloat16 on CUDA, float32 on a CPU
+    budget_s: float | None = None             # stop starting lengths once spent
+    mem_budget_bytes: int | None = None       # plan within this instead of free device memory
+    cuda_graph: bool = True
+    seed: int = 0
+    nvml_csv: str | None = None               # raw NVML samples go here, where NVML runs
+    run_id: str = field(default_factory=new_run_id)
+
+    def resolved(self) -> "E2EOptions":
+        """A copy with every None filled in for the device, and the arguments checked."""
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        cpu = torch.device(device).type == "cpu"
+        out = E2EOptions(**{**vars(self), "device": device})
+        out.preset = self.preset or ("tiny" if cpu else "llama3-8b")
+        out.seq_lens = tuple(self.seq_lens or (CPU_SEQ_LENS if cpu else DEFAULT_SEQ_LENS))
+        out.dtype = self.dtype or ("float32" if cpu else "bfloat16")
+        if out.batch is None and cpu and self.mem_budget_bytes is None:
+            out.batch = CPU_BATCH
+        _check(out)
+        return out
+
+
+def _check(o: E2EOptions) -> None:
+    model_lib.preset(o.preset)
+    if o.dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {o.dtype!r}")
+    if not o.seq_lens or any(not isinstance(n, int) or n < 1 for n in o.seq_lens):
+        raise ValueError(f"seq_lens: expected positive token counts, got {o.seq_lens!r}")
+    if o.batch is not None and o.batch < 1:
+        raise ValueError(f"batch: expected at least 1, got {o.batch}")
+    if o.decode_tokens < 1:
+        raise ValueError(f"decode_tokens: expected at least 1, got {o.decode_tokens}")
+    if o.warmup_steps < 0:
+        raise ValueError(f"warmup_steps: expected 0 or more, got {o.warmup_steps}")
+    if torch.device(o.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {o.device!r} asked for, but torch sees no CUDA device")
+
+
+def run(options: E2EOptions, *, clock: Callable[[], float] = time.monotonic) -> Iterator[dict]:
+    """Yield one record per context length, in order, as each finishes."""
+    o = options.resolved()
+    started = clock()
+    config = model_lib.preset(o.preset)
+    decode_name, prefill_name = implementation_names(o)      # an unknown name fails before allocating
+    try:
+        model = Decoder(config, o.device, DTYPES[o.dtype], seed=o.seed)
+    except torch.OutOfMemoryError as exc:
+        reason = f"the weights ({config.weight_bytes(DTYPES[o.dtype])} bytes) do not fit: {_first_line(exc)}"
+        for seq_len in o.seq_lens:
+            yield _record(o, config, seq_len, kernel=decode_name, status="oom", reason=reason)
+        return
+    for seq_len in o.seq_lens:
+        if o.budget_s is not None and clock() - started >= o.budget_s:
+            yield _record(o, config, seq_len, kernel=decode_name, status="skipped",
+                          reason=f"budget of {o.budget_s:g} s spent")
+            continue
+        yield measure_point(model, seq_len, o, decode_name, prefill_name)
+
+
+def implementation_names(options: E2EOptions) -> tuple[str, str | None]:
+    """The decode implementation `attention` names here ("auto": the fastest), and the prefill one
+    (None without with_prefill): `prefill_attention`, or the decode one where it serves prefill."""
+    o = options.resolved()
+    c = model_lib.preset(o.preset)
+    probe = torch.empty(1, 1, c.heads, c.head_dim, device=o.device, dtype=DTYPES[o.dtype])
+    decode = model_lib.resolve(o.attention, model_lib.DECODE, probe).name
+    if not o.with_prefill:
+        return decode, None
+    if o.prefill_attention != "auto":
+        return decode, model_lib.resolve(o.prefill_attention, model_lib.PREFILL, probe).name
+    return decode, model_lib.resolve_prefill(probe, o.attention)
+
+
+def measure_point(model: Decoder, seq_len: int, o: E2EOptions, decode_name: str, prefill_name: str) -> dict:
+    """One context length: plan, allocate (shrinking on OOM), time; always returns a record."""
+    config, dtype = model.config, model.dtype
+    base = dict(kernel=decode_name, prefill_kernel=prefill_name)
+    batch = o.batch or plan_batch(model, seq_len, o, decode_name, prefill_name)
+    predicted = predicted_bytes(config, max(batch, 1), seq_len, o.decode_tokens, decode_name, dtype,
+                                prefill_name)
+    if batch < 1:
+        return _record(o, config, seq_len, **base, batch=0, status="oom", predicted_mem_bytes=predicted,
+                       reason=f"predicted not to fit one sequence: {predicted} bytes needed for batch 1")
+    _reset_peak(model.device)
+    outcome = None
+    try:
+        outcome = _measure(model, seq_len, batch, o, decode_name, prefill_name)
+    except torch.OutOfMemoryError as exc:
+        failure = dict(status="oom", reason=_first_line(exc))
+    except Exception as exc:  # one length failing must not end the run
+        failure = dict(status="error", reason=f"{type(exc).__name__}: {_first_line(exc)}")
+    peak = _peak(model.device)
+    _release(model.device)     # after the except blocks, so the failed frames are gone
+    if outcome is None:
+        return _record(o, config, seq_len, **base, batch=batch, predicted_mem_bytes=predicted,
+                       peak_mem_bytes=peak, **failure)
+    predicted = predicted_bytes(config, outcome["batch"], seq_len, o.decode_tokens, decode_name, dtype,
+                                prefill_name)
+    return _record(o, config, seq_len, **base, predicted_mem_bytes=predicted, peak_mem_bytes=peak,
+                   status="ok", **outcome)
+
+
+def plan_batch(model: Decoder, seq_len: int, o: E2EOptions, decode_name: str, prefill_name: str) -> int:
+    """The largest batch the memory model allows within the budget (free device memory by default)."""
+    budget = o.mem_budget_bytes if o.mem_budget_bytes is not None else device_budget_bytes(model)
+    return largest_batch(model.config, seq_len, o.decode_tokens, budget, decode_name, model.dtype,
+                         prefill_name)
+
+
+def device_budget_bytes(model: Decoder) -> int:
+    """Memory this process may use for the model, weights included, less a reserve for the
+    CUDA context's growth (cuBLAS, Triton modules) and fragmentation."""
+    if model.device.type != "cuda":
+        raise ValueError("mem_budget_bytes: needed on a CPU when batch is not fixed")
+    _release(model.device)
+    free, total = torch.cuda.mem_get_info(model.device)
+    reserve = 2**30 + total // 100
+    return free + torch.cuda.memory_allocated(model.device) - reserve
+
+
+def _measure(model: Decoder, seq_len: int, batch: int, o: E2EOptions, decode_name: str,
+             prefill_name: str) -> dict:
+    decoder, batch = fit(model, seq_len, batch, o, decode_name, shrink=o.batch is None)
+    fields = dict(batch=batch, cuda_graph=decoder.cuda_graph, cuda_graph_reason=decoder.graph_reason or None)
+    first_tokens, prefill = None, None
+    if o.with_prefill:
+        with _sampler(model.device, o, decode_name, seq_len, "prefill") as sampler:
+            with sampler.energy_window():
+                prefill_s, first_tokens = time_prefill(model, decoder.cache, seq_len, prefill_name, o.seed)
+        prefill = dict(seconds=prefill_s, energy_j=sampler.summary()["energy_j"])
+    decoder.reset(seq_len, first_tokens)
+    with _sampler(model.device, o, decode_name, seq_len, "decode") as sampler:
+        with sampler.energy_window():
+            times_ms, decode_s = time_decode(decoder, o.decode_tokens)
+    fields.update(_decode_figures(model, seq_len, batch, o, times_ms, decode_s))
+    fields.update(_power_fields(sampler.summary(), o.decode_tokens, batch * o.decode_tokens, prefill))
+    if prefill:
+        fields["prefill_ms"] = prefill["seconds"] * 1e3
+        fields["tokens_per_s"] = batch * o.decode_tokens / (decode_s + prefill["seconds"])
+    return fields
+
+
+def fit(model: Decoder, seq_len: int, batch: int, o: E2EOptions, decode_name: str,
+        shrink: bool) -> tuple[StaticDecoder, int]:
+    """Allocate, fill, warm up and capture at `batch`; on out-of-memory retry smaller if allowed."""
+    while True:
+        try:
+            return prepare(model, seq_len, batch, o, decode_name), batch
+        except torch.OutOfMemoryError:
+            if not shrink or batch == 1:
+                raise
+        _release(model.device)   # outside the except block: the failed attempt's tensors are free
+        batch = max(1, min(batch - 1, batch * 9 // 10))
+
+
+def prepare(model: Decoder, seq_len: int, batch: int, o: E2EOptions, decode_name: str) -> StaticDecoder:
+    """A decoder over a random-filled cache of seq_len + decode_tokens positions, warmed up and,
+    where the implementation allows and o.cuda_graph is set, captured as a CUDA graph."""
+    cache = model.new_cache(batch, seq_len + o.decode_tokens)
+    cache.fill_random(seed=o.seed)
+    decoder = StaticDecoder(model, cache, decode_name)
+    decoder.reset(seq_len)
+    if o.cuda_graph:
+        decoder.capture(seq_len, warmup_steps=max(1, o.warmup_steps))
+    else:
+        decoder.graph_reason = "disabled"
+    # Eager: compile and tune here. Graph: the first replays pay one-off costs here too.
+    for _ in range(max(1, o.warmup_steps)):
+        decoder.reset(seq_len)
+        decoder.step()
+    _sync(model.device)
+    return decoder
+
+
+def time_prefill(model: Decoder, cache, seq_len: int, impl: str, seed: int) -> tuple[float, torch.Tensor]:
+    """Seconds to prefill every sequence with random tokens, after a warm-up on the first one
+    (kernel compilation and autotuning stay out of the timing); returns the next tokens too."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    tokens = torch.randint(0, model.config.vocab, (cache.batch, seq_len), generator=gen, device=model.device)
+    model.prefill(tokens[:1], cache, impl=impl)
+    _sync(model.device)
+    start = time.perf_counter()
+    logits = model.prefill(tokens, cache, impl=impl)
+    _sync(model.device)
+    return time.perf_counter() - start, logits.argmax(dim=-1)
+
+
+def time_decode(decoder: StaticDecoder, steps: int) -> tuple[list, float]:
+    """Per-step milliseconds (CUDA events on a GPU, perf_counter on a CPU) and total seconds."""
+    if decoder.model.device.type == "cuda":
+        return _time_cuda(decoder, steps)
+    return _time_host(decoder, steps)
+
+
+def _time_cuda(decoder: StaticDecoder, steps: int) -> tuple[list, float]:
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    torch.cuda.synchronize()
+    events[0].record()
+    for i in range(steps):
+        decoder.step()
+        events[i + 1].record()
+    torch.cuda.synchronize()
+    times = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+    return times, events[0].elapsed_time(events[-1]) / 1e3
+
+
+def _time_host(decoder: StaticDecoder, steps: int) -> tuple[list, float]:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        decoder.step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times, sum(times) / 1e3
+
+
+def _decode_figures(model: Decoder, seq_len: int, batch: int, o: E2EOptions, times_ms: list,
+                    decode_s: float) -> dict:
+    """Latency percentiles and per-step work: weight matmuls plus attention over the cache,
+    at the mean cache length of the decoded steps."""
+    c, e = model.config, model.dtype.itemsize
+    context = seq_len + (o.decode_tokens + 1) / 2
+    matmul_params = c.streamed_weight_bytes(model.dtype) // e
+    flops = 2 * matmul_params * batch + 4 * batch * c.heads * context * c.head_dim * c.layers
+    moved = c.streamed_weight_bytes(model.dtype) + batch * context * c.kv_bytes_per_token(model.dtype)
+    timing = Timing.from_times(times_ms, warmup_reps=o.warmup_steps).as_fields()
+    median_s = timing["median_ms"] * 1e-3
+    return dict(**timing, flops=int(flops), bytes=int(moved), tflops=flops / median_s / 1e12,
+                gbps=moved / median_s / 1e9, decode_s=decode_s,
+                decode_tokens_per_s=batch * o.decode_tokens / decode_s,
+                tokens_per_s=batch * o.decode_tokens / decode_s)
+
+
+def _record(o: E2EOptions, config, seq_len: int, **fields) -> dict:
+    dtype = DTYPES[o.dtype]
+    fields.setdefault("kernel", o.attention)
+    return new_record(
+        run_id=o.run_id, mode=MODE_PREFILL_DECODE if o.with_prefill else MODE_DECODE,
+        workload=o.preset, model=o.preset, heads=config.heads, kv_heads=config.kv_heads,
+        head_dim=config.head_dim, dtype=o.dtype, causal=True, seq_len=seq_len, q_len=1,
+        decode_tokens=o.decode_tokens, device=device_name(o.device),
+        model_params=config.param_count(), weight_bytes=config.weight_bytes(dtype),
+        kv_bytes_per_token=config.kv_bytes_per_token(dtype), **{"cuda_graph": False, **fields})
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":   # hand cached blocks back so the next plan sees them as free
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+# NVML: power and energy over the timed windows, through the sweep's sampler.
+
+def _sampler(device: torch.device, o: E2EOptions, kernel: str, seq_len: int, phase: str) -> NvmlSampler:
+    mode = MODE_PREFILL_DECODE if o.with_prefill else MODE_DECODE
+    label = {"run_id": o.run_id, "point": f"{mode}/{o.preset}/{kernel}/{seq_len}/{phase}"}
+    return NvmlSampler(device, csv_path=o.nvml_csv, label=label)
+
+
+def _power_fields(summary: dict, steps: int, tokens: int, prefill: dict | None) -> dict:
+    """Power over the decode window; energy per step (the record's "call") and per output token.
+
+    With a prefill, joules_per_token also counts the prefill's energy, as tokens_per_s counts
+    its time. The decode window lasts decode_tokens steps: usually seconds on a large model, so
+    the energy counter's 100 ms resolution matters little (energy_window_s says how long)."""
+    energy = summary.get("energy_j")
+    total = energy
+    if prefill is not None:
+        total = None if energy is None or prefill["energy_j"] is None else energy + prefill["energy_j"]
+    fields = {key: summary.get(key) for key in ("power_w_mean", "power_w_max", "power_source", "energy_source",
+                                                "energy_window_s", "sm_clock_mhz_mean", "temperature_c_max",
+                                                "throttle_reasons", "nvml_reason")}
+    fields.update(energy_j=None if energy is None else energy / steps, decode_energy_j=energy,
+                  joules_per_token=None if total is None else total / tokens)
+    if prefill is not None:
+        fields["prefill_energy_j"] = prefill["energy_j"]
+    return fields

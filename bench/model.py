@@ -1,0 +1,452 @@
+"""A Llama-shaped decoder from random weights, for end-to-end decode throughput.
+
+Nothing is downloaded: the weights are random, so the numbers say what the shapes cost,
+not what a trained model outputs. Attention goes through attnlab.kernels (decode_attention
+for decoding, attention for prefill) with the implementation chosen by name. The KV cache
+is preallocated, one (batch, max_seqlen, kv_heads, head_dim) tensor per layer for K and for
+V, and written in place, so a decode step has static shapes and can be captured in a CUDA
+graph where the attention implementation never reads the device from the host.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from attnlab.kernels import DECODE, PREFILL, decode_attention, resolve
+from attnlab.kernels import attention as attention_fn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-style decoder (RMSNorm, rotary embeddings, SwiGLU MLP, GQA)."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+    tied_embeddings: bool = False
+
+    def layer_params(self) -> int:
+        qkv = self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim
+        out = self.heads * self.head_dim * self.hidden
+        mlp = 3 * self.hidden * self.intermediate
+        return qkv + out + mlp + 2 * self.hidden          # two RMSNorm weights
+
+    def param_count(self) -> int:
+        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        return embeddings + self.layers * self.layer_params() + self.hidden
+
+    def weight_bytes(self, dtype: torch.dtype) -> int:
+        return self.param_count() * _itemsize(dtype)
+
+    def streamed_weight_bytes(self, dtype: torch.dtype) -> int:
+        """Weights a decode step reads: all but the embedding table, of which it gathers rows."""
+        skipped = 0 if self.tied_embeddings else self.vocab * self.hidden
+        return (self.param_count() - skipped) * _itemsize(dtype)
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """K and V of one token across all layers (128 KiB for Llama-3 8B in bf16)."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * _itemsize(dtype)
+
+
+PRESETS = {
+    "llama3-8b": ModelConfig("llama3-8b", layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128,
+                             intermediate=14336, vocab=128256),
+    # Llama-3.2-1B's shape: 16 layers, head_dim 64, tied embeddings.
+    "llama3-1b": ModelConfig("llama3-1b", layers=16, hidden=2048, heads=32, kv_heads=8, head_dim=64,
+                             intermediate=8192, vocab=128256, tied_embeddings=True),
+    # Small enough for a CPU and Triton's interpreter; head_dim 16 is the Triton kernels' minimum.
+    "tiny": ModelConfig("tiny", layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16,
+                        intermediate=128, vocab=512, rope_theta=10000.0),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"preset: unknown model preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory model: what a decode point needs, from the shapes alone.
+
+FIXED_WORKSPACE_BYTES = 256 * 2**20   # cuBLAS workspace, split-KV partials, allocator rounding
+PREFILL_CHUNK_TOKENS = 8192          # tokens per prefill chunk: bounds its activations at 128k
+# Implementations whose decode materialises K and V for every query head (GQA expanded) and
+# fp32 scores: naive always, SDPA when its backend lacks native GQA (assumed, to stay safe).
+_EXPANDS_KV = ("naive", "sdpa-math", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn")
+_FP32_SCORES = ("naive", "sdpa-math")
+
+
+def activation_bytes_per_sequence(config: ModelConfig, max_seqlen: int, attention: str,
+                                  dtype: torch.dtype) -> int:
+    """Transient bytes one sequence adds to a decode step, counted twice (eager pool and graph pool)."""
+    e = _itemsize(dtype)
+    qkv = (config.heads + 2 * config.kv_heads) * config.head_dim
+    dense = 6 * config.hidden * e + qkv * (e + 3 * 4) + 4 * config.intermediate * e
+    logits = config.vocab * (e + 4)
+    attend = 0
+    if attention in _EXPANDS_KV:
+        attend += 2 * config.heads * max_seqlen * config.head_dim * e
+    if attention in _FP32_SCORES:
+        attend += config.heads * max_seqlen * (3 * 4 + e) + max_seqlen
+    return 2 * (dense + logits + attend)
+
+
+def sequence_bytes(config: ModelConfig, seq_len: int, decode_tokens: int, attention: str,
+                   dtype: torch.dtype) -> int:
+    """KV cache for seq_len + decode_tokens tokens plus this sequence's share of the workspace."""
+    max_seqlen = seq_len + decode_tokens
+    return (max_seqlen * config.kv_bytes_per_token(dtype)
+            + activation_bytes_per_sequence(config, max_seqlen, attention, dtype))
+
+
+def prefill_workspace_bytes(config: ModelConfig, seq_len: int, attention: str, dtype: torch.dtype,
+                            chunk_tokens: int = None) -> int:
+    """Transient bytes of one prefill chunk (see `Decoder.prefill`), the cache excluded."""
+    chunk_tokens = chunk_tokens or PREFILL_CHUNK_TOKENS
+    e = _itemsize(dtype)
+    qkv = (config.heads + 2 * config.kv_heads) * config.head_dim
+    tokens = chunk_tokens                        # whole sequences or one sequence's span
+    keys = max(chunk_tokens, seq_len)            # keys the chunk attends to, all its sequences
+    dense = tokens * (6 * config.hidden * e + qkv * (e + 3 * 4) + 4 * config.intermediate * e)
+    logits = max(1, chunk_tokens // max(seq_len, 1)) * config.vocab * e
+    attend = 0
+    if attention in _EXPANDS_KV:
+        attend += 2 * config.heads * keys * config.head_dim * e
+    if attention in _FP32_SCORES:
+        attend += config.heads * min(tokens, seq_len) * keys * (3 * 4 + e)
+    return dense + logits + attend
+
+
+def predicted_bytes(config: ModelConfig, batch: int, seq_len: int, decode_tokens: int, attention: str,
+                    dtype: torch.dtype, prefill_attention: str | None = None) -> int:
+    """Weights + batch x per-sequence bytes + a fixed workspace + rotary tables, and the prefill
+    workspace when prefill_attention names the implementation that fills the cache."""
+    rope = 2 * (seq_len + decode_tokens) * (config.head_dim // 2) * 4
+    prefill = prefill_workspace_bytes(config, seq_len, prefill_attention, dtype) if prefill_attention else 0
+    return (config.weight_bytes(dtype) + FIXED_WORKSPACE_BYTES + rope + prefill
+            + batch * sequence_bytes(config, seq_len, decode_tokens, attention, dtype))
+
+
+def largest_batch(config: ModelConfig, seq_len: int, decode_tokens: int, budget_bytes: int,
+                  attention: str, dtype: torch.dtype, prefill_attention: str | None = None) -> int:
+    """The largest batch whose `predicted_bytes` fits in budget_bytes (weights included); 0 if none."""
+    fixed = predicted_bytes(config, 0, seq_len, decode_tokens, attention, dtype, prefill_attention)
+    return max(0, (budget_bytes - fixed) // sequence_bytes(config, seq_len, decode_tokens, attention, dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights and cache.
+
+@dataclass
+class LayerWeights:
+    """One block's weights; linear weights are (out_features, in_features) as in F.linear."""
+
+    attn_norm: torch.Tensor      # (hidden,)
+    qkv: torch.Tensor            # ((heads + 2 kv_heads) * head_dim, hidden): q, then k, then v
+    out: torch.Tensor            # (hidden, heads * head_dim)
+    mlp_norm: torch.Tensor       # (hidden,)
+    gate_up: torch.Tensor        # (2 * intermediate, hidden): gate rows, then up rows
+    down: torch.Tensor           # (hidden, intermediate)
+
+
+@dataclass
+class Weights:
+    embed: torch.Tensor          # (vocab, hidden)
+    layers: list = field(default_factory=list)
+    norm: torch.Tensor = None    # (hidden,)
+    lm_head: torch.Tensor = None  # (vocab, hidden); the embedding itself when tied
+
+    def tensors(self) -> list:
+        unique = {id(t): t for t in [self.embed, self.norm, self.lm_head]}
+        for layer in self.layers:
+            unique.update((id(t), t) for t in vars(layer).values())
+        return list(unique.values())
+
+
+def random_weights(config: ModelConfig, device, dtype: torch.dtype, seed: int = 0) -> Weights:
+    """Random weights scaled by 1/sqrt(fan_in), so activations stay O(1) through any depth."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def linear(rows, cols):
+        return torch.randn(rows, cols, generator=gen, device=device, dtype=dtype).mul_(1 / math.sqrt(cols))
+
+    def norm():  # near 1, but not 1, so a test notices a norm weight that is ignored
+        return torch.randn(config.hidden, generator=gen, device=device, dtype=dtype).mul_(0.1).add_(1)
+
+    c = config
+    embed = torch.randn(c.vocab, c.hidden, generator=gen, device=device, dtype=dtype)
+    layers = [LayerWeights(norm(), linear((c.heads + 2 * c.kv_heads) * c.head_dim, c.hidden),
+                           linear(c.hidden, c.heads * c.head_dim), norm(),
+                           linear(2 * c.intermediate, c.hidden), linear(c.hidden, c.intermediate))
+              for _ in range(c.layers)]
+    lm_head = embed if c.tied_embeddings else linear(c.vocab, c.hidden)
+    return Weights(embed, layers, norm(), lm_head)
+
+
+class KVCache:
+    """K and V for every layer in one allocation; layer l's K is (batch, max_seqlen, kv_heads, head_dim)."""
+
+    def __init__(self, config: ModelConfig, batch: int, max_seqlen: int, device, dtype: torch.dtype):
+        self.batch, self.max_seqlen = batch, max_seqlen
+        # Zeros, not empty: slots past a sequence's length must be finite, since an implementation
+        # that multiplies them by zero probability (naive) would turn garbage NaN into NaN output.
+        self.data = torch.zeros(config.layers, 2, batch, max_seqlen, config.kv_heads, config.head_dim,
+                                device=device, dtype=dtype)
+
+    def k(self, layer: int) -> torch.Tensor:
+        return self.data[layer, 0]
+
+    def v(self, layer: int) -> torch.Tensor:
+        return self.data[layer, 1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def fill_random(self, seed: int = 0) -> None:
+        """Random K/V (standard normal), one in-place pass per layer: cheap even at 60 GiB."""
+        gen = torch.Generator(device=self.data.device).manual_seed(seed)
+        for layer in self.data:
+            layer.normal_(generator=gen)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder.
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rope_tables(config: ModelConfig, max_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, float32 (max_positions, head_dim / 2), for the rotate-half convention."""
+    half = config.head_dim // 2
+    inv_freq = config.rope_theta ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
+    angles = torch.arange(max_positions, dtype=torch.float64, device=device)[:, None] * inv_freq
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (batch, seqlen, heads, head_dim); cos, sin (batch, seqlen, head_dim / 2); math in fp32."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+class Decoder:
+    """A Llama-shaped decoder with random weights; `prefill` and `StaticDecoder` run it."""
+
+    def __init__(self, config: ModelConfig, device="cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+        self.config, self.device, self.dtype = config, torch.device(device), dtype
+        self.weights = random_weights(config, self.device, dtype, seed)
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    def new_cache(self, batch: int, max_seqlen: int) -> KVCache:
+        return KVCache(self.config, batch, max_seqlen, self.device, self.dtype)
+
+    def rope(self, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_tables(self.config, max_positions, self.device)
+
+    def project_qkv(self, layer: LayerWeights, x: torch.Tensor, cos, sin):
+        """x (batch, seqlen, hidden) -> q (batch, seqlen, heads, head_dim), k, v (..., kv_heads, head_dim)."""
+        c = self.config
+        h = rms_norm(x, layer.attn_norm, c.norm_eps)
+        qkv = F.linear(h, layer.qkv).unflatten(-1, (c.heads + 2 * c.kv_heads, c.head_dim))
+        q, k, v = qkv.split((c.heads, c.kv_heads, c.kv_heads), dim=2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def finish_block(self, layer: LayerWeights, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Output projection and residual, then the SwiGLU MLP and its residual."""
+        x = x + F.linear(attn.flatten(-2), layer.out)
+        gate, up = F.linear(rms_norm(x, layer.mlp_norm, self.config.norm_eps), layer.gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, layer.down)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(x, self.weights.norm, self.config.norm_eps), self.weights.lm_head)
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, cache: KVCache, *, impl: str = "auto",
+                chunk_tokens: int = PREFILL_CHUNK_TOKENS, first_row: int = 0) -> torch.Tensor:
+        """Run tokens (batch, seqlen) through the model, writing K/V to cache rows
+        [first_row, first_row + batch), positions [0, seqlen).
+
+        Works in chunks of at most chunk_tokens tokens (whole sequences while they fit, else
+        one sequence's positions), so activations stay bounded at 128k. Each chunk attends to
+        the cache up to its end through attnlab.kernels.attention with bottom-right causal
+        masking. Returns the last position's logits (batch, vocab).
+        """
+        batch, seqlen = tokens.shape
+        if seqlen > cache.max_seqlen or not 0 <= first_row <= cache.batch - batch:
+            raise ValueError(f"tokens: shape {tuple(tokens.shape)} from row {first_row} does not fit a "
+                             f"cache of batch {cache.batch}, max_seqlen {cache.max_seqlen}")
+        cos, sin = self.rope(seqlen)
+        seqs = max(1, chunk_tokens // max(seqlen, 1))
+        span = min(seqlen, max(1, chunk_tokens))
+        last = []
+        for b0 in range(0, batch, seqs):
+            b1 = min(batch, b0 + seqs)
+            for s0 in range(0, seqlen, span):
+                out = self._prefill_chunk(tokens[b0:b1, s0:s0 + span], cache, first_row + b0, s0,
+                                          cos, sin, impl)
+            last.append(out)
+        return torch.cat(last)
+
+    def _prefill_chunk(self, tokens, cache: KVCache, b0: int, s0: int, cos, sin, impl: str):
+        b1, s1 = b0 + tokens.shape[0], s0 + tokens.shape[1]
+        x = F.embedding(tokens, self.weights.embed)
+        c, s = cos[s0:s1].expand(tokens.shape[0], -1, -1), sin[s0:s1].expand(tokens.shape[0], -1, -1)
+        for i, layer in enumerate(self.weights.layers):
+            q, k, v = self.project_qkv(layer, x, c, s)
+            k_cache, v_cache = cache.k(i)[b0:b1], cache.v(i)[b0:b1]
+            k_cache[:, s0:s1], v_cache[:, s0:s1] = k, v
+            attn = attention_fn(q, k_cache[:, :s1], v_cache[:, :s1], causal=True, scale=self.scale, impl=impl)
+            x = self.finish_block(layer, x, attn)
+        return self.logits(x[:, -1])
+
+
+# Implementations whose decode reads cache lengths on the host: a CUDA graph cannot hold them.
+HOST_SYNCING_DECODE = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")
+
+
+class StaticDecoder:
+    """Greedy decoding with static buffers: one step feeds its argmax token to the next.
+
+    tokens (batch,) and lengths (batch,) int32 live on the device and are updated in place, so
+    a step launches the same work at the same addresses every time and `capture()` can record
+    it as a CUDA graph. The first step goes through decode_attention with all its
+    checks; later steps call the implementation it resolved directly, since shapes never change
+    and the host counts lengths against max_seqlen itself.
+    """
+
+    def __init__(self, model: Decoder, cache: KVCache, attention: str = "auto"):
+        self.model, self.cache = model, cache
+        c = model.config
+        probe = torch.empty(cache.batch, 1, c.heads, c.head_dim, device=model.device, dtype=model.dtype)
+        self.attention = resolve(attention, DECODE, probe)
+        self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=model.device)
+        self.lengths = torch.zeros(cache.batch, dtype=torch.int32, device=model.device)
+        self.cos, self.sin = model.rope(cache.max_seqlen)
+        self.graph, self.graph_reason = None, "not captured"
+        self.length = 0          # the host's copy of every sequence's length
+        self._checked = False
+        self._logits = None
+
+    @property
+    def cuda_graph(self) -> bool:
+        return self.graph is not None
+
+    def reset(self, seq_len: int, tokens: torch.Tensor | None = None) -> None:
+        """Every sequence holds seq_len cached tokens; the next input token is `tokens` (or 0)."""
+        if not 0 <= seq_len < self.cache.max_seqlen:
+            raise ValueError(f"seq_len: expected 0 to {self.cache.max_seqlen - 1} (max_seqlen - 1), got {seq_len}")
+        self.lengths.fill_(seq_len)
+        self.tokens.copy_(tokens if tokens is not None else torch.zeros_like(self.tokens))
+        self.length = seq_len
+
+    def step(self) -> torch.Tensor:
+        """Decode one token per sequence; returns this step's logits (batch, vocab)."""
+        if self.length + 1 > self.cache.max_seqlen:
+            raise ValueError(f"step: the cache is full (max_seqlen {self.cache.max_seqlen})")
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._logits = self._forward()
+        self.length += 1
+        return self._logits
+
+    def capture(self, seq_len: int, warmup_steps: int = 2) -> bool:
+        """Record one step as a CUDA graph where the implementation allows; else stay eager.
+
+        Warm-up steps (compilation, autotuning) run from seq_len each, so they never run past
+        the cache; the decoder is left reset to seq_len. `graph_reason` says why no graph.
+        """
+        self.reset(seq_len)
+        if self.model.device.type != "cuda":
+            self.graph_reason = "CUDA graphs need a CUDA device"
+            return False
+        if self.attention.name in HOST_SYNCING_DECODE:
+            self.graph_reason = f"{self.attention.name} reads cache lengths on the host"
+            return False
+        for _ in range(max(1, warmup_steps)):
+            self.reset(seq_len)
+            self.step()
+        self.reset(seq_len)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.reset(seq_len)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                logits = self._forward()
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            self.graph_reason = f"capture failed: {str(exc).splitlines()[0][:200]}"
+            return False
+        self.graph, self._logits, self.graph_reason = graph, logits, ""
+        return True
+
+    @torch.no_grad()
+    def _forward(self) -> torch.Tensor:
+        model, cache, c = self.model, self.cache, self.model.config
+        positions = self.lengths.long()
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        lengths_after = self.lengths + 1
+        slot = positions.view(-1, 1, 1, 1).expand(-1, 1, c.kv_heads, c.head_dim)
+        x = F.embedding(self.tokens, model.weights.embed)[:, None]          # (batch, 1, hidden)
+        for i, layer in enumerate(model.weights.layers):
+            q, k, v = model.project_qkv(layer, x, cos, sin)
+            cache.k(i).scatter_(1, slot, k)
+            cache.v(i).scatter_(1, slot, v)
+            attn = self._attend(q, cache.k(i), cache.v(i), lengths_after)
+            x = model.finish_block(layer, x, attn)
+        self._checked = True
+        logits = model.logits(x[:, 0])
+        self.tokens.copy_(logits.argmax(dim=-1))
+        self.lengths.add_(1)
+        return logits
+
+    def _attend(self, q, k_cache, v_cache, lengths):
+        if not self._checked:
+            return decode_attention(q, k_cache, v_cache, lengths, scale=self.model.scale,
+                                    impl=self.attention.name)
+        return self.attention.decode(q, k_cache, v_cache, lengths, self.model.scale)
+
+
+# A decode-only implementation's prefill partner: the same family, so a run measures one stack.
+PREFILL_PARTNERS = {"triton-decode": "triton"}
+
+
+def resolve_prefill(probe: torch.Tensor, attention: str) -> str:
+    """The prefill implementation to pair with a decode one, for queries like probe (batch, seqlen,
+    heads, head_dim): itself where it serves prefill (flash-attn, naive, SDPA), else its partner
+    (triton for triton-decode) where that runs here, else the fastest here ("auto")."""
+    for name in (attention, PREFILL_PARTNERS.get(attention)):
+        if name is None:
+            continue
+        try:
+            return resolve(name, PREFILL, probe).name
+        except ValueError:
+            pass
+    return resolve("auto", PREFILL, probe).name
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
