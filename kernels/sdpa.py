@@ -11,7 +11,6 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from attnlab.kernels.registry import YES, Availability, Implementation, no, register
 
@@ -31,6 +30,7 @@ def _prefill(backend, q, k, v, causal, scale):
     if causal and seqlen_q == seqlen_k:
         is_causal = True
     elif causal and seqlen_q > 1:
+        from torch.nn.attention.bias import causal_lower_right  # imports torch._dynamo: seconds
         mask = causal_lower_right(seqlen_q, seqlen_k)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     groups = q.shape[2] // k.shape[2]

@@ -1,0 +1,39 @@
+"""`attnlab lab`: the main job. On a GPU, sweep it (llama3-8b, 1k to 128k) and report the run
+beside the committed profiles; without one, report the committed profiles alone."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HELP = "the main job: sweep this GPU if there is one, then write the report (profiles/ without a GPU)"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default="out", metavar="DIR", help="folder for the run and the report (default %(default)s)")
+    parser.add_argument("--profiles", default="profiles", metavar="DIR", help="committed measurements (default %(default)s)")
+    parser.add_argument("--budget-s", type=float, default=600.0, help="sweep time budget on a GPU (default %(default)s)")
+
+
+def run(args) -> int:
+    import torch
+
+    out = Path(args.out)
+    runs = [p for p in [Path(args.profiles)] if p.exists()]
+    if torch.cuda.is_available():
+        from attnlab.bench.sweep import SweepConfig, make_progress, run_sweep
+        from attnlab.bench.workloads import preset
+
+        sweep_out = out / "sweep.jsonl"
+        out.mkdir(parents=True, exist_ok=True)
+        config = SweepConfig(workload=preset("llama3-8b"), device="cuda", out=sweep_out, budget_s=args.budget_s,
+                             resume=sweep_out.exists(), argv=sys.argv)
+        result = run_sweep(config, progress=make_progress())
+        print(f"sweep: {result.out} ({', '.join(f'{n} {s}' for s, n in sorted(result.counts.items()))})")
+        runs.append(sweep_out)
+    if not runs:
+        print(f"attnlab lab: nothing to report: no GPU here and no {args.profiles}/", file=sys.stderr)
+        return 2
+    from attnlab.cli import build_parser
+
+    report = build_parser().parse_args(["report", *map(str, runs), "--out", str(out / "report")])
+    return report.run(report)

@@ -1,0 +1,154 @@
+"""`attnlab sweep`: time every kernel across context lengths into a JSONL file."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "measure kernels from short to long context (time, memory, power) into JSONL records"
+
+
+def _seq_lens(text):
+    from attnlab.bench.workloads import parse_seq_lens
+
+    return _checked(parse_seq_lens)(text)
+
+
+def _checked(parse):
+    """An argparse type from a parser whose ValueError already names the value's meaning."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
+
+
+def _dtype(text):
+    from attnlab.bench.workloads import dtype_name
+
+    return _checked(dtype_name)(text)
+
+
+def _workload(text):
+    from attnlab.bench.workloads import preset
+
+    return _checked(lambda name: preset(name).name)(text)
+
+
+def _names(text):
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma list, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--kernels", type=_names, default=None,
+                        help="comma list of implementations (default: all available on the device)")
+    parser.add_argument("--modes", type=_names, default=None, help="prefill, decode or both (default: both)")
+    parser.add_argument("--seq-lens", type=_seq_lens, default=None,
+                        help="comma list of context lengths in tokens, 1k = 1024 "
+                             "(default: 1k,2k,...,128k; the cpu-small preset has its own)")
+    parser.add_argument("--workload", type=_workload, default=None,
+                        help="preset: llama3-8b (default on CUDA), fa-paper, cpu-small (default on CPU)")
+    parser.add_argument("--batch", type=_positive_int, default=None, help="sequences per call")
+    parser.add_argument("--heads", type=_positive_int, default=None, help="query heads")
+    parser.add_argument("--kv-heads", type=_positive_int, default=None, help="key/value heads (GQA)")
+    parser.add_argument("--head-dim", type=_positive_int, default=None, help="head dimension")
+    parser.add_argument("--dtype", type=_dtype, default=None, help="bfloat16, float16, float32 or float64 (bf16, fp16, fp32)")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None,
+                        help="causal masking for prefill (default: the preset's)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
+    parser.add_argument("--out", default="attnlab-sweep.jsonl",
+                        help="JSONL file for the records; NVML samples go beside it as .nvml.csv")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue --out: measure only points it does not already settle")
+    parser.add_argument("--budget-s", type=_seconds, default=None,
+                        help="stop starting points after this many seconds; the rest are recorded as skipped")
+
+
+def build_config(args):
+    """The SweepConfig the flags describe: a preset, then explicit flags over it."""
+    import torch
+
+    from attnlab.bench.sweep import SweepConfig, check_device
+    from attnlab.bench.workloads import MODES, default_preset, preset
+    from attnlab.kernels import get
+
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    workload = preset(args.workload or default_preset(device.type)).override(
+        batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+        dtype=args.dtype, causal=args.causal)
+    modes = tuple(args.modes or MODES)
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"--modes: expected prefill and/or decode, got {mode!r}")
+    for name in args.kernels or ():
+        get(name)   # an unknown name fails here, listing the known ones
+    return SweepConfig(workload=workload, device=str(device), out=args.out, kernels=args.kernels,
+                       modes=modes, seq_lens=args.seq_lens, resume=args.resume, budget_s=args.budget_s)
+
+
+def run(args) -> int:
+    from attnlab.bench.sweep import make_progress, run_sweep
+
+    try:
+        config = build_config(args)
+        result = run_sweep(config, progress=make_progress())
+    except ValueError as exc:
+        print(f"attnlab sweep: error: {exc}", file=sys.stderr)
+        return 2
+    _report(result)
+    if result.interrupted:
+        print(f"interrupted: {len(result.records)} records written; rerun with --resume to finish",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def _report(result) -> None:
+    from attnlab.bench.workloads import seq_len_label
+
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items())) or "nothing"
+    print(f"run {result.run_id}: {counts}"
+          + (f" ({result.already_done} already in the file)" if result.already_done else ""))
+    print(f"records: {result.out}")
+    if result.nvml_reason:
+        print(f"power and energy not measured: {result.nvml_reason}")
+    else:
+        print(f"NVML samples: {result.nvml_csv}")
+    ok = [r for r in result.records if r["status"] == "ok" and r.get("seq_len")]
+    if not ok:
+        return
+    lengths = sorted({r["seq_len"] for r in ok})
+    rows = {}
+    for r in ok:
+        rows.setdefault((r["mode"], r["kernel"]), {})[r["seq_len"]] = r["median_ms"]
+    header = ["mode", "kernel"] + [seq_len_label(n) for n in lengths]
+    table = [header] + [[mode, kernel] + [f"{cells[n]:.3f}" if n in cells else "-" for n in lengths]
+                        for (mode, kernel), cells in sorted(rows.items())]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    print("median ms per call:")
+    for row in table:
+        print("  " + "  ".join(cell.rjust(w) if i > 1 else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))))

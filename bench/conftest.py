@@ -1,0 +1,169 @@
+"""The kernel x length grid under pytest-benchmark.
+
+    pytest bench/ --benchmark-only --benchmark-json=bench.json
+
+On a GPU the grid is the llama3-8b workload, timed with CUDA events (the benchmark's clock
+reads events, not the CPU clock around an asynchronous launch) with the L2 cache flushed
+before every round; on a CPU it is the cpu-small preset with time.perf_counter. Each
+benchmark's `extra_info` is a complete attnlab result record (records.FIELDS), and the
+JSON's `machine_info["attnlab"]` holds the run's environment record.
+
+Groups are "<mode> <workload> seq_len=<tokens>", so the default table compares kernels at
+one length; `--benchmark-group-by=param:kernel` (or `param:mode,param:kernel`) shows one
+kernel's scaling instead. Test ids (`<workload>-<mode>-<kernel>-<length>`) stay the same
+between runs, so `--benchmark-save` / `--benchmark-compare` line them up.
+Options below narrow the grid (lengths, kernels, modes, time per benchmark, time for all).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton reads this when a kernel module is imported; on a CPU only its interpreter runs.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+GPU_SEQ_LENS = "1k,4k,16k,64k"
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("attnlab", "attnlab benchmark grid")
+    group.addoption("--attnlab-workload", default=None,
+                    help="preset (default: llama3-8b on CUDA, cpu-small on CPU)")
+    group.addoption("--attnlab-seq-lens", default=None,
+                    help=f"comma list of lengths (default: {GPU_SEQ_LENS} on CUDA, the preset's on CPU)")
+    group.addoption("--attnlab-kernels", default=None,
+                    help="comma list of implementations (default: all available here)")
+    group.addoption("--attnlab-modes", default="prefill,decode", help="prefill, decode or both")
+    group.addoption("--attnlab-device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
+    group.addoption("--attnlab-budget-s", type=float, default=0.2,
+                    help="time the timed rounds of one benchmark may use (at least 5 rounds)")
+    group.addoption("--attnlab-energy-s", type=float, default=1.0,
+                    help="back-to-back window for the energy counter, per benchmark (GPU; 0: none)")
+    group.addoption("--attnlab-nvml-csv", default=None, help="append raw NVML samples to this CSV")
+    group.addoption("--attnlab-session-budget-s", type=float, default=None,
+                    help="skip benchmarks that would start after this many seconds of the session, "
+                         "so a time-boxed run still ends cleanly and writes its JSON")
+
+
+@dataclass
+class Grid:
+    device: torch.device
+    workload: object
+    seq_lens: list
+    kernels: list
+    requested: bool         # kernels named explicitly (unavailable ones show up as skips)
+    modes: tuple
+    budget_s: float
+    energy_s: float
+    nvml_csv: Optional[Path]
+    run_id: str
+    session_budget_s: Optional[float] = None
+    started_s: float = field(default_factory=time.monotonic)
+    _timer: object = field(default=None, init=False, repr=False)
+    _env: Optional[dict] = field(default=None, init=False, repr=False)
+
+    @property
+    def timer(self):
+        """One timer (and one L2 flush buffer) for the whole session."""
+        if self._timer is None:
+            from attnlab.bench.timer import Timer
+
+            self._timer = Timer(self.device, budget_s=self.budget_s)
+        return self._timer
+
+    def budget_spent(self) -> bool:
+        return self.session_budget_s is not None and time.monotonic() - self.started_s >= self.session_budget_s
+
+    def environment(self) -> dict:
+        if self._env is None:
+            from attnlab.bench.records import environment
+
+            self._env = environment(device=self.device, run_id=self.run_id)
+        return self._env
+
+
+def grid_for(config) -> Grid:
+    """The grid the options describe, built once per session."""
+    grid = config.stash.get(GRID_KEY, None)
+    if grid is not None:
+        return grid
+    from attnlab.bench.records import new_run_id
+    from attnlab.bench.sweep import check_device, default_kernels
+    from attnlab.bench.workloads import default_preset, parse_seq_lens, preset
+
+    opt = config.getoption
+    device = check_device(opt("--attnlab-device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    workload = preset(opt("--attnlab-workload") or default_preset(device.type))
+    lens_text = opt("--attnlab-seq-lens") or (GPU_SEQ_LENS if device.type == "cuda" else None)
+    kernels_text = opt("--attnlab-kernels")
+    csv = opt("--attnlab-nvml-csv")
+    grid = Grid(device=device, workload=workload,
+                seq_lens=parse_seq_lens(lens_text) if lens_text else list(workload.seq_lens),
+                kernels=_split(kernels_text) if kernels_text else default_kernels(device.type),
+                requested=bool(kernels_text), modes=tuple(_split(opt("--attnlab-modes"))),
+                budget_s=opt("--attnlab-budget-s"), energy_s=opt("--attnlab-energy-s"),
+                nvml_csv=Path(csv) if csv else None, run_id=new_run_id(),
+                session_budget_s=opt("--attnlab-session-budget-s"))
+    config.stash[GRID_KEY] = grid
+    return grid
+
+
+GRID_KEY = pytest.StashKey[Grid]()
+
+
+def _split(text: str) -> list:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def pytest_generate_tests(metafunc):
+    if "kernel" not in metafunc.fixturenames:
+        return
+    from attnlab.bench.workloads import seq_len_label
+    from attnlab.kernels import get, implementations
+
+    grid = grid_for(metafunc.config)
+    known = {impl.name for impl in implementations()}
+    cases, ids = [], []
+    for seq_len in grid.seq_lens:
+        for mode in grid.modes:
+            for kernel in grid.kernels:
+                # a kernel that never serves this mode is left out, unless it was named: then
+                # it shows up as a skip that says why
+                if kernel in known and mode not in get(kernel).modes and not grid.requested:
+                    continue
+                cases.append((mode, kernel, seq_len))
+                ids.append(f"{grid.workload.name}-{mode}-{kernel}-{seq_len_label(seq_len)}")
+    metafunc.parametrize("mode,kernel,seq_len", cases, ids=ids)
+
+
+def pytest_collection_modifyitems(config, items):
+    from attnlab.bench.timer import CudaEventClock
+
+    grid = grid_for(config)
+    clock = CudaEventClock() if grid.device.type == "cuda" else time.perf_counter
+    for item in items:
+        if "benchmark" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.benchmark(timer=clock))
+
+
+@pytest.fixture(scope="session")
+def grid(request) -> Grid:
+    return grid_for(request.config)
+
+
+try:
+    import pytest_benchmark  # noqa: F401
+except ImportError:   # the hook below belongs to pytest-benchmark; without it pytest would reject it
+    pass
+else:
+    def pytest_benchmark_update_machine_info(config, machine_info):
+        from attnlab.bench.records import jsonable
+
+        machine_info["attnlab"] = jsonable(grid_for(config).environment())

@@ -1,0 +1,304 @@
+"""The result record and its file: append-only JSON Lines, one object per line.
+
+A file holds result lines (schema SCHEMA, one per measured point) and, once per run, an
+environment line (schema ENV_SCHEMA) with the conditions of that run; both carry the
+run's `run_id`. Readers of results skip lines of other schemas. Every line is flushed and
+fsynced as it is written, so a run killed at any moment leaves at most one partial last
+line, which readers ignore and the next writer cuts off before appending.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Iterable, Optional
+
+SCHEMA = "attnlab.result/1"
+ENV_SCHEMA = "attnlab.environment/1"
+
+# The contract: every result record has these keys, in this order; more may follow.
+FIELDS = (
+    "schema", "run_id", "kernel", "mode", "workload", "batch", "heads", "kv_heads", "head_dim",
+    "dtype", "causal", "seq_len", "q_len", "status", "reason", "times_ms", "median_ms", "p10_ms",
+    "p90_ms", "flops", "bytes", "tflops", "gbps", "tokens_per_s", "peak_mem_bytes",
+    "predicted_mem_bytes", "power_w_mean", "power_w_max", "energy_j", "joules_per_token", "device",
+)
+STATUSES = ("ok", "oom", "error", "unsupported", "skipped")
+# Statuses that settle a point: a resumed run does not measure it again.
+FINAL_STATUSES = ("ok", "oom", "error", "unsupported")
+
+_SCHEMA_RE = re.compile(r"attnlab\.result/(\d+)$")
+
+
+def new_run_id() -> str:
+    """A sortable, unique id: UTC time and a random suffix."""
+    return f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def new_record(**fields) -> dict:
+    """A result record: every FIELDS key (None where not given) in order, then the extras.
+
+    `schema` is always SCHEMA; `status` defaults to "ok" and must be one of STATUSES.
+    Energy in `energy_j` is per call; `joules_per_token` divides it by the call's tokens.
+    """
+    fields.pop("schema", None)
+    fields.setdefault("status", "ok")
+    if fields["status"] not in STATUSES:
+        raise ValueError(f"status: expected one of {', '.join(STATUSES)}, got {fields['status']!r}")
+    record = {"schema": SCHEMA}
+    for key in FIELDS[1:]:
+        record[key] = fields.pop(key, None)
+    record.update(fields)
+    return record
+
+
+def jsonable(value):
+    """JSON without NaN or infinities (strict readers reject them): those become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):   # numpy and torch scalars
+        return jsonable(value.item())
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def dumps(record: dict) -> str:
+    return json.dumps(jsonable(record), allow_nan=False, separators=(",", ":"))
+
+
+class RecordWriter:
+    """Appends records to a JSONL file, each flushed and fsynced before `write` returns.
+
+    Opening cuts off a partial last line left by a killed run, so the next record starts on
+    a line of its own. Use as a context manager, or call `close()`.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _cut_partial_tail(self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._file.write(dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _cut_partial_tail(path: Path) -> None:
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        # Scan back in blocks for the last complete line's end.
+        end, keep = size, 0
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            cut = f.read(end - start).rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            end = start
+        f.seek(keep)
+        if _parses(f.read()):
+            f.write(b"\n")     # complete but for its newline: readers counted it, so keep it
+        else:
+            f.truncate(keep)
+
+
+def _parses(data: bytes) -> bool:
+    try:
+        return isinstance(json.loads(data), dict)
+    except ValueError:
+        return False
+
+
+def read_lines(path) -> list[dict]:
+    """Every JSON object in a JSONL file, of any schema.
+
+    A last line that does not parse (a run killed mid-write) is ignored; a bad line
+    anywhere else is an error that names the file and line.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8", errors="replace") as f:   # a cut may split a character
+        lines = f.read().split("\n")
+    objects = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):   # no newline after it: the line in flight when killed
+                break
+            raise ValueError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
+        if isinstance(obj, dict):
+            objects.append(obj)
+    return objects
+
+
+def read_records(path) -> list[dict]:
+    """The result records of a JSONL file, in file order; other schemas are skipped.
+
+    Records of an older result schema are returned as they are; a newer one is an error
+    saying which version this reader knows.
+    """
+    records = []
+    known = int(_SCHEMA_RE.match(SCHEMA).group(1))
+    for obj in read_lines(path):
+        match = _SCHEMA_RE.match(str(obj.get("schema", "")))
+        if not match:
+            continue
+        if int(match.group(1)) > known:
+            raise ValueError(f"{path}: record schema {obj['schema']} is newer than this reader's "
+                             f"{SCHEMA}; upgrade attnlab to read it")
+        records.append(obj)
+    return records
+
+
+def read_environments(path) -> list[dict]:
+    """The environment lines of a JSONL file, one per run."""
+    return [obj for obj in read_lines(path) if obj.get("schema") == ENV_SCHEMA]
+
+
+def latest_per_point(records: Iterable[dict], key) -> list[dict]:
+    """The last record of each point (key(record) -> hashable), in first-seen order.
+
+    A resumed run re-measures points an earlier run left `skipped`; this keeps the result.
+    """
+    latest: dict = {}
+    for record in records:
+        latest[key(record)] = record
+    return list(latest.values())
+
+
+# --- the run's environment -------------------------------------------------------------
+
+def environment(argv=None, *, device=None, run_id: Optional[str] = None) -> dict:
+    """The conditions of a run, as the ENV_SCHEMA line written once per run.
+
+    GPU name, UUID, driver, CUDA, torch, Triton and flash-attn versions, power limit,
+    `clocks` and throttle reasons (through NVML, where it can be read), attnlab's
+    `git_commit`, host, time and command line. `device` defaults to the first GPU, else the CPU.
+    """
+    import torch
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    argv = list(sys.argv if argv is None else argv)
+    env = {
+        "schema": ENV_SCHEMA,
+        "run_id": run_id or new_run_id(),
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "command": shlex.join(str(a) for a in argv),
+        "argv": [str(a) for a in argv],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "flash_attn": _version("flash-attn", "flash_attn"),
+        "nvidia_ml_py": _version("nvidia-ml-py"),
+        "attnlab": _version("attnlab"),
+        **_git_commit(),
+        "device": str(device),
+        "device_type": device.type,
+    }
+    if device.type == "cuda":
+        env.update(_torch_gpu(device))
+    from attnlab.bench.nvml import gpu_conditions
+
+    env.update(gpu_conditions(device))
+    return env
+
+
+def device_name(device) -> str:
+    """What records put in `device`: the GPU's name, or "cpu"."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def _torch_gpu(device) -> dict:
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    uuid_ = getattr(props, "uuid", None)
+    return {
+        "gpu_name": props.name,
+        "gpu_uuid": f"GPU-{uuid_}" if uuid_ is not None else None,
+        "compute_capability": f"{props.major}.{props.minor}",
+        "sm_count": props.multi_processor_count,
+        "gpu_memory_bytes": props.total_memory,
+        "l2_cache_bytes": getattr(props, "L2_cache_size", None),
+        "cudnn": torch.backends.cudnn.version(),
+    }
+
+
+def _version(*names) -> Optional[str]:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _cpu_model() -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _git_commit() -> dict:
+    """attnlab's commit and whether the tree had changes, where it runs from a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return {"git_commit": None, "git_dirty": None}
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": bool(status.strip())}

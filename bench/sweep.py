@@ -1,0 +1,458 @@
+"""The sweep: every kernel at every context length, one record per point, into a JSONL file.
+
+    config = SweepConfig(workload=preset("llama3-8b"), device="cuda", out="run.jsonl")
+    result = run_sweep(config, progress=make_progress())   # a bar only on a terminal
+
+Per point: an unsupported kernel or mode is recorded as `unsupported`; a point predicted
+not to fit in free memory as `oom` without launching; a real out-of-memory error as `oom`
+after its memory is released; any other exception as `error`. Once `budget_s` is spent
+the remaining points are `skipped`. With `resume` the points already settled in the file
+(FINAL_STATUSES, same device) are not measured again. Ctrl-C ends the sweep after the
+records already written; the point in flight is dropped and a resume measures it.
+Raw NVML samples go to `nvml_csv_path(out)`, beside the JSONL.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import gc
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from attnlab.bench import records as rec
+from attnlab.bench.nvml import NvmlSampler, nvml_reason
+from attnlab.bench.timer import Timer, Timing
+from attnlab.bench.workloads import (DECODE, MODES, Point, Workload, bytes_moved, flops, point_key,
+                                     predicted_peak_bytes, seq_len_label)
+
+CALIBRATION = "calibration"
+MATMUL_N = 8192
+COPY_BYTES = 1 << 30
+
+
+@dataclass
+class SweepConfig:
+    """What to sweep and where to write it.
+
+    `kernels` None means every implementation available on the device (Triton kernels in
+    Triton's CPU interpreter excluded: name them to include them). `seq_lens` None means
+    the workload's own. `point_budget_s` is the timed repetitions' budget per point,
+    `energy_window_s` the back-to-back window read by the energy counter (GPU only).
+    `free_memory` returns the bytes a point may use (default: what the device has free).
+    """
+
+    workload: Workload
+    device: str = "cpu"
+    out: Path = Path("attnlab-sweep.jsonl")
+    kernels: Optional[list] = None
+    modes: tuple = MODES
+    seq_lens: Optional[list] = None
+    resume: bool = False
+    budget_s: Optional[float] = None
+    point_budget_s: float = 0.2
+    energy_window_s: float = 1.0
+    calibrate: bool = True
+    argv: Optional[list] = None
+    free_memory: Optional[Callable[[], Optional[int]]] = None
+    nvml_interval_s: float = 0.02
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    nvml_csv: Path
+    run_id: str
+    planned: int = 0
+    already_done: int = 0
+    counts: Counter = field(default_factory=Counter)
+    records: list = field(default_factory=list)
+    interrupted: bool = False
+    nvml_reason: Optional[str] = None
+
+
+def nvml_csv_path(out) -> Path:
+    """Where the raw NVML samples of a sweep written to `out` go: run.jsonl -> run.nvml.csv."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".nvml.csv")
+
+
+def default_kernels(device_type: str) -> list[str]:
+    """Implementations that run on this device type, less those only emulated here."""
+    from attnlab.kernels import implementations
+
+    return [impl.name for impl in implementations()
+            if impl.available(device_type) and not _emulated(impl.name, device_type)]
+
+
+def _emulated(kernel: str, device_type: str) -> bool:
+    # On a CPU, Triton kernels run in Triton's interpreter: correct, but its times say
+    # nothing about the kernel, and a long point takes minutes.
+    return device_type == "cpu" and kernel.startswith("triton")
+
+
+def plan(config: SweepConfig) -> list[Point]:
+    device_type = torch.device(config.device).type
+    kernels = list(config.kernels or default_kernels(device_type))
+    return config.workload.points(kernels, tuple(config.modes), config.seq_lens)
+
+
+def check_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} requested but torch {torch.__version__} sees no CUDA device")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"device: expected cpu or cuda[:N], got {device}")
+    return device
+
+
+def run_sweep(config: SweepConfig, progress=None) -> SweepResult:
+    """Measure every planned point and append its record to `config.out`; see the module doc."""
+    device = check_device(config.device)
+    out = Path(config.out)
+    points = plan(config)
+    if config.resume:
+        done = _settled(out, rec.device_name(device))
+    elif out.exists() and rec.read_lines(out):
+        raise ValueError(f"out: {out} already holds records; resume it (--resume) or choose another file")
+    else:
+        done = set()
+    todo = [p for p in points if p.key() not in done]
+    result = SweepResult(out=out, nvml_csv=nvml_csv_path(out), run_id=rec.new_run_id(), planned=len(points),
+                         already_done=len(points) - len(todo), nvml_reason=nvml_reason(device) or None)
+    progress = progress or Progress(enabled=False)
+    progress.start(len(todo))
+    start_s = time.perf_counter()
+    with rec.RecordWriter(out) as writer:
+        env = rec.environment(config.argv, device=device, run_id=result.run_id)
+        env["workload_config"] = dataclasses.asdict(config.workload)
+        writer.write(env)
+        runner = PointRunner(device, result.run_id, config, result.nvml_csv)
+        try:
+            if device.type == "cuda" and config.calibrate:
+                for record in calibrate(device, result.run_id, runner.timer):
+                    _keep(writer, result, record)
+            for point in todo:
+                progress.update(point)
+                _keep(writer, result, _point_or_skip(runner, point, config.budget_s, start_s))
+                progress.advance(result.records[-1])
+        except KeyboardInterrupt:
+            result.interrupted = True
+        finally:
+            progress.close()
+    return result
+
+
+def _point_or_skip(runner: "PointRunner", point: Point, budget_s: Optional[float], start_s: float) -> dict:
+    if budget_s is not None and time.perf_counter() - start_s >= budget_s:
+        return runner.record(point, "skipped", reason=f"sweep budget of {budget_s:g} s spent")
+    return runner.run(point)
+
+
+def _keep(writer, result: SweepResult, record: dict) -> None:
+    writer.write(record)
+    result.records.append(record)
+    result.counts[record["status"]] += 1
+
+
+def _settled(out: Path, device_name: str) -> set:
+    if not out.exists():
+        return set()
+    return {point_key(r) for r in rec.read_records(out)
+            if r.get("status") in rec.FINAL_STATUSES and r.get("device") == device_name
+            and r.get("mode") != CALIBRATION}
+
+
+class PointRunner:
+    """Measures points on one device and turns each outcome into a record."""
+
+    def __init__(self, device: torch.device, run_id: str, config: SweepConfig, nvml_csv: Optional[Path]):
+        self.device = device
+        self.run_id = run_id
+        self.config = config
+        self.nvml_csv = nvml_csv
+        self.device_name = rec.device_name(device)
+        self.timer = Timer(device, budget_s=config.point_budget_s)
+        self.free_memory = config.free_memory or (lambda: free_bytes(device))
+        self._oom_at: dict = {}     # (kernel, mode) -> shortest seq_len that ran out of memory
+
+    def run(self, point: Point) -> dict:
+        """One point's record, whatever happens short of Ctrl-C."""
+        why_not = support_reason(point, self.device.type)
+        if why_not:
+            return self.record(point, "unsupported", reason=why_not)
+        predicted = predicted_peak_bytes(point)
+        failed_at = self._oom_at.get((point.kernel, point.mode))
+        if failed_at is not None and point.seq_len >= failed_at:
+            return self.record(point, "oom", predicted_mem_bytes=predicted,
+                               reason=f"not launched: ran out of memory at seq_len {failed_at}")
+        free = self.free_memory()
+        if free is not None and predicted > free:
+            return self.record(point, "oom", predicted_mem_bytes=predicted, oom_predicted=True,
+                               free_mem_bytes=free,
+                               reason=f"not launched: predicted peak {_gib(predicted)} exceeds "
+                                      f"{_gib(free)} free")
+        return self._launch(point, predicted, free)
+
+    def _launch(self, point: Point, predicted: int, free: Optional[int]) -> dict:
+        started = time.perf_counter()
+        failure = None
+        try:
+            fields = self.measure(point)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            failure = (classify(exc), f"{type(exc).__name__}: {exc}"[:2000])
+        if failure is not None:
+            # Outside the except block, so the traceback and the tensors its frames hold are gone.
+            release_memory(self.device)
+            status, reason = failure
+            if status == "oom":
+                key = (point.kernel, point.mode)
+                self._oom_at[key] = min(point.seq_len, self._oom_at.get(key, point.seq_len))
+            return self.record(point, status, reason=reason, predicted_mem_bytes=predicted,
+                               free_mem_bytes=free, duration_s=time.perf_counter() - started)
+        return self.record(point, "ok", predicted_mem_bytes=predicted, free_mem_bytes=free,
+                           duration_s=time.perf_counter() - started, **fields)
+
+    def measure(self, point: Point) -> dict:
+        """Time one point, sample NVML meanwhile, read energy over a window; return fields."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+        fn = build_call(point, self.device)
+        label = {"run_id": self.run_id, "point": point_label(point)}
+        with NvmlSampler(self.device, csv_path=self.nvml_csv, label=label,
+                         interval_s=self.config.nvml_interval_s) as sampler:
+            self.timer.warm_up(fn)
+            if cuda:   # warm-up transients (autotuning buffers) stay out of the peak
+                torch.cuda.reset_peak_memory_stats(self.device)
+            timing = self.timer.time(fn, warm=True)
+            calls = 0
+            if sampler.active and self.config.energy_window_s > 0:
+                with sampler.energy_window():
+                    calls, _ = self.timer.run_for(fn, self.config.energy_window_s, timing.median_ms / 1e3)
+        peak = torch.cuda.max_memory_allocated(self.device) - base if cuda else None
+        del fn
+        return measured_fields(point, timing, sampler.summary(), calls, peak)
+
+    def record(self, point: Point, status: str, **fields) -> dict:
+        return point_record(point, run_id=self.run_id, device=self.device_name, status=status,
+                            device_type=self.device.type, **fields)
+
+
+def measured_fields(point: Point, timing: Timing, nvml: dict, energy_calls: int, peak) -> dict:
+    """Timing, power and memory fields of a measured point (derived figures come later)."""
+    fields = timing.as_fields()
+    fields["peak_mem_bytes"] = peak
+    renamed = {"samples": "nvml_samples"}
+    fields.update({renamed.get(k, k): v for k, v in nvml.items() if k not in ("nvml_reason", "energy_j")})
+    energy_j = nvml.get("energy_j")
+    if energy_j is not None and energy_calls:
+        fields["energy_j"] = energy_j / energy_calls
+        fields["energy_calls"] = energy_calls
+    return fields
+
+
+def point_record(point: Point, *, run_id: str, device: str, status: str = "ok", **fields) -> dict:
+    """A complete record for a point: its shapes, work, and figures derived from its time."""
+    work = {"flops": flops(point), "bytes": bytes_moved(point)}
+    fields.setdefault("predicted_mem_bytes", predicted_peak_bytes(point))
+    fields.setdefault("harness", "sweep")
+    median_ms = fields.get("median_ms")
+    if status == "ok" and median_ms:
+        seconds = median_ms / 1e3
+        work["tflops"] = work["flops"] / seconds / 1e12
+        work["gbps"] = work["bytes"] / seconds / 1e9
+        work["tokens_per_s"] = point.tokens_per_call / seconds
+    if fields.get("energy_j") is not None:
+        work["joules_per_token"] = fields["energy_j"] / point.tokens_per_call
+    finished = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return rec.new_record(run_id=run_id, status=status, device=device, **point.fields(), **work,
+                          **fields, tokens_per_call=point.tokens_per_call, time=finished)
+
+
+def point_label(point: Point) -> str:
+    return f"{point.mode}/{point.kernel}/{seq_len_label(point.seq_len)}"
+
+
+def support_reason(point: Point, device_type: str) -> str:
+    """Why `point.kernel` cannot run this point here, or "" when it can."""
+    from attnlab.kernels import get
+
+    try:
+        impl = get(point.kernel)
+    except ValueError as exc:
+        return str(exc)
+    for check in (lambda: impl.available(device_type),
+                  lambda: impl.supports(point.mode, point.torch_dtype, point.head_dim, device_type)):
+        status = check()
+        if not status:
+            return status.reason
+    return ""
+
+
+def build_call(point: Point, device) -> Callable[[], torch.Tensor]:
+    """Random inputs for the point and the validated zero-argument call that attends over them.
+
+    Prefill: q (batch, seq_len, heads, head_dim), k and v (batch, seq_len, kv_heads, head_dim).
+    Decode: q (batch, q_len, heads, head_dim) over a full cache of seq_len tokens.
+    """
+    from attnlab.kernels import prepare_attention, prepare_decode
+
+    kw = {"device": device, "dtype": point.torch_dtype}
+    b, h, kvh, d = point.batch, point.heads, point.kv_heads, point.head_dim
+    q = torch.randn(b, point.q_len, h, d, **kw)
+    k = torch.randn(b, point.seq_len, kvh, d, **kw)
+    v = torch.randn(b, point.seq_len, kvh, d, **kw)
+    if point.mode == DECODE:
+        cache_seqlens = torch.full((b,), point.seq_len, dtype=torch.int32, device=device)
+        return prepare_decode(q, k, v, cache_seqlens, impl=point.kernel)
+    return prepare_attention(q, k, v, causal=point.causal, impl=point.kernel)
+
+
+def classify(exc: BaseException) -> str:
+    """The record status for an exception a kernel raised."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "oom"
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text):
+        return "oom"
+    if isinstance(exc, ValueError) and text.startswith("impl:"):
+        return "unsupported"     # the implementation refused these inputs before launching
+    return "error"
+
+
+def release_memory(device) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def free_bytes(device) -> Optional[int]:
+    """Bytes a new point may allocate: free device memory plus what torch's cache holds
+    unused; on a CPU the kernel's MemAvailable (None where unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+# --- calibration ----------------------------------------------------------------------
+
+def calibrate(device, run_id: str, timer: Timer) -> list[dict]:
+    """What this GPU achieves: a bf16 matmul (TFLOP/s) and a device-to-device copy (GB/s)."""
+    name = rec.device_name(device)
+    out = []
+    for kernel, measure in (("matmul-bf16", _matmul), ("copy-d2d", _copy)):
+        try:
+            out.append(measure(device, run_id, timer, name, kernel))
+        except Exception as exc:   # calibration is context, never a reason to stop
+            failure = f"{type(exc).__name__}: {exc}"[:2000]
+            release_memory(device)
+            out.append(rec.new_record(run_id=run_id, kernel=kernel, mode=CALIBRATION, status="error",
+                                      reason=failure, device=name, harness="sweep"))
+    return out
+
+
+def _matmul(device, run_id, timer, name, kernel) -> dict:
+    n = MATMUL_N
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    timing = timer.time(lambda: a @ b)
+    work = 2.0 * n ** 3
+    return rec.new_record(run_id=run_id, kernel=kernel, mode=CALIBRATION, workload=f"{n}x{n}x{n}",
+                          dtype="bfloat16", device=name, flops=work, bytes=3 * n * n * 2,
+                          tflops=work / (timing.median_ms / 1e3) / 1e12, harness="sweep", **timing.as_fields())
+
+
+def _copy(device, run_id, timer, name, kernel) -> dict:
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    timing = timer.time(lambda: dst.copy_(src))
+    moved = 2 * COPY_BYTES     # each byte read once and written once
+    return rec.new_record(run_id=run_id, kernel=kernel, mode=CALIBRATION, workload=f"{COPY_BYTES} bytes",
+                          device=name, bytes=moved, gbps=moved / (timing.median_ms / 1e3) / 1e9,
+                          harness="sweep", **timing.as_fields())
+
+
+# --- progress ---------------------------------------------------------------------------
+
+class Progress:
+    """A progress bar (rich) with the current kernel, length and ETA, on stderr.
+
+    Quiet when `enabled` is False; without rich, one plain line per point.
+    """
+
+    def __init__(self, enabled: bool, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self._bar = None
+        self._task = None
+        self._done = 0
+        self._total = 0
+
+    def start(self, total: int) -> None:
+        self._total = total
+        if not self.enabled:
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+        except ImportError:
+            return
+        self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=Console(file=self.stream), transient=False)
+        self._bar.start()
+        self._task = self._bar.add_task("sweep", total=total)
+
+    def update(self, point: Point) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=f"{point.mode:7} {point.kernel:15} "
+                                                     f"{seq_len_label(point.seq_len):>5}")
+
+    def advance(self, record: dict) -> None:
+        self._done += 1
+        if self._bar is not None:
+            self._bar.advance(self._task)
+        elif self.enabled:
+            median = record.get("median_ms")
+            timing = f" {median:.3f} ms" if median is not None else ""
+            print(f"[{self._done}/{self._total}] {record['mode']} {record['kernel']} "
+                  f"{seq_len_label(record['seq_len'])}: {record['status']}{timing}",
+                  file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def make_progress(enabled: Optional[bool] = None, stream=None) -> Progress:
+    """A Progress that shows only where `stream` (stderr) is a terminal, unless told."""
+    stream = stream or sys.stderr
+    if enabled is None:
+        enabled = bool(getattr(stream, "isatty", lambda: False)())
+    return Progress(enabled, stream)

@@ -1,0 +1,89 @@
+"""One benchmark per (mode, kernel, length) of the grid; see bench/conftest.py.
+
+    pytest bench/ --benchmark-only --benchmark-json=bench.json
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("pytest_benchmark")
+
+from attnlab.bench.nvml import NvmlSampler  # noqa: E402
+from attnlab.bench.records import FIELDS, SCHEMA, device_name, jsonable  # noqa: E402
+from attnlab.bench.sweep import (build_call, classify, free_bytes, measured_fields, point_label,  # noqa: E402
+                                 point_record, release_memory, support_reason)
+from attnlab.bench.timer import Timing  # noqa: E402
+from attnlab.bench.workloads import predicted_peak_bytes  # noqa: E402
+
+MIN_ROUNDS, MAX_ROUNDS = 5, 1000
+
+
+def group_name(point) -> str:
+    # zero-padded so that groups sort by length in pytest-benchmark's tables
+    return f"{point.mode} {point.workload} seq_len={point.seq_len:06d}"
+
+
+def test_attention(benchmark, grid, mode, kernel, seq_len):
+    if grid.budget_spent():
+        pytest.skip(f"session budget of {grid.session_budget_s:g} s spent")
+    point = grid.workload.point(kernel, mode, seq_len)
+    why_not = support_reason(point, grid.device.type)
+    if why_not:
+        pytest.skip(f"{kernel}: {why_not}")
+    predicted, free = predicted_peak_bytes(point), free_bytes(grid.device)
+    if free is not None and predicted > free:
+        pytest.skip(f"predicted peak {predicted} bytes exceeds {free} free")
+    benchmark.group = group_name(point)
+    failure = None
+    try:
+        record = _measure(benchmark, grid, point)
+    except Exception as exc:
+        failure = (classify(exc), f"{type(exc).__name__}: {exc}")
+    if failure is not None:
+        benchmark.has_error = True     # keeps a half-measured benchmark out of the JSON
+        release_memory(grid.device)
+        if failure[0] == "error":
+            pytest.fail(failure[1])
+        pytest.skip(f"{failure[0]}: {failure[1]}")
+    if record is None:
+        return   # --benchmark-disable: the call ran once, nothing was timed
+    benchmark.extra_info.update(jsonable(record))
+    assert record["schema"] == SCHEMA and list(record)[:len(FIELDS)] == list(FIELDS)
+    assert record["median_ms"] > 0 and math.isfinite(record["tflops"])
+
+
+def _measure(benchmark, grid, point):
+    """Time the point's call under pytest-benchmark, sampling NVML; return its record."""
+    device, timer = grid.device, grid.timer
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+    fn = build_call(point, device)
+    label = {"run_id": grid.run_id, "point": "bench/" + point_label(point)}
+    with NvmlSampler(device, csv_path=grid.nvml_csv, label=label) as sampler:
+        timer.warm_up(fn)
+        estimate_s = max(timer.estimate_ms(fn) / 1e3, 1e-7)
+        rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(grid.budget_s / estimate_s)))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        # The L2 flush is pytest-benchmark's setup, so it runs before each round, untimed.
+        benchmark.pedantic(fn, setup=timer.flush, rounds=rounds, warmup_rounds=1, iterations=1)
+        if benchmark.stats is None:
+            return None
+        times_ms = [seconds * 1e3 for seconds in benchmark.stats.stats.data]
+        calls = 0
+        if sampler.active and grid.energy_s > 0:
+            with sampler.energy_window():
+                calls, _ = timer.run_for(fn, grid.energy_s, estimate_s)
+    peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
+    timing = Timing.from_times(times_ms, warmup_reps=timer.warmup_reps + 1)
+    fields = measured_fields(point, timing, sampler.summary(), calls, peak)
+    return point_record(point, run_id=grid.run_id, device=device_name(device), status="ok",
+                        device_type=device.type, harness="pytest-benchmark",
+                        benchmark=benchmark.fullname, clock="cuda-events" if cuda else "perf_counter",
+                        **fields)
+

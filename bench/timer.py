@@ -1,0 +1,190 @@
+"""Timing one call honestly: warm-up outside the timed runs, enough repetitions for
+percentiles, and on a GPU CUDA events with the L2 cache flushed before each repetition.
+
+    timer = Timer("cuda", budget_s=0.3)
+    timing = timer.time(fn)            # fn: a zero-argument call, e.g. from prepare_attention
+    timing.median_ms, timing.p10_ms, timing.p90_ms, timing.times_ms
+
+On a CPU the same record comes from time.perf_counter (CPU ops are synchronous).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+DEFAULT_L2_BYTES = 128 * 1024 * 1024   # when the device does not report its L2 size
+
+
+@dataclass
+class Timing:
+    """Every timed repetition, in milliseconds, and their summary."""
+
+    times_ms: list = field(default_factory=list)
+    median_ms: float = float("nan")
+    p10_ms: float = float("nan")
+    p90_ms: float = float("nan")
+    warmup_reps: int = 0
+
+    @property
+    def reps(self) -> int:
+        return len(self.times_ms)
+
+    @classmethod
+    def from_times(cls, times_ms, warmup_reps: int = 0) -> "Timing":
+        times = [float(t) for t in times_ms]
+        if not times:
+            raise ValueError("times_ms: expected at least one time, got none")
+        p10, median, p90 = np.percentile(times, [10, 50, 90]).tolist()
+        return cls(times_ms=times, median_ms=median, p10_ms=p10, p90_ms=p90, warmup_reps=warmup_reps)
+
+    def as_fields(self) -> dict:
+        return {"times_ms": self.times_ms, "median_ms": self.median_ms,
+                "p10_ms": self.p10_ms, "p90_ms": self.p90_ms,
+                "reps": self.reps, "warmup_reps": self.warmup_reps}
+
+
+class L2Flusher:
+    """Writes a buffer twice the size of the device's L2 cache, so the next call starts cold."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        l2_bytes = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 0) or DEFAULT_L2_BYTES
+        self.size_bytes = 2 * int(l2_bytes)
+        self._buffer = torch.empty(self.size_bytes, dtype=torch.int8, device=self.device)
+
+    def __call__(self) -> None:
+        self._buffer.zero_()
+
+
+class Timer:
+    """Times zero-argument calls on one device.
+
+    `budget_s` is the time the timed repetitions may use per call: at least `min_reps`
+    repetitions run, and more until the budget is spent (at most `max_reps`).
+    `warmup_reps` untimed calls come first, so compilation and autotuning stay out.
+    """
+
+    def __init__(self, device="cpu", *, budget_s: float = 0.3, min_reps: int = 5,
+                 max_reps: int = 1000, warmup_reps: int = 2, flush_l2: bool = True):
+        if min_reps < 1:
+            raise ValueError(f"min_reps: expected at least 1, got {min_reps}")
+        if max_reps < min_reps:
+            raise ValueError(f"max_reps: expected at least min_reps ({min_reps}), got {max_reps}")
+        if budget_s < 0:
+            raise ValueError(f"budget_s: expected a non-negative number of seconds, got {budget_s}")
+        self.device = torch.device(device)
+        self.budget_s = budget_s
+        self.min_reps = min_reps
+        self.max_reps = max_reps
+        self.warmup_reps = warmup_reps
+        self.is_cuda = self.device.type == "cuda"
+        self._flush = L2Flusher(self.device) if self.is_cuda and flush_l2 else None
+
+    def sync(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def warm_up(self, fn: Callable) -> None:
+        for _ in range(self.warmup_reps):
+            fn()
+        self.sync()
+
+    def time(self, fn: Callable, *, warm: bool = False) -> Timing:
+        """Warm up, then time repetitions until the budget is spent.
+
+        `warm=True` says the caller already ran `warm_up(fn)` (to reset memory statistics
+        between the two, say); the record counts those warm-up calls all the same.
+        """
+        if not warm:
+            self.warm_up(fn)
+        times: list[float] = []
+        want = self.min_reps
+        while True:
+            times += self._round(fn, want - len(times))
+            spent_s = sum(times) / 1e3
+            if len(times) >= self.max_reps or spent_s >= self.budget_s:
+                break
+            per_call_s = max(spent_s / len(times), 1e-7)
+            # aim a little past the budget so one more round is rarely needed
+            want = min(self.max_reps, len(times) + max(1, int((self.budget_s - spent_s) / per_call_s) + 1))
+        return Timing.from_times(times, warmup_reps=self.warmup_reps)
+
+    def estimate_ms(self, fn: Callable) -> float:
+        """One repetition, timed as the timed runs are: for sizing a later measurement."""
+        return self._round(fn, 1)[0]
+
+    def _round(self, fn: Callable, reps: int) -> list[float]:
+        return self._cuda_round(fn, reps) if self.is_cuda else self._cpu_round(fn, reps)
+
+    def _cpu_round(self, fn: Callable, reps: int) -> list[float]:
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+    def _cuda_round(self, fn: Callable, reps: int) -> list[float]:
+        # All events are recorded first and read after one synchronisation, so the CPU never
+        # waits between repetitions; the flush runs before each start event, outside the time.
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                 for _ in range(reps)]
+        for start, end in pairs:
+            if self._flush is not None:
+                self._flush()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(self.device)
+        return [start.elapsed_time(end) for start, end in pairs]
+
+    def flush(self) -> None:
+        """Flush the L2 cache (no-op on a CPU); pytest-benchmark calls it as `setup`."""
+        if self._flush is not None:
+            self._flush()
+
+    def run_for(self, fn: Callable, min_s: float, per_call_s: float) -> tuple[int, float]:
+        """Call fn back to back for at least `min_s` seconds; return (calls, seconds).
+
+        Used for energy windows: calls go out in batches sized from `per_call_s` and the
+        device is synchronised only between batches, so it never idles inside the window.
+        """
+        calls, start = 0, time.perf_counter()
+        while True:
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_s:
+                return calls, elapsed
+            batch = max(1, min(10000, int((min_s - elapsed) / max(per_call_s, 1e-6)) + 1))
+            for _ in range(batch):
+                fn()
+            self.sync()
+            calls += batch
+
+
+class CudaEventClock:
+    """A clock for pytest-benchmark's `timer` option that reads CUDA events, not the CPU.
+
+    pytest-benchmark calls the clock before and after each round; each call records an event
+    on the current stream and waits for it, so the difference between two readings is GPU
+    time between the events. Differences are taken event to event (float32 milliseconds from
+    CUDA) and accumulated in float64, so precision does not decay over a long run.
+    """
+
+    __name__ = "cuda_event_clock"
+
+    def __init__(self):
+        self._last = None
+        self._total_s = 0.0
+
+    def __call__(self) -> float:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        event.synchronize()
+        if self._last is not None:
+            self._total_s += self._last.elapsed_time(event) / 1e3
+        self._last = event
+        return self._total_s

@@ -1,0 +1,284 @@
+"""What one measured point is: shapes, and the work and memory those shapes imply.
+
+A `Workload` is a named set of shapes (a preset, possibly with explicit overrides); a
+`Point` is one (kernel, mode, seq_len) of it. The figures here (FLOPs, bytes moved,
+predicted peak memory) come from the shapes alone, so they are known before anything runs.
+Tensors are in the flash-attn layout (batch, seqlen, heads, head_dim).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+PREFILL, DECODE = "prefill", "decode"
+MODES = (PREFILL, DECODE)
+DECODE_Q_LEN = 1
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float32": torch.float32, "float64": torch.float64}
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16",
+                  "fp32": "float32", "float": "float32", "fp64": "float64", "double": "float64"}
+
+LONG_SEQ_LENS = tuple(1024 * 2 ** i for i in range(8))          # 1k .. 128k
+CPU_SEQ_LENS = (256, 512, 1024, 2048)
+
+# Kernels that keep the whole score matrix: they are charged for it in `predicted_peak_bytes`.
+SCORE_MATRIX_KERNELS = {"naive": 3, "sdpa-math": 3}   # live fp32 (B, H, Sq, Sk) matrices at peak
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A named set of attention shapes.
+
+    `batch` None means "batch x seq_len = tokens_per_batch" (the FlashAttention papers'
+    convention), at least 1. `seq_lens` are the default context lengths, in tokens.
+    """
+
+    name: str
+    batch: Optional[int]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    causal: bool
+    seq_lens: tuple = LONG_SEQ_LENS
+    tokens_per_batch: Optional[int] = None
+
+    def batch_for(self, seq_len: int) -> int:
+        if self.batch is not None:
+            return self.batch
+        return max(1, self.tokens_per_batch // seq_len)
+
+    def override(self, **values) -> "Workload":
+        """This workload with explicit values replacing the preset's (None leaves one as is).
+
+        A changed shape changes the name ("llama3-8b[batch=4]"), so records of a modified
+        preset never pass for the preset itself.
+        """
+        changed = {k: v for k, v in values.items() if v is not None and getattr(self, k) != v}
+        if "dtype" in changed:
+            changed["dtype"] = dtype_name(changed["dtype"])
+            if changed["dtype"] == self.dtype:
+                del changed["dtype"]
+        if not changed:
+            return self
+        shape_keys = [k for k in changed if k != "seq_lens"]
+        name = self.name
+        if shape_keys:
+            name += "[" + ",".join(f"{k}={changed[k]}" for k in shape_keys) + "]"
+        if "batch" in changed:
+            changed["tokens_per_batch"] = None
+        workload = dataclasses.replace(self, name=name, **changed)
+        workload.validate()
+        return workload
+
+    def validate(self) -> None:
+        for key in ("heads", "kv_heads", "head_dim"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key}: expected a positive integer, got {value!r}")
+        if self.batch is not None and (not isinstance(self.batch, int) or self.batch < 1):
+            raise ValueError(f"batch: expected a positive integer, got {self.batch!r}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"kv_heads: heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        dtype_name(self.dtype)
+
+    def points(self, kernels, modes=MODES, seq_lens=None) -> list["Point"]:
+        """Every (seq_len, mode, kernel) point, shortest lengths first.
+
+        Length-major order means a sweep cut short by its budget still has every kernel at
+        the shorter lengths, rather than one kernel at every length.
+        """
+        return [self.point(kernel, mode, seq_len)
+                for seq_len in (seq_lens or self.seq_lens) for mode in modes for kernel in kernels]
+
+    def point(self, kernel: str, mode: str, seq_len: int) -> "Point":
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len: expected a positive number of tokens, got {seq_len!r}")
+        return Point(kernel=kernel, mode=mode, workload=self.name, batch=self.batch_for(seq_len),
+                     heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                     dtype=self.dtype, causal=self.causal, seq_len=seq_len,
+                     q_len=DECODE_Q_LEN if mode == DECODE else seq_len)
+
+
+PRESETS = {
+    # Llama-3 8B's attention: 32 query heads sharing 8 kv heads (GQA), head_dim 128.
+    "llama3-8b": Workload("llama3-8b", batch=1, heads=32, kv_heads=8, head_dim=128,
+                          dtype="bfloat16", causal=True),
+    # The FlashAttention papers' benchmark: batch x seqlen = 16k tokens, 16 heads of 128, non-causal.
+    "fa-paper": Workload("fa-paper", batch=None, heads=16, kv_heads=16, head_dim=128,
+                         dtype="bfloat16", causal=False, tokens_per_batch=16384),
+    # Small enough that a two-core machine sweeps it in about a minute; GQA kept on purpose.
+    "cpu-small": Workload("cpu-small", batch=1, heads=8, kv_heads=2, head_dim=64,
+                          dtype="float32", causal=True, seq_lens=CPU_SEQ_LENS),
+}
+
+
+def preset(name: str) -> Workload:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"workload: unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+
+def default_preset(device_type: str) -> str:
+    return "llama3-8b" if device_type == "cuda" else "cpu-small"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured configuration. Prefill: q, k, v of seq_len tokens. Decode: q of q_len
+    tokens over a KV cache of seq_len tokens per sequence (cache_seqlens = seq_len)."""
+
+    kernel: str
+    mode: str
+    workload: str
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    causal: bool
+    seq_len: int
+    q_len: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def element_bytes(self) -> int:
+        return self.torch_dtype.itemsize
+
+    @property
+    def seqlen_k(self) -> int:
+        return self.seq_len
+
+    @property
+    def tokens_per_call(self) -> int:
+        """Tokens one call produces: the whole prompt for prefill, q_len per sequence for decode."""
+        return self.batch * self.q_len
+
+    def key(self) -> tuple:
+        """What identifies a point across runs (resume compares these)."""
+        return tuple(dataclasses.astuple(self))
+
+    def fields(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def point_key(record: dict) -> tuple:
+    """The `Point.key()` of a record, so files and plans can be compared."""
+    return tuple(record.get(f.name) for f in dataclasses.fields(Point))
+
+
+def visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool) -> int:
+    """(query, key) pairs a query sees under bottom-right causal masking, counted exactly."""
+    if not causal:
+        return seqlen_q * seqlen_k
+    # Query i sees clamp(a + i, 0, seqlen_k) keys, a = seqlen_k - seqlen_q + 1: zero, then a
+    # linear ramp, then every key. Sum the ramp as an arithmetic series.
+    a = seqlen_k - seqlen_q + 1
+    ramp_start = max(0, 1 - a)             # first row that sees a key
+    full_start = max(ramp_start, seqlen_k - a)   # first row that sees every key
+    ramp_rows = max(0, min(seqlen_q, full_start) - ramp_start)
+    ramp = ramp_rows * (a + ramp_start) + ramp_rows * (ramp_rows - 1) // 2
+    return ramp + max(0, seqlen_q - full_start) * seqlen_k
+
+
+def attended_pairs(point: Point) -> float:
+    """Pairs charged for FLOPs: half the square for causal square prefill (the papers'
+    convention), the exact visible count otherwise."""
+    if point.mode == PREFILL:
+        if point.causal:
+            return point.seq_len * point.seq_len / 2
+        return point.seq_len * point.seq_len
+    return visible_pairs(point.q_len, point.seq_len, True)
+
+
+def flops(point: Point) -> float:
+    """Forward FLOPs: 4 x batch x query heads x attended pairs x head_dim (QK^T and PV)."""
+    return 4.0 * point.batch * point.heads * attended_pairs(point) * point.head_dim
+
+
+def bytes_moved(point: Point) -> int:
+    """Bytes a kernel must move at least: q, k, v read and the output written.
+
+    Decode reads the cache up to cache_seqlens (= seq_len), which here is all of it.
+    """
+    e = point.element_bytes
+    q_and_out = 2 * point.batch * point.q_len * point.heads * point.head_dim * e
+    kv = 2 * point.batch * point.seqlen_k * point.kv_heads * point.head_dim * e
+    return q_and_out + kv
+
+
+def input_bytes(point: Point) -> int:
+    """q, k, v (or the cache), the output, and cache_seqlens for decode."""
+    lens = 4 * point.batch if point.mode == DECODE else 0
+    return bytes_moved(point) + lens
+
+
+def predicted_peak_bytes(point: Point) -> int:
+    """Peak memory of one call, from the shapes: inputs and output plus working memory.
+
+    Kernels in SCORE_MATRIX_KERNELS materialise the (batch, heads, seqlen_q, seqlen_k)
+    score matrix in fp32 (scores, probabilities and a masked copy are live together) and
+    copy k and v out to every query head. Fused kernels add only a per-row log-sum-exp
+    (a fused backend without native GQA also copies k and v per head: up to 2 GiB more at
+    128k for llama3-8b, which this leaves out).
+    """
+    matrices = SCORE_MATRIX_KERNELS.get(point.kernel)
+    rows = point.batch * point.heads * point.q_len
+    if matrices is None:
+        return input_bytes(point) + rows * 4
+    scores = matrices * 4 * rows * point.seqlen_k
+    mask = point.q_len * point.seqlen_k * (point.batch if point.mode == DECODE else 1)
+    repeated_kv = 2 * point.batch * point.heads * point.seqlen_k * point.head_dim * point.element_bytes
+    if point.kernel == "sdpa-math" and point.element_bytes < 4:
+        # the math backend upcasts q, k, v to fp32 before its matmuls
+        scores += (rows * point.head_dim + 2 * point.batch * point.heads * point.seqlen_k * point.head_dim) * 4
+    return input_bytes(point) + repeated_kv + scores + mask
+
+
+def dtype_name(dtype) -> str:
+    """Canonical dtype name ("bfloat16") from a name, an alias ("bf16") or a torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        text = str(dtype).removeprefix("torch.")
+    else:
+        text = str(dtype).strip().lower().removeprefix("torch.")
+    text = _DTYPE_ALIASES.get(text, text)
+    if text not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)} (or bf16, fp16, fp32), got {dtype!r}")
+    return text
+
+
+def parse_seq_len(text: str) -> int:
+    """Tokens from "4096", "4k" (4 x 1024) or "1m" (1024 x 1024)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", str(text))
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"seq_len: expected a positive token count such as 4096, 4k or 1m, got {text!r}")
+    scale = {"": 1, "k": 1024, "m": 1024 * 1024}[match.group(2).lower()]
+    return int(match.group(1)) * scale
+
+
+def parse_seq_lens(text: str) -> list[int]:
+    """A comma list of lengths ("1k,2k,4096"), in the order given, duplicates dropped."""
+    lengths = [parse_seq_len(part) for part in str(text).split(",") if part.strip()]
+    if not lengths:
+        raise ValueError(f"seq_lens: expected a comma list of token counts, got {text!r}")
+    return list(dict.fromkeys(lengths))
+
+
+def seq_len_label(seq_len: int) -> str:
+    """4096 -> "4k", 1000 -> "1000": the short form used in test ids and tables."""
+    if seq_len % (1024 * 1024) == 0:
+        return f"{seq_len // (1024 * 1024)}m"
+    if seq_len % 1024 == 0:
+        return f"{seq_len // 1024}k"
+    return str(seq_len)

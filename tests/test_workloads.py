@@ -1,0 +1,112 @@
+"""Shapes, FLOPs, bytes and predicted memory of sweep points, checked against first principles."""
+import pytest
+import torch
+
+from attnlab.bench import workloads as wl
+from attnlab.kernels.masks import visible
+
+
+def _point(mode="prefill", kernel="sdpa-flash", seq_len=1024, **shape):
+    base = dict(batch=2, heads=8, kv_heads=2, head_dim=64, dtype="bfloat16", causal=True)
+    base.update(shape)
+    return wl.Workload("t", **base).point(kernel, mode, seq_len)
+
+
+def test_causal_square_prefill_is_half_the_full_square():
+    causal, full = _point(causal=True), _point(causal=False)
+    assert wl.flops(full) == 4 * 2 * 8 * 1024 * 1024 * 64
+    assert wl.flops(causal) == wl.flops(full) / 2
+
+
+def test_flops_count_query_heads_under_gqa():
+    # same query heads, fewer kv heads: attention does the same work per query head
+    assert wl.flops(_point(kv_heads=1)) == wl.flops(_point(kv_heads=8))
+    assert wl.flops(_point(heads=16, kv_heads=2)) == 2 * wl.flops(_point(heads=8, kv_heads=2))
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(1, 1), (1, 113), (7, 203), (203, 7), (113, 113),
+                                               (239, 799), (16, 1023), (50, 0)])
+def test_visible_pairs_match_the_mask(seqlen_q, seqlen_k):
+    expected = int(visible(seqlen_q, seqlen_k, True).sum())
+    assert wl.visible_pairs(seqlen_q, seqlen_k, True) == expected
+    assert wl.visible_pairs(seqlen_q, seqlen_k, False) == seqlen_q * seqlen_k
+
+
+def test_decode_reads_the_cache_once_and_sees_every_key():
+    p = _point(mode="decode", seq_len=4096)
+    assert p.q_len == 1 and p.seq_len == 4096
+    assert wl.flops(p) == 4 * 2 * 8 * 4096 * 64
+    kv = 2 * 2 * 4096 * 2 * 64 * 2          # k and v: batch x len x kv_heads x head_dim x bf16
+    q_and_out = 2 * 2 * 1 * 8 * 64 * 2
+    assert wl.bytes_moved(p) == kv + q_and_out
+    assert p.tokens_per_call == 2
+
+
+def test_prefill_bytes_are_q_k_v_read_and_output_written():
+    p = _point(seq_len=512, dtype="float32")
+    assert wl.bytes_moved(p) == (2 * 2 * 512 * 8 * 64 + 2 * 2 * 512 * 2 * 64) * 4
+    assert p.tokens_per_call == 2 * 512
+
+
+def test_predicted_memory_charges_the_score_matrix_in_fp32():
+    fused, naive = _point(kernel="sdpa-flash"), _point(kernel="naive")
+    scores = 2 * 8 * 1024 * 1024 * 4        # one fp32 (B, H, Sq, Sk) matrix
+    assert wl.predicted_peak_bytes(naive) - wl.predicted_peak_bytes(fused) >= 3 * scores
+    assert wl.predicted_peak_bytes(fused) < wl.input_bytes(fused) + scores / 8
+    # the math backend upcasts half inputs, so it needs more than naive in bf16
+    assert wl.predicted_peak_bytes(_point(kernel="sdpa-math")) > wl.predicted_peak_bytes(naive)
+    # quadratic in length for naive, linear for fused
+    ratio_naive = wl.predicted_peak_bytes(_point(kernel="naive", seq_len=2048)) / wl.predicted_peak_bytes(naive)
+    ratio_fused = wl.predicted_peak_bytes(_point(seq_len=2048)) / wl.predicted_peak_bytes(fused)
+    assert ratio_naive > 3.5 and ratio_fused < 2.1
+
+
+def test_llama_preset_shapes_and_128k_cache():
+    llama = wl.preset("llama3-8b")
+    p = llama.point("naive", "decode", 128 * 1024)
+    assert (p.batch, p.heads, p.kv_heads, p.head_dim, p.dtype, p.causal) == (1, 32, 8, 128, "bfloat16", True)
+    # one layer's KV cache at 128k: 2 x 8 heads x 128 x 2 bytes per token
+    assert wl.bytes_moved(p) - 2 * 32 * 128 * 2 == 128 * 1024 * 2 * 8 * 128 * 2
+    assert llama.seq_lens == tuple(1024 * 2 ** i for i in range(8))
+
+
+def test_fa_paper_keeps_batch_times_length_at_16k():
+    fa = wl.preset("fa-paper")
+    assert [fa.batch_for(n) for n in (512, 2048, 16384, 32768)] == [32, 8, 1, 1]
+    assert not fa.causal and fa.heads == 16
+
+
+def test_overrides_rename_the_workload_and_keep_the_rest():
+    llama = wl.preset("llama3-8b")
+    assert llama.override(batch=1, dtype="bf16") is llama
+    four = llama.override(batch=4, dtype="fp16")
+    assert four.name == "llama3-8b[batch=4,dtype=float16]"
+    assert (four.batch, four.dtype, four.heads) == (4, "float16", 32)
+    fixed = wl.preset("fa-paper").override(batch=3)
+    assert fixed.batch_for(512) == 3 and fixed.tokens_per_batch is None
+
+
+def test_bad_shapes_name_the_argument():
+    with pytest.raises(ValueError, match="kv_heads"):
+        wl.preset("llama3-8b").override(kv_heads=5)
+    with pytest.raises(ValueError, match="dtype"):
+        wl.dtype_name("int8")
+    with pytest.raises(ValueError, match="workload"):
+        wl.preset("gpt-5")
+    with pytest.raises(ValueError, match="mode"):
+        wl.preset("cpu-small").point("naive", "train", 128)
+
+
+def test_seq_len_parsing_and_labels():
+    assert wl.parse_seq_lens("1k,2K, 4096,1k") == [1024, 2048, 4096]
+    assert wl.parse_seq_len("1m") == 1024 * 1024
+    for bad in ("", "0", "1.5k", "-4", "k"):
+        with pytest.raises(ValueError, match="seq_len"):
+            wl.parse_seq_lens(bad)
+    assert [wl.seq_len_label(n) for n in (128, 1024, 131072, 1000)] == ["128", "1k", "128k", "1000"]
+
+
+def test_point_dtype_and_key():
+    p = _point(dtype="float16")
+    assert p.torch_dtype is torch.float16 and p.element_bytes == 2
+    assert wl.point_key(p.fields()) == p.key()
