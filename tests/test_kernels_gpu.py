@@ -13,15 +13,26 @@ def cuda_impls(mode, dtype, head_dim):
     return [n for n in usable(mode, "cuda", dtype, head_dim) if n != "naive"] if torch.cuda.is_available() else []
 
 
+def checked_or_refused(impl, run):
+    """The output, or None where torch's own backend refuses the shape (cuDNN takes no
+    seqlen_k of 1, for one): a clear ValueError naming impl, never a wrong answer."""
+    try:
+        return run()
+    except ValueError as exc:
+        assert impl.startswith("sdpa-") and str(exc).startswith("impl:") and "refused" in str(exc), exc
+        return None
+
+
 def prefill_case(seqlen_q, seqlen_k, causal, head_dim, dtype, heads=8, kv_heads=2, batch=2):
     q, k, v = random_qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, device="cuda")
     ref = reference(q, k, v, visible_keys(seqlen_q, seqlen_k, causal)[None])
     naive = K.attention(q, k, v, causal=causal, impl="naive")
     impls = cuda_impls("prefill", dtype, head_dim)
-    assert impls, "no GPU implementation to check"
+    assert "triton" in impls, "the Triton kernel must run on this GPU"
     for impl in impls:
-        out = K.attention(q, k, v, causal=causal, impl=impl)
-        assert_close_as_naive(out, naive, ref, f"{impl} {seqlen_q}x{seqlen_k} d{head_dim} {dtype} causal={causal}")
+        out = checked_or_refused(impl, lambda: K.attention(q, k, v, causal=causal, impl=impl))
+        if out is not None:
+            assert_close_as_naive(out, naive, ref, f"{impl} {seqlen_q}x{seqlen_k} d{head_dim} {dtype} causal={causal}")
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -53,9 +64,12 @@ def test_decode_matrix(q_len, dtype):
     cache_seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
     ref = reference(q, k, v, decode_mask(cache_seqlens.cpu(), q_len, max_seqlen))
     naive = K.decode_attention(q, k, v, cache_seqlens, impl="naive")
-    for impl in cuda_impls("decode", dtype, 128):
-        out = K.decode_attention(q, k, v, cache_seqlens, impl=impl)
-        assert_close_as_naive(out, naive, ref, f"{impl} decode q_len {q_len} {dtype}")
+    impls = cuda_impls("decode", dtype, 128)
+    assert "triton-decode" in impls
+    for impl in impls:
+        out = checked_or_refused(impl, lambda: K.decode_attention(q, k, v, cache_seqlens, impl=impl))
+        if out is not None:
+            assert_close_as_naive(out, naive, ref, f"{impl} decode q_len {q_len} {dtype}")
 
 
 def test_triton_decode_is_capturable_in_a_cuda_graph():
