@@ -295,10 +295,14 @@ def _git_commit() -> dict:
     if not (root / ".git").exists():
         return {"git_commit": None, "git_dirty": None}
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10).stdout
+                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": None, "git_dirty": None}
-    return {"git_commit": commit, "git_dirty": bool(status.strip())}
+    # A copied tree can hold a .git without its objects: rev-parse then echoes "HEAD" and fails.
+    commit = head.stdout.strip()
+    if head.returncode or not re.fullmatch(r"[0-9a-f]{40}", commit):
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
