@@ -8,7 +8,7 @@
 # end-to-end llama3-8b decoder (triton-decode, then sdpa-flash while time is left) and the
 # pytest-benchmark grid. $OUT receives suite.log (every step's output, exit code and
 # duration) and suite.tar.gz holding:
-#   environment.json  check.txt  gpu-tests.xml  sweep.jsonl  sweep.nvml.csv
+#   environment.jsonl  check.txt  gpu-tests.xml  sweep.jsonl  sweep.nvml.csv
 #   e2e-<kernel>.jsonl  e2e-<kernel>.nvml.csv  benchmark.json  benchmark.nvml.csv
 # Each step has its own time box and none depends on another's success, so one that fails
 # or overruns loses only its own output; the archive is written even when the suite is
@@ -58,7 +58,7 @@ step install 60 200 "$PY" -m pip install --no-deps --no-build-isolation -e .
 step environment 30 200 "$PY" -c "
 import json, sys
 from attnlab.bench.records import environment, jsonable
-json.dump(jsonable(environment(sys.argv)), open('$RUN/environment.json', 'w'), indent=1)
+open('$RUN/environment.jsonl', 'w').write(json.dumps(jsonable(environment(sys.argv))) + '\\n')
 "
 
 step kernels 20 300 "$PY" -m attnlab kernels

@@ -97,9 +97,15 @@ def _emulated(kernel: str, device_type: str) -> bool:
 
 
 def plan(config: SweepConfig) -> list[Point]:
+    """Every point to measure. Named kernels are tried in every mode asked for (a mode one
+    does not serve is recorded as unsupported); by default each kernel runs only its modes."""
     device_type = torch.device(config.device).type
     kernels = list(config.kernels or default_kernels(device_type))
-    return config.workload.points(kernels, tuple(config.modes), config.seq_lens)
+    points = config.workload.points(kernels, tuple(config.modes), config.seq_lens)
+    if config.kernels:
+        return points
+    from attnlab.kernels import get
+    return [p for p in points if p.mode in get(p.kernel).modes]
 
 
 def check_device(device) -> torch.device:

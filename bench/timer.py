@@ -83,6 +83,8 @@ class Timer:
         self.warmup_reps = warmup_reps
         self.is_cuda = self.device.type == "cuda"
         self._flush = L2Flusher(self.device) if self.is_cuda and flush_l2 else None
+        self._host_s = 0.0            # how long the host takes to enqueue one call
+        self._sleep_cycles_per_s = None
 
     def sync(self) -> None:
         if self.is_cuda:
@@ -90,7 +92,9 @@ class Timer:
 
     def warm_up(self, fn: Callable) -> None:
         for _ in range(self.warmup_reps):
+            start = time.perf_counter()
             fn()
+            self._host_s = time.perf_counter() - start
         self.sync()
 
     def time(self, fn: Callable, *, warm: bool = False) -> Timing:
@@ -131,16 +135,35 @@ class Timer:
     def _cuda_round(self, fn: Callable, reps: int) -> list[float]:
         # All events are recorded first and read after one synchronisation, so the CPU never
         # waits between repetitions; the flush runs before each start event, outside the time.
+        # A short call launches slower than the GPU runs it: without a lead, the GPU would sit
+        # idle between the start event and the kernel and the time would be the host's. So the
+        # GPU spins before each start event for longer than the host takes to enqueue the call.
+        # (A call that synchronises with the host inside still pays for it, as its users do.)
+        lead_cycles = self.lead_cycles()
         pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                  for _ in range(reps)]
         for start, end in pairs:
             if self._flush is not None:
                 self._flush()
+            torch.cuda._sleep(lead_cycles)
             start.record()
             fn()
             end.record()
         torch.cuda.synchronize(self.device)
         return [start.elapsed_time(end) for start, end in pairs]
+
+    def lead_cycles(self) -> int:
+        """GPU clock cycles to spin before a timed call: twice the host's enqueue time seen in
+        the last warm-up, 50 us to 20 ms."""
+        if self._sleep_cycles_per_s is None:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.cuda._sleep(1_000_000)
+            end.record()
+            end.synchronize()
+            self._sleep_cycles_per_s = 1_000_000 / max(start.elapsed_time(end) / 1e3, 1e-9)
+        lead_s = min(max(2 * self._host_s, 50e-6), 20e-3)
+        return int(lead_s * self._sleep_cycles_per_s)
 
     def flush(self) -> None:
         """Flush the L2 cache (no-op on a CPU); pytest-benchmark calls it as `setup`."""
@@ -168,23 +191,36 @@ class Timer:
 class CudaEventClock:
     """A clock for pytest-benchmark's `timer` option that reads CUDA events, not the CPU.
 
-    pytest-benchmark calls the clock before and after each round; each call records an event
-    on the current stream and waits for it, so the difference between two readings is GPU
-    time between the events. Differences are taken event to event (float32 milliseconds from
-    CUDA) and accumulated in float64, so precision does not decay over a long run.
+    pytest-benchmark reads the clock before and after each round. A start reading spins the
+    GPU for `lead_cycles()` cycles (so the round's launches queue up behind it, as in
+    `Timer`), records an event and returns the GPU time counted so far, without waiting; an
+    end reading records an event, waits for it and adds the time between the two events.
+    So a difference of two readings is the GPU time of the round, never the host's launch
+    time, and flushes or spins between rounds are not counted. Differences are taken event
+    to event (float32 milliseconds from CUDA) and accumulated in float64.
+    `event` and `sleep` are torch.cuda's unless a test replaces them.
     """
 
     __name__ = "cuda_event_clock"
 
-    def __init__(self):
-        self._last = None
+    def __init__(self, lead_cycles: Callable[[], int] = lambda: 0, *, event=None, sleep=None):
+        self._lead_cycles = lead_cycles
+        self._event = event or (lambda: torch.cuda.Event(enable_timing=True))
+        self._sleep = sleep or torch.cuda._sleep
+        self._start = None
         self._total_s = 0.0
 
     def __call__(self) -> float:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        event.synchronize()
-        if self._last is not None:
-            self._total_s += self._last.elapsed_time(event) / 1e3
-        self._last = event
+        if self._start is None:
+            cycles = self._lead_cycles()
+            if cycles:
+                self._sleep(cycles)
+            self._start = self._event()
+            self._start.record()
+            return self._total_s
+        end = self._event()
+        end.record()
+        end.synchronize()
+        self._total_s += self._start.elapsed_time(end) / 1e3
+        self._start = None
         return self._total_s

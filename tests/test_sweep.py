@@ -341,3 +341,12 @@ def test_gpu_sweep_measures_memory_power_and_calibrates(tmp_path):
         if r["power_w_mean"] is not None:
             assert r["energy_j"] > 0 and r["joules_per_token"] > 0 and r["energy_window_s"] >= 1.0
     assert sw.nvml_csv_path(config.out).exists() or result.nvml_reason
+
+
+def test_default_plan_runs_each_kernel_only_in_its_modes(monkeypatch, tmp_path):
+    monkeypatch.setattr(sw, "default_kernels", lambda device_type: ["naive", "triton", "triton-decode"])
+    workload = Workload("w", batch=1, heads=2, kv_heads=1, head_dim=16, dtype="float32", causal=True)
+    pairs = {(p.kernel, p.mode) for p in sw.plan(sw.SweepConfig(workload, seq_lens=[64], out=tmp_path / "r"))}
+    assert pairs == {("naive", "prefill"), ("naive", "decode"), ("triton", "prefill"), ("triton-decode", "decode")}
+    named = sw.plan(sw.SweepConfig(workload, seq_lens=[64], kernels=["triton"], out=tmp_path / "r"))
+    assert {p.mode for p in named} == {"prefill", "decode"}  # a named kernel is tried, and told no

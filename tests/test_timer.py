@@ -91,3 +91,59 @@ def test_cuda_event_clock_measures_device_time():
     elapsed_s = clock() - start
     reference = Timer("cuda", budget_s=0.05, flush_l2=False).time(lambda: a @ a).median_ms / 1e3
     assert 3 * reference < elapsed_s < 10 * reference
+
+
+@pytest.mark.gpu
+def test_a_slow_launch_is_not_counted_as_gpu_time():
+    # The call spends 300 us on the host before a kernel of a few microseconds; the timer
+    # must report the kernel, not the launch.
+    x = torch.zeros(1024, device="cuda")
+
+    def slow_launch():
+        start = time.perf_counter()
+        while time.perf_counter() - start < 300e-6:
+            pass
+        x.add_(1.0)
+
+    timing = Timer("cuda", budget_s=0.05).time(slow_launch)
+    assert timing.median_ms < 0.1, timing.median_ms
+
+
+class FakeGpu:
+    """A replayed GPU timeline for CudaEventClock: work and spins advance the device clock,
+    events stamp it; the host's time never enters."""
+
+    def __init__(self):
+        self.now_ms, self.spins = 0.0, []
+
+    def event(self):
+        gpu = self
+
+        class Event:
+            def record(self):
+                self.at_ms = gpu.now_ms
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, later):
+                return later.at_ms - self.at_ms
+        return Event()
+
+    def sleep(self, cycles):
+        self.spins.append(cycles)
+        self.now_ms += cycles / 1e6   # 1 GHz: a million cycles a millisecond
+
+
+def test_event_clock_counts_rounds_not_the_spins_between_them():
+    gpu = FakeGpu()
+    clock = CudaEventClock(lambda: 500_000, event=gpu.event, sleep=gpu.sleep)
+    rounds_ms = [2.0, 3.0, 0.25]
+    readings = []
+    for work_ms in rounds_ms:
+        start = clock()
+        gpu.now_ms += work_ms          # the round's kernels
+        readings.append(clock() - start)
+        gpu.now_ms += 7.0              # a flush between rounds, not counted
+    assert readings == pytest.approx([w / 1e3 for w in rounds_ms])
+    assert gpu.spins == [500_000] * 3  # every round started behind the lead
