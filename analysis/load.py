@@ -18,7 +18,11 @@ from attnlab.analysis import _deps
 RESULT_SCHEMA = "attnlab.result/1"
 ENVIRONMENT_SCHEMA = "attnlab.environment/1"
 STATUSES = ("ok", "oom", "error", "unsupported", "skipped")
+SUPERSEDED = "superseded"   # the analysis's own status: a point a later run measured again
 CALIBRATION = "calibration"
+# What makes two records measurements of the same point.
+POINT_KEY = ("device", "kernel", "mode", "workload", "dtype", "batch", "heads", "kv_heads", "head_dim",
+             "causal", "seq_len", "q_len")
 
 RESULT_FIELDS = (
     "schema", "run_id", "kernel", "mode", "workload", "batch", "heads", "kv_heads", "head_dim", "dtype",
@@ -219,7 +223,24 @@ def _results_frame(pd, records: list, environments: list):
     for column, default in KEY_DEFAULTS.items():
         frame[column] = frame[column].fillna(default).astype(str)
     frame["times_ms"] = frame["times_ms"].map(lambda t: list(t) if isinstance(t, (list, tuple)) else [])
-    return frame.reset_index(drop=True)
+    return _mark_superseded(pd, frame.reset_index(drop=True), environments)
+
+
+def _mark_superseded(pd, frame, environments: list):
+    """A point measured again by a later run counts once, as its latest measurement: the
+    earlier records get status `superseded` (kept and listed, never fitted or charted as
+    current). Skipped points, calibration records and runs with no recorded start time
+    neither replace nor are replaced: without a time, which came later is unknown."""
+    started = {e.get("run_id"): e.get("time") for e in environments if e.get("run_id")}
+    when = pd.to_datetime(frame["run_id"].map(started), utc=True, errors="coerce")
+    eligible = (frame["status"] != "skipped") & (frame["mode"] != CALIBRATION) & when.notna()
+    if not eligible.any():
+        return frame
+    ordered = frame.loc[eligible, list(POINT_KEY)].astype(str).assign(_when=when[eligible])
+    ordered = ordered.sort_values("_when", kind="stable")
+    earlier = ordered.index[ordered.duplicated(subset=list(POINT_KEY), keep="last")]
+    frame.loc[earlier, "status"] = SUPERSEDED
+    return frame
 
 
 def _gpu_names(environments: list) -> dict:
