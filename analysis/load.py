@@ -111,6 +111,8 @@ def read_file(path) -> tuple[list, list, list]:
             return [], [], [f"{path}: skipped, not valid JSON ({exc.msg} at line {exc.lineno})"]
         if isinstance(document, dict) and isinstance(document.get("benchmarks"), list):
             return read_pytest_benchmark(document, path)
+        if isinstance(document, dict) and ("fits" in document or "claim" in document):
+            return [], [], []   # fits.json or claim.json: this package's own output, not a measurement
         return [], [], [f"{path}: skipped, a JSON file without a 'benchmarks' list is not pytest-benchmark output"]
     return read_jsonl(text, path)
 

@@ -96,14 +96,6 @@ def test_unknown_schemas_warn_and_a_truncated_last_line_is_ignored(tmp_path):
     assert loaded.results.iloc[0]["device"] == "NVIDIA L4"
 
 
-def test_other_json_is_skipped_with_a_reason(tmp_path):
-    (tmp_path / "fits.json").write_text(json.dumps({"fits": []}))
-    (tmp_path / "run.jsonl").write_text(lines(result()))
-    loaded = load(tmp_path)
-    assert len(loaded.results) == 1
-    assert any("fits.json" in w and "pytest-benchmark" in w for w in loaded.warnings)
-
-
 def test_missing_paths_are_named():
     with pytest.raises(FileNotFoundError, match="paths: '/no/such/run'"):
         load(["/no/such/run"])
@@ -145,3 +137,16 @@ def test_a_point_measured_again_counts_once_as_its_latest(tmp_path):
     assert results.loc["late", "status"] == "ok"
     assert results.loc["early", "status"] == "superseded"
     assert results.loc["later-but-skipped", "status"] == "skipped"
+
+
+def test_a_committed_report_beside_the_runs_is_not_read_as_data(tmp_path):
+    (tmp_path / "fits.json").write_text(json.dumps({"fits": []}))
+    (tmp_path / "claim.json").write_text(json.dumps({"model": "llama3-8b", "claim": {}}))
+    (tmp_path / "other.json").write_text(json.dumps({"something": 1}))
+    rec = {"schema": "attnlab.result/1", "run_id": "r", "kernel": "k", "mode": "prefill", "status": "ok",
+           "seq_len": 1024, "median_ms": 1.0}
+    (tmp_path / "r.jsonl").write_text(json.dumps(rec) + "\n")
+    loaded = load([tmp_path])
+    assert len(loaded.results) == 1
+    assert len(loaded.warnings) == 1
+    assert "other.json" in loaded.warnings[0] and "pytest-benchmark" in loaded.warnings[0]
