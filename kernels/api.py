@@ -56,7 +56,9 @@ def prepare_attention(q, k, v, *, causal=False, scale=None, impl="auto") -> Call
 
 
 def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, scale=None, impl="auto") -> Callable[[], torch.Tensor]:
-    """Like `prepare_attention`, for `decode_attention`."""
+    """Like `prepare_attention`, for `decode_attention`. The call is for these tensors as they
+    are: an implementation may read cache_seqlens here, once (the SDPA adapters do, having
+    no ragged cache), so lengths changed later need a new prepare."""
     _check_qkv(q, k_cache, v_cache, "k_cache", "v_cache", "max_seqlen")
     q_len = q.shape[1]
     if not 1 <= q_len <= MAX_DECODE_Q_LEN:
@@ -66,6 +68,8 @@ def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, scale=None, impl="auto
     chosen = resolve(impl, DECODE, q)
     if q.shape[0] == 0 or k_cache.shape[1] == 0:
         return lambda: q.new_zeros(q.shape)
+    if chosen.prepare_decode is not None:
+        return chosen.prepare_decode(q, k_cache, v_cache, cache_seqlens, scale)
     return lambda: chosen.decode(q, k_cache, v_cache, cache_seqlens, scale)
 
 

@@ -42,6 +42,8 @@ class Implementation:
     take validated tensors in the (batch, seqlen, heads, head_dim) layout.
     `probe(device_type)` answers availability; `speed_rank` orders `impl="auto"` (lower is faster);
     `limits(device_type, dtype, head_dim)`, where given, adds rules that differ by device.
+    `prepare_decode(q, k_cache, v_cache, cache_seqlens, scale)`, where given, does host-side
+    work once and returns the call (the SDPA adapters read the lengths there, not per call).
     """
 
     name: str
@@ -55,6 +57,7 @@ class Implementation:
     decode: Optional[Callable] = None
     speed_rank: dict = field(default_factory=dict)
     limits: Optional[Callable[[str, torch.dtype, int], Availability]] = None
+    prepare_decode: Optional[Callable] = None
 
     @property
     def modes(self) -> tuple:

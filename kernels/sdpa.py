@@ -49,15 +49,24 @@ def _prefill(backend, q, k, v, causal, scale):
 
 def _decode(backend, q, k_cache, v_cache, cache_seqlens, scale):
     """SDPA has no ragged cache: attend per group of equal lengths (reading lengths syncs)."""
+    return _prepare_decode(backend, q, k_cache, v_cache, cache_seqlens, scale)()
+
+
+def _prepare_decode(backend, q, k_cache, v_cache, cache_seqlens, scale):
+    """Read the lengths once (a host sync) and return a call that needs no sync."""
     lengths = cache_seqlens.tolist()
     if len(set(lengths)) == 1:
         n = lengths[0]
-        return _prefill(backend, q, k_cache[:, :n], v_cache[:, :n], True, scale)
-    out = q.new_empty(q.shape)
-    for n in sorted(set(lengths)):
-        rows = torch.tensor([b for b, m in enumerate(lengths) if m == n], device=q.device)
-        out[rows] = _prefill(backend, q[rows], k_cache[rows, :n], v_cache[rows, :n], True, scale)
-    return out
+        return lambda: _prefill(backend, q, k_cache[:, :n], v_cache[:, :n], True, scale)
+    groups = [(n, torch.tensor([b for b, m in enumerate(lengths) if m == n], device=q.device))
+              for n in sorted(set(lengths))]
+
+    def call():
+        out = q.new_empty(q.shape)
+        for n, rows in groups:
+            out[rows] = _prefill(backend, q[rows], k_cache[rows, :n], v_cache[rows, :n], True, scale)
+        return out
+    return call
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,6 +124,7 @@ def _register(name, backend, description, dtypes, devices, limits, speed_rank):
         probe=_probe(backend),
         prefill=functools.partial(_prefill, backend),
         decode=functools.partial(_decode, backend),
+        prepare_decode=functools.partial(_prepare_decode, backend),
         speed_rank=speed_rank, limits=limits,
     ))
 

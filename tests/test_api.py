@@ -121,3 +121,17 @@ def test_empty_sequences_give_zeros():
     q, k, v, _ = cache()
     out = K.decode_attention(q, k, v, torch.zeros(2, dtype=torch.int32), impl="triton-decode")
     assert torch.equal(out, torch.zeros_like(q))
+
+
+def test_a_prepared_sdpa_decode_reads_the_lengths_once(monkeypatch):
+    # SDPA has no ragged cache, so its adapter needs the lengths on the host: read at prepare
+    # time, not inside the timed call (where it would be a device sync).
+    q, k, v, _ = cache(batch=3, max_seqlen=8)
+    lens = torch.tensor([8, 3, 8], dtype=torch.int32)
+    expected = K.decode_attention(q, k, v, lens, impl="naive")
+    call = K.prepare_decode(q, k, v, lens, impl="sdpa-math")
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or [])
+    for _ in range(3):
+        assert torch.allclose(call(), expected, atol=1e-5)
+    assert not reads
