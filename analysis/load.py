@@ -229,18 +229,20 @@ def _results_frame(pd, records: list, environments: list):
 
 
 def _mark_superseded(pd, frame, environments: list):
-    """A point measured again by a later run counts once, as its latest measurement: the
-    earlier records get status `superseded` (kept and listed, never fitted or charted as
-    current). Skipped points, calibration records and runs with no recorded start time
+    """A point measured again by a later run of the same instrument (sweep, or pytest-benchmark)
+    counts once, as its latest measurement: the earlier records get status `superseded` (kept
+    and listed, never fitted or charted as current). The two instruments' records of a point
+    both stand. Skipped points, calibration records and runs with no recorded start time
     neither replace nor are replaced: without a time, which came later is unknown."""
     started = {e.get("run_id"): e.get("time") for e in environments if e.get("run_id")}
     when = pd.to_datetime(frame["run_id"].map(started), utc=True, errors="coerce")
     eligible = (frame["status"] != "skipped") & (frame["mode"] != CALIBRATION) & when.notna()
     if not eligible.any():
         return frame
-    ordered = frame.loc[eligible, list(POINT_KEY)].astype(str).assign(_when=when[eligible])
+    key = [*POINT_KEY, "source_format"]
+    ordered = frame.loc[eligible, key].astype(str).assign(_when=when[eligible])
     ordered = ordered.sort_values("_when", kind="stable")
-    earlier = ordered.index[ordered.duplicated(subset=list(POINT_KEY), keep="last")]
+    earlier = ordered.index[ordered.duplicated(subset=key, keep="last")]
     frame.loc[earlier, "status"] = SUPERSEDED
     return frame
 

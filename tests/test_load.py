@@ -133,10 +133,16 @@ def test_a_point_measured_again_counts_once_as_its_latest(tmp_path):
     rows = (run("late", "2026-11-28T00:01:00+00:00", 0.02) + run("early", "2026-11-27T23:51:00+00:00", 0.15)
             + run("later-but-skipped", "2026-11-28T01:00:00+00:00", None, status="skipped"))
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    results = load([path]).results.set_index("run_id")
+    bench = {"benchmarks": [{"name": "b", "group": "g", "stats": {"median": 1e-4},
+                             "extra_info": {**rows[1], "run_id": "grid"}}],
+             "machine_info": {"attnlab": {"run_id": "grid", "time": "2026-11-28T02:00:00+00:00"}}}
+    (tmp_path / "grid.json").write_text(json.dumps(bench))
+    results = load([path, tmp_path / "grid.json"]).results.set_index("run_id")
     assert results.loc["late", "status"] == "ok"
     assert results.loc["early", "status"] == "superseded"
     assert results.loc["later-but-skipped", "status"] == "skipped"
+    # another instrument's record of the point is a second measurement, not a re-measurement
+    assert results.loc["grid", "status"] == "ok"
 
 
 def test_a_committed_report_beside_the_runs_is_not_read_as_data(tmp_path):
