@@ -106,6 +106,11 @@ def markers_for(devices) -> dict:
     return {d: MARKERS[i % len(MARKERS)] for i, d in enumerate(devices)}
 
 
+def _styles(rows, palette, markers) -> tuple:
+    """The colours and markers given, else ones for the kernels and devices in `rows`."""
+    return palette or palette_for(rows["kernel"]), markers or markers_for(rows["device"])
+
+
 def caption_for(rows, extra: str = "") -> str:
     """Device, dtype, workload shape and runs of `rows`, in one line."""
     def values(column):
@@ -136,7 +141,7 @@ def latency_chart(rows, fits=(), palette=None, markers=None):
     mode, workload = _one(ok, "mode"), _one(ok, "workload")
     fig, (ax,) = _figure(f"{mode.capitalize()} latency against context ({workload})", caption_for(
         ok, "points: median of the repetitions, bars p10 to p90; lines: fitted a + b*n + c*n^2 (a, b, c >= 0)"))
-    palette, markers = palette or palette_for(ok["kernel"]), markers or markers_for(ok["device"])
+    palette, markers = _styles(ok, palette, markers)
     _sns().scatterplot(data=ok, x="seq_len", y="median_ms", hue="kernel", style="device", palette=palette,
                        markers=markers, s=45, ax=ax, zorder=3)
     ax.vlines(ok["seq_len"], ok["p10_ms"], ok["p90_ms"], colors=[palette[k] for k in ok["kernel"]], lw=1.2)
@@ -159,7 +164,7 @@ def rate_chart(rows, roof, quantity: str, palette=None, markers=None):
     peak_text = "; ".join(f"{device}: {value:,.0f} {label[1]}, {source}" for device, value, source in peaks)
     fig, (ax,) = _figure(f"{label[0]} against context ({workload})", caption_for(
         ok, f"dashed lines: peak {peak_text or 'unknown for this device'}"))
-    palette, markers = palette or palette_for(ok["kernel"]), markers or markers_for(ok["device"])
+    palette, markers = _styles(ok, palette, markers)
     _sns().lineplot(data=ok, x="seq_len", y=quantity, hue="kernel", style="device", palette=palette,
                     markers=markers, dashes=False, ax=ax, errorbar=None)
     for device, value, source in peaks:
@@ -186,7 +191,7 @@ def speedup_chart(rows, baseline: str, palette=None, markers=None, chosen_automa
     note += " (baseline chosen automatically; pass --baseline to choose)" if chosen_automatically else ""
     note += f"; no {baseline} time at {', '.join(fmt.k(n) for n in missing)}" if missing else ""
     fig, (ax,) = _figure(f"{mode.capitalize()} speedup over {baseline} ({workload})", caption_for(ok, note))
-    palette, markers = palette or palette_for(ok["kernel"]), markers or markers_for(ok["device"])
+    palette, markers = _styles(ok, palette, markers)
     _sns().lineplot(data=joined, x="seq_len", y="speedup", hue="kernel", style="device", palette=palette,
                     markers=markers, dashes=False, ax=ax, errorbar=None)
     ax.axhline(1.0, color="#555555", ls="--", lw=1)
@@ -207,8 +212,7 @@ def memory_chart(rows, palette=None, markers=None):
     fig, (ax,) = _figure(f"{mode.capitalize()} peak memory against context ({workload})", caption_for(
         rows, "solid: measured peak allocated; dotted: predicted from shapes"
               + (f"; red x: out of memory ({len(oom)} point(s)), drawn at the predicted peak" if len(oom) else "")))
-    palette = palette or palette_for(rows["kernel"])
-    markers = markers or markers_for(rows["device"])
+    palette, markers = _styles(rows, palette, markers)
     gib = ok.assign(peak_gib=ok["peak_mem_bytes"] / 2**30, predicted_gib=ok["predicted_mem_bytes"] / 2**30)
     if gib["peak_gib"].notna().any():
         _sns().lineplot(data=gib, x="seq_len", y="peak_gib", hue="kernel", style="device", palette=palette,
@@ -238,7 +242,7 @@ def power_chart(rows, palette=None, markers=None):
     fig, (left, right) = _figure(f"{mode.capitalize()} power and energy per token ({workload})", caption_for(
         ok, "left: mean power while the point ran, bars up to the maximum sample; right: energy per "
             "processed token (prefill: batch x context tokens; decode: batch x new tokens)"), ncols=2)
-    palette, markers = palette or palette_for(ok["kernel"]), markers or markers_for(ok["device"])
+    palette, markers = _styles(ok, palette, markers)
     sns = _sns()
     sns.lineplot(data=ok, x="seq_len", y="power_w_mean", hue="kernel", style="device", palette=palette,
                  markers=markers, dashes=False, ax=left, errorbar=None, legend=False)

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
 from attnlab.analysis import _deps
+from attnlab.analysis import text as fmt
 from attnlab.analysis.roofline import GPU_SPECS, GpuSpec, gpu_spec, match_gpu
 
 CLAIM = {"short_ctx": 1024, "short_tok_s": 10000, "long_ctx": 131072, "long_tok_s": 130}
@@ -221,13 +222,9 @@ def _calibration_dict(cal: Calibration) -> dict:
     return out
 
 
-def _k(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
-
-
 def _explanation(serving: ServingModel, short: dict, long: dict, doc: dict) -> str:
     m, f = serving.model, doc["factors"]
-    s, l = _k(CLAIM["short_ctx"]), _k(CLAIM["long_ctx"])
+    s, l = fmt.k(CLAIM["short_ctx"]), fmt.k(CLAIM["long_ctx"])
     claimed = CLAIM["short_tok_s"] / CLAIM["long_tok_s"]
     kind = ("ideal: spec peaks, no per-step overhead, an upper bound" if serving.calibration.is_ideal
             else "calibrated on measurements")
@@ -307,7 +304,7 @@ def calibrate(results, serving: ServingModel, points=()) -> tuple[Calibration, l
     KV bandwidth from decode-kernel records (the kernel the end-to-end runs used, else the
     best); weights bandwidth from e2e-decode step times. Returns the calibration and notes;
     whatever has no data stays ideal."""
-    on_gpu = results[results["device"].map(lambda d: getattr(match_gpu(d), "key", None)) == serving.gpu.key]
+    on_gpu = results[_gpu_keys(results) == serving.gpu.key]
     on_gpu = on_gpu[on_gpu["status"] == "ok"]
     if on_gpu.empty:
         return Calibration(), [f"none of the results was measured on {serving.gpu.name}: the model stays ideal"]
@@ -399,5 +396,10 @@ def infer_gpu(results):
     """The GPU preset key most records name, or None (a CPU run, an unknown device)."""
     if results is None or not len(results):
         return None
-    keys = results["device"].map(lambda d: getattr(match_gpu(d), "key", None)).dropna()
+    keys = _gpu_keys(results).dropna()
     return keys.value_counts().index[0] if len(keys) else None
+
+
+def _gpu_keys(results):
+    """Each record's GPU preset key (None where its device is unknown)."""
+    return results["device"].map(lambda d: getattr(match_gpu(d), "key", None))

@@ -178,8 +178,10 @@ def _failure_blocks(results) -> list:
 # --- formatting ---------------------------------------------------------------------------------
 
 def _cell(value) -> str:
-    if isinstance(value, (list, dict)):
-        return " ".join(map(str, value)) if isinstance(value, list) else json.dumps(value)
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))  # pandas turns integer columns with gaps into floats
     return "-" if fmt.missing(value) else str(value)

@@ -89,6 +89,9 @@ class Grid:
         return self._env
 
 
+GRID_KEY = pytest.StashKey[Grid]()
+
+
 def grid_for(config) -> Grid:
     """The grid the options describe, built once per session."""
     grid = config.stash.get(GRID_KEY, None)
@@ -113,9 +116,6 @@ def grid_for(config) -> Grid:
                 session_budget_s=opt("--attnlab-session-budget-s"))
     config.stash[GRID_KEY] = grid
     return grid
-
-
-GRID_KEY = pytest.StashKey[Grid]()
 
 
 def _split(text: str) -> list:

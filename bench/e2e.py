@@ -279,12 +279,16 @@ def _record(o: E2EOptions, config, seq_len: int, **fields) -> dict:
     dtype = DTYPES[o.dtype]
     fields.setdefault("kernel", o.attention)
     return new_record(
-        run_id=o.run_id, mode=MODE_PREFILL_DECODE if o.with_prefill else MODE_DECODE,
+        run_id=o.run_id, mode=_mode(o),
         workload=o.preset, model=o.preset, heads=config.heads, kv_heads=config.kv_heads,
         head_dim=config.head_dim, dtype=o.dtype, causal=True, seq_len=seq_len, q_len=1,
         decode_tokens=o.decode_tokens, device=device_name(o.device),
         model_params=config.param_count(), weight_bytes=config.weight_bytes(dtype),
         kv_bytes_per_token=config.kv_bytes_per_token(dtype), **{"cuda_graph": False, **fields})
+
+
+def _mode(o: E2EOptions) -> str:
+    return MODE_PREFILL_DECODE if o.with_prefill else MODE_DECODE
 
 
 def _first_line(exc: BaseException) -> str:
@@ -315,8 +319,7 @@ def _peak(device: torch.device) -> int | None:
 # NVML: power and energy over the timed windows, through the sweep's sampler.
 
 def _sampler(device: torch.device, o: E2EOptions, kernel: str, seq_len: int, phase: str) -> NvmlSampler:
-    mode = MODE_PREFILL_DECODE if o.with_prefill else MODE_DECODE
-    label = {"run_id": o.run_id, "point": f"{mode}/{o.preset}/{kernel}/{seq_len}/{phase}"}
+    label = {"run_id": o.run_id, "point": f"{_mode(o)}/{o.preset}/{kernel}/{seq_len}/{phase}"}
     return NvmlSampler(device, csv_path=o.nvml_csv, label=label)
 
 

@@ -46,16 +46,16 @@ class ModelConfig:
         return embeddings + self.layers * self.layer_params() + self.hidden
 
     def weight_bytes(self, dtype: torch.dtype) -> int:
-        return self.param_count() * _itemsize(dtype)
+        return self.param_count() * dtype.itemsize
 
     def streamed_weight_bytes(self, dtype: torch.dtype) -> int:
         """Weights a decode step reads: all but the embedding table, of which it gathers rows."""
         skipped = 0 if self.tied_embeddings else self.vocab * self.hidden
-        return (self.param_count() - skipped) * _itemsize(dtype)
+        return (self.param_count() - skipped) * dtype.itemsize
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """K and V of one token across all layers (128 KiB for Llama-3 8B in bf16)."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * _itemsize(dtype)
+        return 2 * self.layers * self.kv_heads * self.head_dim * dtype.itemsize
 
 
 PRESETS = {
@@ -88,12 +88,18 @@ _EXPANDS_KV = ("naive", "sdpa-math", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn
 _FP32_SCORES = ("naive", "sdpa-math")
 
 
+def _dense_bytes_per_token(config: ModelConfig, e: int) -> int:
+    """Transient bytes of one token through a block, attention aside: hidden-size vectors,
+    q/k/v with fp32 rotary copies, the MLP's intermediates."""
+    qkv = (config.heads + 2 * config.kv_heads) * config.head_dim
+    return 6 * config.hidden * e + qkv * (e + 3 * 4) + 4 * config.intermediate * e
+
+
 def activation_bytes_per_sequence(config: ModelConfig, max_seqlen: int, attention: str,
                                   dtype: torch.dtype) -> int:
     """Transient bytes one sequence adds to a decode step, counted twice (eager pool and graph pool)."""
-    e = _itemsize(dtype)
-    qkv = (config.heads + 2 * config.kv_heads) * config.head_dim
-    dense = 6 * config.hidden * e + qkv * (e + 3 * 4) + 4 * config.intermediate * e
+    e = dtype.itemsize
+    dense = _dense_bytes_per_token(config, e)
     logits = config.vocab * (e + 4)
     attend = 0
     if attention in _EXPANDS_KV:
@@ -115,11 +121,10 @@ def prefill_workspace_bytes(config: ModelConfig, seq_len: int, attention: str, d
                             chunk_tokens: int = None) -> int:
     """Transient bytes of one prefill chunk (see `Decoder.prefill`), the cache excluded."""
     chunk_tokens = chunk_tokens or PREFILL_CHUNK_TOKENS
-    e = _itemsize(dtype)
-    qkv = (config.heads + 2 * config.kv_heads) * config.head_dim
+    e = dtype.itemsize
     tokens = chunk_tokens                        # whole sequences or one sequence's span
     keys = max(chunk_tokens, seq_len)            # keys the chunk attends to, all its sequences
-    dense = tokens * (6 * config.hidden * e + qkv * (e + 3 * 4) + 4 * config.intermediate * e)
+    dense = tokens * _dense_bytes_per_token(config, e)
     logits = max(1, chunk_tokens // max(seq_len, 1)) * config.vocab * e
     attend = 0
     if attention in _EXPANDS_KV:
@@ -446,7 +451,3 @@ def resolve_prefill(probe: torch.Tensor, attention: str) -> str:
         except ValueError:
             pass
     return resolve("auto", PREFILL, probe).name
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

@@ -109,6 +109,23 @@ def _handle(pynvml, device):
     return pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
+def _try(read):
+    try:
+        return read()
+    except Exception:   # NVMLError_NotSupported and kin: the field is absent here
+        return None
+
+
+def _clock_event_reasons(pynvml):
+    """NVML's clock-event reasons call: renamed from ...ThrottleReasons in newer bindings."""
+    return (getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+            or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons)
+
+
+def _not_opened(device, exc: Exception) -> str:
+    return f"NVML could not open {device} ({type(exc).__name__}: {exc})"
+
+
 def _field_value(value) -> float:
     kind = int(value.valueType)
     name = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}[kind]
@@ -124,16 +141,8 @@ class NvmlSource:
             raise RuntimeError(f"device: {reason}")
         self._nvml = pynvml
         self._h = _handle(pynvml, device)
-        self._instant = self._try(self._instant_power_w) is not None
-        self._reasons = (getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
-                         or getattr(pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons"))
-
-    @staticmethod
-    def _try(read):
-        try:
-            return read()
-        except Exception:   # NVMLError_NotSupported and kin: the field is absent here
-            return None
+        self._instant = _try(self._instant_power_w) is not None
+        self._reasons = _clock_event_reasons(pynvml)
 
     def _instant_power_w(self) -> float:
         value = self._nvml.nvmlDeviceGetFieldValues(self._h, [self._nvml.NVML_FI_DEV_POWER_INSTANT])[0]
@@ -143,30 +152,30 @@ class NvmlSource:
 
     def _power(self):
         if self._instant:
-            watts = self._try(self._instant_power_w)
+            watts = _try(self._instant_power_w)
             if watts is not None:
                 return watts, "instant"
-        watts = self._try(lambda: self._nvml.nvmlDeviceGetPowerUsage(self._h) * _MILLI)
+        watts = _try(lambda: self._nvml.nvmlDeviceGetPowerUsage(self._h) * _MILLI)
         return watts, "average" if watts is not None else None
 
     def sample(self) -> dict:
         n, h = self._nvml, self._h
         power_w, source = self._power()
-        mask = self._try(lambda: self._reasons(h))
+        mask = _try(lambda: self._reasons(h))
         return {
             "t_s": time.time(),
             "power_w": power_w,
             "power_source": source,
-            "memory_used_bytes": self._try(lambda: n.nvmlDeviceGetMemoryInfo(h).used),
-            "sm_clock_mhz": self._try(lambda: n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM)),
-            "mem_clock_mhz": self._try(lambda: n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_MEM)),
-            "temperature_c": self._try(lambda: n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)),
+            "memory_used_bytes": _try(lambda: n.nvmlDeviceGetMemoryInfo(h).used),
+            "sm_clock_mhz": _try(lambda: n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM)),
+            "mem_clock_mhz": _try(lambda: n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_MEM)),
+            "temperature_c": _try(lambda: n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)),
             "throttle_reasons": None if mask is None else throttle_names(int(mask)),
             "energy_mj": self.energy_mj(),
         }
 
     def energy_mj(self) -> Optional[float]:
-        return self._try(lambda: float(self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._h)))
+        return _try(lambda: float(self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._h)))
 
     def now_s(self) -> float:
         return time.time()
@@ -246,7 +255,7 @@ class NvmlSampler:
                 try:
                     self._source = NvmlSource(device)
                 except Exception as exc:
-                    self.reason = f"NVML could not open {device} ({type(exc).__name__}: {exc})"
+                    self.reason = _not_opened(device, exc)
 
     @property
     def active(self) -> bool:
@@ -414,18 +423,14 @@ def gpu_conditions(device) -> dict:
     try:
         h = _handle(pynvml, device)
     except Exception as exc:
-        return {"nvml_reason": f"NVML could not open {device} ({type(exc).__name__}: {exc})"}
+        return {"nvml_reason": _not_opened(device, exc)}
     n = pynvml
 
     def read(fn, scale=1.0):
-        try:
-            value = fn()
-        except Exception:
-            return None
+        value = _try(fn)
         return value * scale if isinstance(value, (int, float)) and scale != 1.0 else value
 
-    mask = read(lambda: (getattr(n, "nvmlDeviceGetCurrentClocksEventReasons", None)
-                         or n.nvmlDeviceGetCurrentClocksThrottleReasons)(h))
+    mask = read(lambda: _clock_event_reasons(n)(h))
     return {
         "nvml_reason": None,
         "gpu_uuid": read(lambda: n.nvmlDeviceGetUUID(h)),

@@ -1,7 +1,7 @@
 """The sweep: every kernel at every context length, one record per point, into a JSONL file.
 
     config = SweepConfig(workload=preset("llama3-8b"), device="cuda", out="run.jsonl")
-    result = run_sweep(config, progress=make_progress())   # a bar only on a terminal
+    result = run_sweep(config)
 
 Per point: an unsupported kernel or mode is recorded as `unsupported`; a point predicted
 not to fit in free memory as `oom` without launching; a real out-of-memory error as `oom`
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import gc
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -117,8 +116,28 @@ def check_device(device) -> torch.device:
     return device
 
 
+class _Quiet:
+    """The progress calls run_sweep makes, doing nothing."""
+
+    def start(self, total: int) -> None:
+        pass
+
+    def update(self, point: Point) -> None:
+        pass
+
+    def advance(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def run_sweep(config: SweepConfig, progress=None) -> SweepResult:
-    """Measure every planned point and append its record to `config.out`; see the module doc."""
+    """Measure every planned point and append its record to `config.out`; see the module doc.
+
+    `progress` is told of the work: start(total points), update(point) before each point,
+    advance(record) after it, close() at the end (the command line draws a bar from these).
+    """
     device = check_device(config.device)
     out = Path(config.out)
     points = plan(config)
@@ -131,7 +150,7 @@ def run_sweep(config: SweepConfig, progress=None) -> SweepResult:
     todo = [p for p in points if p.key() not in done]
     result = SweepResult(out=out, nvml_csv=nvml_csv_path(out), run_id=rec.new_run_id(), planned=len(points),
                          already_done=len(points) - len(todo), nvml_reason=nvml_reason(device) or None)
-    progress = progress or Progress(enabled=False)
+    progress = progress or _Quiet()
     progress.start(len(todo))
     start_s = time.perf_counter()
     with rec.RecordWriter(out) as writer:
@@ -213,7 +232,7 @@ class PointRunner:
         except KeyboardInterrupt:
             raise
         except Exception as exc:
-            failure = (classify(exc), f"{type(exc).__name__}: {exc}"[:2000])
+            failure = (classify(exc), describe(exc))
         if failure is not None:
             # Outside the except block, so the traceback and the tensors its frames hold are gone.
             release_memory(self.device)
@@ -240,10 +259,7 @@ class PointRunner:
             if cuda:   # warm-up transients (autotuning buffers) stay out of the peak
                 torch.cuda.reset_peak_memory_stats(self.device)
             timing = self.timer.time(fn, warm=True)
-            calls = 0
-            if sampler.active and self.config.energy_window_s > 0:
-                with sampler.energy_window():
-                    calls, _ = self.timer.run_for(fn, self.config.energy_window_s, timing.median_ms / 1e3)
+            calls = energy_calls(sampler, self.timer, fn, self.config.energy_window_s, timing.median_ms / 1e3)
         peak = torch.cuda.max_memory_allocated(self.device) - base if cuda else None
         del fn
         return measured_fields(point, timing, sampler.summary(), calls, peak)
@@ -251,6 +267,16 @@ class PointRunner:
     def record(self, point: Point, status: str, **fields) -> dict:
         return point_record(point, run_id=self.run_id, device=self.device_name, status=status,
                             device_type=self.device.type, **fields)
+
+
+def energy_calls(sampler: NvmlSampler, timer: Timer, fn: Callable, window_s: float, per_call_s: float) -> int:
+    """Run fn back to back for `window_s` inside the sampler's energy window; the calls made
+    (0, and nothing run, without NVML or a window)."""
+    if not sampler.active or window_s <= 0:
+        return 0
+    with sampler.energy_window():
+        calls, _ = timer.run_for(fn, window_s, per_call_s)
+    return calls
 
 
 def measured_fields(point: Point, timing: Timing, nvml: dict, energy_calls: int, peak) -> dict:
@@ -335,6 +361,11 @@ def classify(exc: BaseException) -> str:
     return "error"
 
 
+def describe(exc: BaseException) -> str:
+    """A failure's `reason`: the exception's type and message, cut to 2000 characters."""
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
 def release_memory(device) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
@@ -374,7 +405,7 @@ def calibrate(device, run_id: str, timer: Timer) -> list[dict]:
         try:
             out.append(measure(device, run_id, timer, name, kernel))
         except Exception as exc:   # calibration is context, never a reason to stop
-            failure = f"{type(exc).__name__}: {exc}"[:2000]
+            failure = describe(exc)
             release_memory(device)
             out.append(rec.new_record(run_id=run_id, kernel=kernel, mode=CALIBRATION, status="error",
                                       reason=failure, device=name, harness="sweep"))
@@ -400,65 +431,3 @@ def _copy(device, run_id, timer, name, kernel) -> dict:
     return rec.new_record(run_id=run_id, kernel=kernel, mode=CALIBRATION, workload=f"{COPY_BYTES} bytes",
                           device=name, bytes=moved, gbps=moved / (timing.median_ms / 1e3) / 1e9,
                           harness="sweep", **timing.as_fields())
-
-
-# --- progress ---------------------------------------------------------------------------
-
-class Progress:
-    """A progress bar (rich) with the current kernel, length and ETA, on stderr.
-
-    Quiet when `enabled` is False; without rich, one plain line per point.
-    """
-
-    def __init__(self, enabled: bool, stream=None):
-        self.enabled = enabled
-        self.stream = stream or sys.stderr
-        self._bar = None
-        self._task = None
-        self._done = 0
-        self._total = 0
-
-    def start(self, total: int) -> None:
-        self._total = total
-        if not self.enabled:
-            return
-        try:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
-                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
-        except ImportError:
-            return
-        self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 console=Console(file=self.stream), transient=False)
-        self._bar.start()
-        self._task = self._bar.add_task("sweep", total=total)
-
-    def update(self, point: Point) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, description=f"{point.mode:7} {point.kernel:15} "
-                                                     f"{seq_len_label(point.seq_len):>5}")
-
-    def advance(self, record: dict) -> None:
-        self._done += 1
-        if self._bar is not None:
-            self._bar.advance(self._task)
-        elif self.enabled:
-            median = record.get("median_ms")
-            timing = f" {median:.3f} ms" if median is not None else ""
-            print(f"[{self._done}/{self._total}] {record['mode']} {record['kernel']} "
-                  f"{seq_len_label(record['seq_len'])}: {record['status']}{timing}",
-                  file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
-
-
-def make_progress(enabled: Optional[bool] = None, stream=None) -> Progress:
-    """A Progress that shows only where `stream` (stderr) is a terminal, unless told."""
-    stream = stream or sys.stderr
-    if enabled is None:
-        enabled = bool(getattr(stream, "isatty", lambda: False)())
-    return Progress(enabled, stream)

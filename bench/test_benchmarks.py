@@ -13,8 +13,8 @@ pytest.importorskip("pytest_benchmark")
 
 from attnlab.bench.nvml import NvmlSampler  # noqa: E402
 from attnlab.bench.records import FIELDS, SCHEMA, device_name, jsonable  # noqa: E402
-from attnlab.bench.sweep import (build_call, classify, free_bytes, measured_fields, point_label,  # noqa: E402
-                                 point_record, release_memory, support_reason)
+from attnlab.bench.sweep import (build_call, classify, energy_calls, free_bytes, measured_fields,  # noqa: E402
+                                 point_label, point_record, release_memory, support_reason)
 from attnlab.bench.timer import Timing  # noqa: E402
 from attnlab.bench.workloads import predicted_peak_bytes  # noqa: E402
 
@@ -75,10 +75,7 @@ def _measure(benchmark, grid, point):
         if benchmark.stats is None:
             return None
         times_ms = [seconds * 1e3 for seconds in benchmark.stats.stats.data]
-        calls = 0
-        if sampler.active and grid.energy_s > 0:
-            with sampler.energy_window():
-                calls, _ = timer.run_for(fn, grid.energy_s, estimate_s)
+        calls = energy_calls(sampler, timer, fn, grid.energy_s, estimate_s)
     peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
     timing = Timing.from_times(times_ms, warmup_reps=timer.warmup_reps + 1)
     fields = measured_fields(point, timing, sampler.summary(), calls, peak)

@@ -143,8 +143,7 @@ class Timer:
         pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                  for _ in range(reps)]
         for start, end in pairs:
-            if self._flush is not None:
-                self._flush()
+            self.flush()
             torch.cuda._sleep(lead_cycles)
             start.record()
             fn()

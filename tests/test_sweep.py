@@ -18,6 +18,7 @@ from attnlab.bench import records as rec
 from attnlab.bench import sweep as sw
 from attnlab.bench.workloads import Workload, flops, point_key, predicted_peak_bytes
 from attnlab.cli import main
+from attnlab.cli._progress import make_progress
 from attnlab.kernels import naive, registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,13 +261,13 @@ class _Terminal(io.StringIO):
 
 def test_progress_is_quiet_off_a_terminal_and_plain_without_rich(tmp_path, monkeypatch):
     quiet = io.StringIO()
-    _sweep(tmp_path, ["naive"], modes=("decode",), seq_lens=[128], progress=sw.make_progress(stream=quiet))
+    _sweep(tmp_path, ["naive"], modes=("decode",), seq_lens=[128], progress=make_progress(stream=quiet))
     assert quiet.getvalue() == ""
     monkeypatch.setitem(sys.modules, "rich.progress", None)      # as if rich were not installed
     terminal = _Terminal()
     config = sw.SweepConfig(workload=TINY, device="cpu", out=tmp_path / "b.jsonl", kernels=["naive"],
                             modes=("decode",), seq_lens=[128, 256], point_budget_s=0.005)
-    sw.run_sweep(config, progress=sw.make_progress(stream=terminal))
+    sw.run_sweep(config, progress=make_progress(stream=terminal))
     lines = terminal.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].startswith("[1/2] decode naive 128: ok")
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from attnlab.analysis import text
+
 HELP = "fit latency against context, compare with the GPU's peaks and draw the charts"
 
 
@@ -48,7 +50,6 @@ def run(args) -> int:
 
 def print_summary(analysis, out) -> None:
     """Warnings to stderr; records, fits and roofline shares as tables on stdout."""
-    from attnlab.analysis import text
     from attnlab.analysis.roofline import roofline_summary
 
     for warning in analysis.warnings:
@@ -57,9 +58,9 @@ def print_summary(analysis, out) -> None:
     print(f"{len(results)} records from {len(analysis.loaded.files)} file(s), "
           f"{int((results['status'] == 'ok').sum())} ok\n")
     if analysis.fits:
-        print(text.table(*_fit_rows(analysis.fits, text)) + "\n")
+        print(text.table(*_fit_rows(analysis.fits)) + "\n")
     if not analysis.roof.empty:
-        print(text.table(*_roofline_rows(roofline_summary(analysis.roof), text)) + "\n")
+        print(text.table(*_roofline_rows(roofline_summary(analysis.roof))) + "\n")
     claim, claimed = analysis.claim, analysis.claim["claim"]
     print(f"claim model ({claim['model']} on {claim['gpu']}): {text.k(claimed['short_ctx'])}/"
           f"{text.k(claimed['long_ctx'])} = {text.ratio(claim['ratio_max_batch'])} at the largest batch, "
@@ -68,7 +69,7 @@ def print_summary(analysis, out) -> None:
     print(f"wrote {len(analysis.files)} file(s) under {out}")
 
 
-def _fit_rows(fits, text):
+def _fit_rows(fits):
     headers = ["kernel", "mode", "workload", "device", "exponent [95% CI]", "R^2", "c n^2 > b n beyond", "1M (ms)"]
     rows = []
     for f in fits:
@@ -79,7 +80,7 @@ def _fit_rows(fits, text):
     return headers, rows
 
 
-def _roofline_rows(summary, text):
+def _roofline_rows(summary):
     headers = ["kernel", "mode", "device", "% of peak at longest", "best %", "peak source"]
     rows = [[r["kernel"], r["mode"], r["device"], f"{text.pct(r['pct_at_longest'])} at {text.k(r['longest_seq_len'])}",
              text.pct(r["best_pct"]), r["peak_source"]] for _, r in summary.iterrows()]

@@ -1,6 +1,8 @@
 """`attnlab check`: every implementation that runs here, against float64, on awkward shapes."""
 from __future__ import annotations
 
+from attnlab.cli._args import device_or_default
+
 HELP = "check every available implementation against a float64 reference on this machine"
 
 
@@ -14,7 +16,7 @@ def run(args) -> int:
 
     from attnlab.kernels.selfcheck import check
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_or_default(args.device)
     results = check(device, getattr(torch, args.dtype))
     for r in results:
         print(f"{'ok  ' if r.ok else 'FAIL'} {r.impl:15} {r.mode:8} err {r.max_error:.2e} "

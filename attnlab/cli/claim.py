@@ -57,7 +57,7 @@ def run(args) -> int:
 
 
 def _build(args):
-    from attnlab.analysis.claim import Calibration, build_claim, infer_gpu
+    from attnlab.analysis.claim import build_claim, infer_gpu
     from attnlab.analysis.text import parse_seq_len
 
     seq_lens = [parse_seq_len(s) for s in args.seq_lens.split(",") if s.strip()]
@@ -66,7 +66,7 @@ def _build(args):
         from attnlab.analysis.load import load
         loaded = load(args.results)
         results, notes = loaded.results, list(loaded.warnings)
-    calibration = _what_if(args, Calibration)
+    calibration = _what_if(args)
     gpu = args.gpu or infer_gpu(results) or "h100-sxm"
     document, more = build_claim(args.model, gpu, seq_lens=seq_lens, num_gpus=args.num_gpus,
                                  decode_tokens=args.decode_tokens, mem_fraction=args.mem_fraction,
@@ -74,8 +74,10 @@ def _build(args):
     return document, notes + more
 
 
-def _what_if(args, Calibration):
+def _what_if(args):
     """A calibration from the what-if flags, or None to calibrate on results (or stay ideal)."""
+    from attnlab.analysis.claim import Calibration
+
     given = {name: value for name, value in (("bw_efficiency", args.bw_efficiency),
                                              ("compute_efficiency", args.compute_efficiency),
                                              ("overhead_ms", args.overhead_ms)) if value is not None}

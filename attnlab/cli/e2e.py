@@ -1,9 +1,10 @@
 """`attnlab e2e`: output tokens/s of a Llama-shaped decoder from 1k to 128k tokens of context."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+
+from attnlab.cli._args import parse_seq_lens
 
 HELP = "end-to-end decode throughput of a Llama-shaped decoder against context length"
 
@@ -36,16 +37,6 @@ def add_arguments(parser) -> None:
                         help="plan the largest batch within this many GiB instead of free device memory")
     parser.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly even where a graph works")
     parser.add_argument("--seed", type=int, default=0)
-
-
-def parse_seq_lens(text: str) -> list:
-    """'1k,2k,4096' -> [1024, 2048, 4096], as the sweep reads them (k means 1024)."""
-    from attnlab.bench.workloads import parse_seq_lens as parse
-
-    try:
-        return parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(args) -> int:

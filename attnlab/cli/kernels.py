@@ -1,6 +1,8 @@
 """`attnlab kernels`: the registry as a table, with why each unavailable one cannot run."""
 from __future__ import annotations
 
+from attnlab.cli._args import device_or_default
+
 HELP = "list attention implementations and whether they run here"
 
 
@@ -9,11 +11,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from attnlab.kernels import implementations
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_or_default(args.device)
     rows = [("name", "modes", "dtypes", "head_dim", "devices", f"on {device}")]
     for impl in implementations():
         status = impl.available(device)

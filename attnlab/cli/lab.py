@@ -18,10 +18,12 @@ def run(args) -> int:
     import torch
 
     out = Path(args.out)
-    runs = [p for p in [Path(args.profiles)] if p.exists()]
+    profiles = Path(args.profiles)
+    runs = [profiles] if profiles.exists() else []
     if torch.cuda.is_available():
-        from attnlab.bench.sweep import SweepConfig, make_progress, run_sweep
+        from attnlab.bench.sweep import SweepConfig, run_sweep
         from attnlab.bench.workloads import preset
+        from attnlab.cli._progress import make_progress
 
         sweep_out = out / "sweep.jsonl"
         out.mkdir(parents=True, exist_ok=True)

@@ -4,77 +4,36 @@ from __future__ import annotations
 import argparse
 import sys
 
+from attnlab.cli._args import checked, device_or_default, parse_names, parse_seq_lens, positive_int, seconds
+
 HELP = "measure kernels from short to long context (time, memory, power) into JSONL records"
-
-
-def _seq_lens(text):
-    from attnlab.bench.workloads import parse_seq_lens
-
-    return _checked(parse_seq_lens)(text)
-
-
-def _checked(parse):
-    """An argparse type from a parser whose ValueError already names the value's meaning."""
-    def convert(text):
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    return convert
 
 
 def _dtype(text):
     from attnlab.bench.workloads import dtype_name
 
-    return _checked(dtype_name)(text)
+    return checked(dtype_name)(text)
 
 
 def _workload(text):
     from attnlab.bench.workloads import preset
 
-    return _checked(lambda name: preset(name).name)(text)
-
-
-def _names(text):
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected a comma list, got {text!r}")
-    return list(dict.fromkeys(names))
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
-    return value
+    return checked(lambda name: preset(name).name)(text)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--kernels", type=_names, default=None,
+    parser.add_argument("--kernels", type=parse_names, default=None,
                         help="comma list of implementations (default: all available on the device)")
-    parser.add_argument("--modes", type=_names, default=None, help="prefill, decode or both (default: both)")
-    parser.add_argument("--seq-lens", type=_seq_lens, default=None,
+    parser.add_argument("--modes", type=parse_names, default=None, help="prefill, decode or both (default: both)")
+    parser.add_argument("--seq-lens", type=parse_seq_lens, default=None,
                         help="comma list of context lengths in tokens, 1k = 1024 "
                              "(default: 1k,2k,...,128k; the cpu-small preset has its own)")
     parser.add_argument("--workload", type=_workload, default=None,
                         help="preset: llama3-8b (default on CUDA), fa-paper, cpu-small (default on CPU)")
-    parser.add_argument("--batch", type=_positive_int, default=None, help="sequences per call")
-    parser.add_argument("--heads", type=_positive_int, default=None, help="query heads")
-    parser.add_argument("--kv-heads", type=_positive_int, default=None, help="key/value heads (GQA)")
-    parser.add_argument("--head-dim", type=_positive_int, default=None, help="head dimension")
+    parser.add_argument("--batch", type=positive_int, default=None, help="sequences per call")
+    parser.add_argument("--heads", type=positive_int, default=None, help="query heads")
+    parser.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads (GQA)")
+    parser.add_argument("--head-dim", type=positive_int, default=None, help="head dimension")
     parser.add_argument("--dtype", type=_dtype, default=None, help="bfloat16, float16, float32 or float64 (bf16, fp16, fp32)")
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None,
                         help="causal masking for prefill (default: the preset's)")
@@ -83,19 +42,17 @@ def add_arguments(parser) -> None:
                         help="JSONL file for the records; NVML samples go beside it as .nvml.csv")
     parser.add_argument("--resume", action="store_true",
                         help="continue --out: measure only points it does not already settle")
-    parser.add_argument("--budget-s", type=_seconds, default=None,
+    parser.add_argument("--budget-s", type=seconds, default=None,
                         help="stop starting points after this many seconds; the rest are recorded as skipped")
 
 
 def build_config(args):
     """The SweepConfig the flags describe: a preset, then explicit flags over it."""
-    import torch
-
     from attnlab.bench.sweep import SweepConfig, check_device
     from attnlab.bench.workloads import MODES, default_preset, preset
     from attnlab.kernels import get
 
-    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device_or_default(args.device))
     workload = preset(args.workload or default_preset(device.type)).override(
         batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
         dtype=args.dtype, causal=args.causal)
@@ -110,7 +67,8 @@ def build_config(args):
 
 
 def run(args) -> int:
-    from attnlab.bench.sweep import make_progress, run_sweep
+    from attnlab.bench.sweep import run_sweep
+    from attnlab.cli._progress import make_progress
 
     try:
         config = build_config(args)
