@@ -297,3 +297,12 @@ def test_e2e_on_a_gpu_plans_fills_and_captures():
         assert row["cuda_graph"] is True and row["batch"] >= 1
         assert row["peak_mem_bytes"] <= row["predicted_mem_bytes"]
     assert rows[0]["batch"] > rows[1]["batch"]
+
+
+@pytest.mark.parametrize("flag,value", [("--batch", "0"), ("--decode-tokens", "-3"), ("--budget-s", "-1")])
+def test_e2e_rejects_bad_numbers_by_name(flag, value, capsys):
+    from attnlab.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["e2e", flag, value])
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err

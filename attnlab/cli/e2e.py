@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from attnlab.cli._args import parse_seq_lens
+from attnlab.cli._args import parse_seq_lens, positive_int, seconds
 
 HELP = "end-to-end decode throughput of a Llama-shaped decoder against context length"
 
@@ -21,14 +21,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seq-lens", type=parse_seq_lens, default=None,
                         help="comma list of context lengths, 1k = 1024 (default: 1k..128k on CUDA, "
                              "256..2k on a CPU)")
-    parser.add_argument("--batch", type=int, default=None,
+    parser.add_argument("--batch", type=positive_int, default=None,
                         help="fixed batch (default: the largest that fits; 4 on a CPU)")
     parser.add_argument("--with-prefill", action="store_true",
                         help="also time the prefill of the context and report tokens/s including it")
-    parser.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded per sequence (default 128)")
+    parser.add_argument("--decode-tokens", type=positive_int, default=128, help="tokens decoded per sequence (default 128)")
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps first (default 3)")
     parser.add_argument("--out", default=None, help="JSONL file to append to (default: e2e-PRESET-ATTENTION.jsonl)")
-    parser.add_argument("--budget-s", type=float, default=None,
+    parser.add_argument("--budget-s", type=seconds, default=None,
                         help="stop starting new lengths after this many seconds; the rest are recorded skipped")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
