@@ -323,10 +323,6 @@ class Decoder:
         return self.logits(x[:, -1])
 
 
-# Implementations whose decode reads cache lengths on the host: a CUDA graph cannot hold them.
-HOST_SYNCING_DECODE = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")
-
-
 class StaticDecoder:
     """Greedy decoding with static buffers: one step feeds its argmax token to the next.
 
@@ -383,7 +379,7 @@ class StaticDecoder:
         if self.model.device.type != "cuda":
             self.graph_reason = "CUDA graphs need a CUDA device"
             return False
-        if self.attention.name in HOST_SYNCING_DECODE:
+        if self.attention.decode_reads_lengths_on_host:
             self.graph_reason = f"{self.attention.name} reads cache lengths on the host"
             return False
         for _ in range(max(1, warmup_steps)):

@@ -60,6 +60,12 @@ class Implementation:
     prepare_decode: Optional[Callable] = None
 
     @property
+    def decode_reads_lengths_on_host(self) -> bool:
+        """Decode needs cache_seqlens on the host: read once when prepared, but a plain
+        `decode` call syncs every time, so it cannot be captured in a CUDA graph."""
+        return self.prepare_decode is not None
+
+    @property
     def modes(self) -> tuple:
         return tuple(m for m in MODES if getattr(self, m) is not None)
 

@@ -135,3 +135,8 @@ def test_a_prepared_sdpa_decode_reads_the_lengths_once(monkeypatch):
     for _ in range(3):
         assert torch.allclose(call(), expected, atol=1e-5)
     assert not reads
+
+
+def test_the_registry_says_which_decodes_read_lengths_on_the_host():
+    syncing = {i.name for i in K.implementations() if i.decode_reads_lengths_on_host}
+    assert syncing == {"sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math"}
