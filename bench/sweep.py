@@ -82,17 +82,12 @@ def nvml_csv_path(out) -> Path:
 
 
 def default_kernels(device_type: str) -> list[str]:
-    """Implementations that run on this device type, less those only emulated here."""
+    """Implementations that run on this device type, less those only emulated here (Triton's
+    interpreter on a CPU: right, but its times say nothing, and a long point takes minutes)."""
     from attnlab.kernels import implementations
 
     return [impl.name for impl in implementations()
-            if impl.available(device_type) and not _emulated(impl.name, device_type)]
-
-
-def _emulated(kernel: str, device_type: str) -> bool:
-    # On a CPU, Triton kernels run in Triton's interpreter: correct, but its times say
-    # nothing about the kernel, and a long point takes minutes.
-    return device_type == "cpu" and kernel.startswith("triton")
+            if impl.available(device_type) and device_type not in impl.emulated_on]
 
 
 def plan(config: SweepConfig) -> list[Point]:

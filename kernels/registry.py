@@ -44,6 +44,8 @@ class Implementation:
     `limits(device_type, dtype, head_dim)`, where given, adds rules that differ by device.
     `prepare_decode(q, k_cache, v_cache, cache_seqlens, scale)`, where given, does host-side
     work once and returns the call (the SDPA adapters read the lengths there, not per call).
+    `emulated_on` names device types where it runs only in an emulator: right, but its
+    times say nothing about the kernel.
     """
 
     name: str
@@ -58,6 +60,7 @@ class Implementation:
     speed_rank: dict = field(default_factory=dict)
     limits: Optional[Callable[[str, torch.dtype, int], Availability]] = None
     prepare_decode: Optional[Callable] = None
+    emulated_on: tuple = ()
 
     @property
     def decode_reads_lengths_on_host(self) -> bool:

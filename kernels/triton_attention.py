@@ -40,7 +40,7 @@ def _lazy(module: str, function: str):
 
 
 _COMMON = dict(dtypes=DTYPES, head_dims=lambda d: 16 <= d <= 256, head_dims_text="16 to 256",
-               devices=("cpu", "cuda"), probe=_probe)
+               devices=("cpu", "cuda"), probe=_probe, emulated_on=("cpu",))  # the interpreter
 
 register(Implementation(
     name="triton", description="Triton FlashAttention-2-style forward (tiled, online softmax)",

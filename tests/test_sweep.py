@@ -351,3 +351,9 @@ def test_default_plan_runs_each_kernel_only_in_its_modes(monkeypatch, tmp_path):
     assert pairs == {("naive", "prefill"), ("naive", "decode"), ("triton", "prefill"), ("triton-decode", "decode")}
     named = sw.plan(sw.SweepConfig(workload, seq_lens=[64], kernels=["triton"], out=tmp_path / "r"))
     assert {p.mode for p in named} == {"prefill", "decode"}  # a named kernel is tried, and told no
+
+
+def test_default_kernels_on_a_cpu_leave_out_the_emulated_ones():
+    kernels = sw.default_kernels("cpu")
+    assert {"naive", "sdpa-math", "sdpa-flash"} <= set(kernels)
+    assert not {"triton", "triton-decode"} & set(kernels)   # available here, but only interpreted
