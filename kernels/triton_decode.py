@@ -82,32 +82,37 @@ def _decode_merge(
     stride_pb, stride_ph, stride_ps, stride_pm,
     stride_ob, stride_om, stride_oh, stride_od,
     q_len, groups, kv_heads, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
 ):
+    # One program per query row, reading SPLIT_BLOCK splits per step: a loop over splits one by
+    # one would wait on memory once per split, which costs more than the merge's reads.
     b = tl.program_id(0) // kv_heads
     kv_h = tl.program_id(0) % kv_heads
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = tl.program_id(1)
+    offs_s = tl.arange(0, SPLIT_BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for split in range(0, num_splits):
-        part = b * stride_pb + kv_h * stride_ph + split * stride_ps
-        lse = tl.load(Lpart + part + rows)
-        o = tl.load(Opart + part * BLOCK_D + rows[:, None] * BLOCK_D + offs_d[None, :])
-        m_new = tl.maximum(m, lse)
+    base = b * stride_pb + kv_h * stride_ph + row * stride_pm
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for first in range(0, num_splits, SPLIT_BLOCK):
+        splits = first + offs_s
+        part = base + splits * stride_ps
+        lse = tl.load(Lpart + part, mask=splits < num_splits, other=float("-inf"))
+        o = tl.load(Opart + part[:, None] * BLOCK_D + offs_d[None, :], mask=(splits < num_splits)[:, None],
+                    other=0.0)
+        m_new = tl.maximum(m, tl.max(lse, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_safe)
         weight = tl.math.exp2(lse - m_safe)
-        acc = acc * alpha[:, None] + o * weight[:, None]
-        total = total * alpha + weight
+        acc = acc * alpha + tl.sum(o * weight[:, None], 0)
+        total = total * alpha + tl.sum(weight, 0)
         m = m_new
-    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-    head = kv_h * groups + rows // q_len
-    pos = rows % q_len
-    o_ptrs = Out + b * stride_ob + head[:, None] * stride_oh + pos[:, None] * stride_om + offs_d[None, :] * stride_od
-    mask = (rows[:, None] < groups * q_len) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
+    out = acc / tl.where(total == 0.0, 1.0, total)
+    head = kv_h * groups + row // q_len
+    pos = row % q_len
+    o_ptrs = Out + b * stride_ob + head * stride_oh + pos * stride_om + offs_d * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,16 +147,17 @@ def decode(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | N
     lse_part = torch.empty(batch, kv_heads, splits, rows_padded, device=q.device, dtype=torch.float32)
     out_part = torch.empty(batch, kv_heads, splits, rows_padded, bd, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=block_m)
     _decode_split[(batch * kv_heads, row_blocks, splits)](
         q, k_cache, v_cache, cache_seqlens, out_part, lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *lse_part.stride(),
         q_len, groups, kv_heads, split_len, scale * LOG2E,
-        **common, BLOCK_N=block_n, UPCAST_DOT=upcast_dot(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+        HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n,
+        UPCAST_DOT=upcast_dot(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
         **({} if interpreting else dict(num_warps=4, num_stages=3)),
     )
-    _decode_merge[(batch * kv_heads, row_blocks)](
+    _decode_merge[(batch * kv_heads, groups * q_len)](
         out_part, lse_part, out, *lse_part.stride(), *out.stride(),
-        q_len, groups, kv_heads, splits, **common,
+        q_len, groups, kv_heads, splits, HEAD_DIM=head_dim, BLOCK_D=bd,
+        SPLIT_BLOCK=min(64, triton.next_power_of_2(splits)),
     )
     return out

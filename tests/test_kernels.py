@@ -125,6 +125,18 @@ def test_triton_decode_split_counts(num_splits):
     check_decode("triton-decode", [300, 0, 45, 257], 300, 4, 4, 2, 64, torch.bfloat16, num_splits=num_splits)
 
 
+def test_triton_decode_merges_more_splits_than_one_step_reads():
+    # 69 splits, and the merge reads 64 per step. The last keys match the query best, so the
+    # second step raises the running maximum and must rescale what the first step summed.
+    q, k, v = random_qkv(2, 1, 2200, 2, 1, 32, torch.float16)
+    k[:, 2100:] = q[:, :, :1] * 1.5
+    lens = torch.tensor([2200, 5], dtype=torch.int32)
+    ref = reference(q, k, v, decode_mask(lens, 1, 2200))
+    out = triton_decode.decode(q, k, v, lens, 32 ** -0.5, num_splits=69)
+    naive = K.decode_attention(q, k, v, lens, impl="naive")
+    assert_close_as_naive(out, naive, ref, "69 splits, the best keys last")
+
+
 def test_triton_decode_q_len_16_mqa():
     check_decode("triton-decode", [64, 17], 64, 16, 8, 1, 32, torch.float32)
 
