@@ -81,9 +81,10 @@ def resolve(impl: str, mode: str, q: torch.Tensor) -> registry.Implementation:
     usable = [i for i in registry.implementations()
               if i.available(device_type) and i.supports(mode, dtype, head_dim, device_type)]
     if impl == "auto":
-        if not usable:
+        candidates = [i for i in usable if not i.ablation_of]
+        if not candidates:
             raise ValueError(f"impl: no implementation runs {mode} for {_describe(q)} on {device_type}")
-        return min(usable, key=lambda i: i.speed_rank.get(device_type, 100))
+        return min(candidates, key=lambda i: i.speed_rank.get(device_type, 100))
     chosen = registry.get(impl)
     why_not = chosen.available(device_type)
     if why_not:

@@ -46,6 +46,8 @@ class Implementation:
     work once and returns the call (the SDPA adapters read the lengths there, not per call).
     `emulated_on` names device types where it runs only in an emulator: right, but its
     times say nothing about the kernel.
+    `ablation_of` names the implementation this one is with one feature turned off, for
+    measuring what that feature is worth; `auto` and the sweeps' defaults leave it out.
     """
 
     name: str
@@ -61,6 +63,7 @@ class Implementation:
     limits: Optional[Callable[[str, torch.dtype, int], Availability]] = None
     prepare_decode: Optional[Callable] = None
     emulated_on: tuple = ()
+    ablation_of: str = ""
 
     @property
     def decode_reads_lengths_on_host(self) -> bool:

@@ -33,9 +33,9 @@ def _probe(device_type: str):
     return YES
 
 
-def _lazy(module: str, function: str):
+def _lazy(module: str, function: str, **options):
     def call(*args):
-        return getattr(importlib.import_module(f"attnlab.kernels.{module}"), function)(*args)
+        return getattr(importlib.import_module(f"attnlab.kernels.{module}"), function)(*args, **options)
     return call
 
 
@@ -45,6 +45,11 @@ _COMMON = dict(dtypes=DTYPES, head_dims=lambda d: 16 <= d <= 256, head_dims_text
 register(Implementation(
     name="triton", description="Triton FlashAttention-2-style forward (tiled, online softmax)",
     prefill=_lazy("triton_prefill", "attention"), speed_rank={"cuda": 30, "cpu": 90}, **_COMMON))
+
+register(Implementation(
+    name="triton-ptr", description="the triton kernel with K/V read by pointers (cp.async), never by TMA",
+    prefill=_lazy("triton_prefill", "attention", tma=False), speed_rank={"cuda": 31, "cpu": 91},
+    ablation_of="triton", **_COMMON))
 
 register(Implementation(
     name="triton-decode", description="Triton split-KV decode (flash-decoding) with LSE merge",

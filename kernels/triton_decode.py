@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from attnlab.kernels.registry import triton_interpreting
-from attnlab.kernels.triton_prefill import LOG2E, _attend_tile, _load_tile, block_d, dot_precision, upcast_dot
+from attnlab.kernels.triton_prefill import (LOG2E, _attend_keys, _load_tile, block_d, dot_precision, positive_scale,
+                                            upcast_dot)
 
 
 @triton.jit
@@ -57,15 +58,12 @@ def _decode_split(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(start, unmasked_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(q, k_ptrs + start_n * stride_kn, v_ptrs + start_n * stride_vn,
-                                     offs_n, BLOCK_N, offs_d, key_limit, acc, m_i, l_i, qk_scale,
-                                     HEAD_DIM, BLOCK_D, False, UPCAST_DOT, DOT_PRECISION)
-    for start_n in range(unmasked_end, end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(q, k_ptrs + start_n * stride_kn, v_ptrs + start_n * stride_vn,
-                                     offs_n, end - start_n, offs_d, key_limit - start_n,
-                                     acc, m_i, l_i, qk_scale,
-                                     HEAD_DIM, BLOCK_D, True, UPCAST_DOT, DOT_PRECISION)
+    acc, m_i, l_i = _attend_keys(q, k_ptrs, v_ptrs, b, kv_h, start, unmasked_end, end, stride_kn, stride_vn,
+                                 offs_n, offs_d, key_limit, acc, m_i, l_i, qk_scale,
+                                 HEAD_DIM, BLOCK_N, BLOCK_D, False, False, UPCAST_DOT, DOT_PRECISION)
+    acc, m_i, l_i = _attend_keys(q, k_ptrs, v_ptrs, b, kv_h, unmasked_end, end, end, stride_kn, stride_vn,
+                                 offs_n, offs_d, key_limit, acc, m_i, l_i, qk_scale,
+                                 HEAD_DIM, BLOCK_N, BLOCK_D, True, False, UPCAST_DOT, DOT_PRECISION)
 
     # Partial result of this split: normalised output and log2-sum-exp2 (-inf: saw no key).
     seen = l_i > 0.0
@@ -133,6 +131,7 @@ def decode(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | N
     """q (B, q_len, H, D); caches (B, max_seqlen, KVH, D); cache_seqlens int32 (B,)."""
     batch, q_len, heads, head_dim = q.shape
     max_seqlen, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    q, scale = positive_scale(q, scale)
     groups = heads // kv_heads
     bd = block_d(head_dim)
     block_m = max(16, min(64, triton.next_power_of_2(groups * q_len)))

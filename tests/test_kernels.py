@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnlab.kernels as K
-from attnlab.kernels import triton_decode
+from attnlab.kernels import triton_decode, triton_prefill
 from reference import (assert_close_as_naive, decode_mask, max_error, random_qkv, reference, usable,
                        visible_keys)
 
@@ -23,10 +23,13 @@ HEAD_DIMS = [16, 40, 59, 64, 80, 96, 111, 128, 256]
 HEAD_LAYOUTS = [(4, 4), (4, 2), (4, 1)]  # MHA, GQA, MQA
 
 
-def check_prefill(impl, batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, causal, seed=0):
+def check_prefill(impl, batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, causal, seed=0, **kw):
     q, k, v = random_qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, seed=seed)
     ref = reference(q, k, v, visible_keys(seqlen_q, seqlen_k, causal)[None])
-    out = K.attention(q, k, v, causal=causal, impl=impl)
+    if kw:
+        out = triton_prefill.attention(q, k, v, causal, head_dim ** -0.5, **kw)
+    else:
+        out = K.attention(q, k, v, causal=causal, impl=impl)
     assert out.shape == q.shape and out.dtype == dtype
     naive = K.attention(q, k, v, causal=causal, impl="naive")
     assert_close_as_naive(out, naive, ref, f"{impl} {tuple(q.shape)} k {tuple(k.shape)} causal={causal}")
@@ -79,6 +82,45 @@ def test_triton_seqlen_pairs(seqlen_q, seqlen_k, causal, head_dim, dtype):
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_triton_head_dims(head_dim):
     check_prefill("triton", 2, 70, 97, 2, 1, head_dim, torch.float16, True)
+
+
+# The tensor-descriptor (TMA) path Hopper takes by default: batch and kv head are copy
+# coordinates, and the copy engine zero-fills keys past the end and a head_dim under BLOCK_D.
+@pytest.mark.parametrize("seqlen_q,seqlen_k,heads,kv_heads,head_dim,dtype,causal", [
+    (113, 203, 4, 2, 64, torch.float16, True), (203, 113, 4, 1, 96, torch.bfloat16, True),
+    (64, 128, 2, 2, 40, torch.float32, False), (1, 97, 4, 1, 128, torch.float16, True),
+    (130, 130, 2, 1, 256, torch.bfloat16, False)])
+def test_triton_tma_path(seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, causal):
+    check_prefill("triton", 2, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, causal, tma=True)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_triton_takes_any_finite_scale(scale):
+    # The kernels fuse the scale into one multiply-add, which needs it >= 0: a negative one
+    # moves into q. Zero averages the visible values. Scores spread wide enough that a wrong
+    # running maximum would overflow exp2.
+    q, k, v = random_qkv(2, 70, 97, 4, 2, 32, torch.float32)
+    q *= 40
+    ref = reference(q, k, v, visible_keys(70, 97, True)[None], scale=scale)
+    naive = K.attention(q, k, v, causal=True, scale=scale, impl="naive")
+    out = K.attention(q, k, v, causal=True, scale=scale, impl="triton")
+    assert_close_as_naive(out, naive, ref, f"prefill scale {scale}")
+    lens = torch.tensor([97, 40], dtype=torch.int32)
+    ref = reference(q[:, :3], k, v, decode_mask(lens, 3, 97), scale=scale)
+    naive = K.decode_attention(q[:, :3], k, v, lens, scale=scale, impl="naive")
+    out = K.decode_attention(q[:, :3], k, v, lens, scale=scale, impl="triton-decode")
+    assert_close_as_naive(out, naive, ref, f"decode scale {scale}")
+
+
+def test_triton_ptr_is_the_pointer_path_by_name():
+    check_prefill("triton-ptr", 2, 97, 131, 4, 2, 64, torch.bfloat16, causal=True)
+
+
+def test_triton_tma_refuses_unaligned_strides():
+    q, k, v = random_qkv(1, 8, 8, 2, 1, 59, torch.float16)  # 59 halves: a 118-byte head stride
+    with pytest.raises(ValueError, match="tma=True.*16-byte"):
+        triton_prefill.attention(q, k, v, False, 1.0, tma=True)
+    assert triton_prefill.tma_unfit_reason(*random_qkv(1, 8, 8, 2, 1, 64, torch.float16)[1:]) is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
