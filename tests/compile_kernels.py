@@ -2,64 +2,144 @@
 
 Run in its own process: Triton picks compiler or interpreter when kernel modules are
 imported, and the tests import them in interpreter mode.
+
+Each kernel is compiled as Triton's JIT would compile it for the llama3-8b shapes: an integer
+argument equal to 1 becomes a constant, and pointers and integers divisible by 16 are marked
+so. Without that, loads neither vectorise nor pipeline, and the build would not be the one a
+GPU runs.
 """
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from attnlab.kernels import triton_decode, triton_prefill  # noqa: E402
 
 POINTERS = {"Opart": "*fp32", "Lpart": "*fp32", "Lens": "*i32"}
+HEADS, KV_HEADS = 32, 8  # llama3-8b
 
 
-def compile_for(fn, capability, tensor_type, constexprs, **options):
-    names = fn.arg_names
-    signature = {}
-    for name in names:
+def contiguous_strides(shape):
+    strides = [1]
+    for n in reversed(shape[1:]):
+        strides.insert(0, strides[0] * n)
+    return strides
+
+
+def named_strides(prefix, shape):
+    return {f"stride_{prefix}{axis}": s for axis, s in zip("bmhd" if prefix in "qo" else "bnhd",
+                                                            contiguous_strides(shape))}
+
+
+def prefill_ints(seqlen, head_dim):
+    ints = dict(seqlen_q=seqlen, seqlen_k=seqlen, heads=HEADS, groups=HEADS // KV_HEADS, seq_bucket=seqlen)
+    for prefix, heads in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS), ("o", HEADS)):
+        ints.update(named_strides(prefix, [1, seqlen, heads, head_dim]))
+    return ints
+
+
+def decode_ints(cache_len, splits, rows, head_dim):
+    ints = dict(q_len=1, groups=HEADS // KV_HEADS, kv_heads=KV_HEADS, split_len=cache_len // splits,
+                num_splits=splits)
+    for prefix, shape in (("q", [1, 1, HEADS, head_dim]), ("o", [1, 1, HEADS, head_dim]),
+                          ("k", [1, cache_len, KV_HEADS, head_dim]), ("v", [1, cache_len, KV_HEADS, head_dim])):
+        ints.update(named_strides(prefix, shape))
+    ints.update(zip(("stride_pb", "stride_ph", "stride_ps", "stride_pm"),
+                    contiguous_strides([1, KV_HEADS, splits, rows])))
+    return ints
+
+
+def compile_for(fn, capability, tensor_type, ints, constexprs, descriptors=(), **options):
+    """Compile fn as the JIT specialises it for these integer arguments.
+
+    descriptors: tensor arguments passed as (batch, seqlen, heads, head_dim) TMA descriptors.
+    """
+    constexprs, signature, attrs = dict(constexprs), {}, {}
+    for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in descriptors:
+            block = triton_prefill.kv_block_shape(constexprs["BLOCK_N"], constexprs["BLOCK_D"])
+            signature[name] = f"tensordesc<{tensor_type[1:]}[{','.join(map(str, block))}]>"
         elif name[0].isupper():  # tensors are the capitalised arguments
             signature[name] = POINTERS.get(name, tensor_type)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "qk_scale":
+            signature[name] = "fp32"
+        elif ints[name] == 1:
+            constexprs[name], signature[name] = 1, "constexpr"
         else:
-            signature[name] = "fp32" if name == "qk_scale" else "i32"
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
+            signature[name] = "i32"
+            if ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
-    ptx = kernel.asm["ptx"]
-    return {"shared_bytes": kernel.metadata.shared, "wgmma": "wgmma.mma_async" in ptx,
-            "mma_sync": "mma.sync" in ptx}
+    ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+    return dict(shared_bytes=kernel.metadata.shared, wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx,
+                cp_async=ttgir.count("async_copy_global_to_local"), tma_copies=ttgir.count("async_tma_copy"),
+                **ptxas_usage(ptx, capability))
 
 
-def prefill(capability, tensor_type, head_dim, causal, config):
+def ptxas_usage(ptx, capability):
+    """Registers per thread and spilled bytes, as ptxas reports them."""
+    arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        report = subprocess.run([get_ptxas(capability).path, f"-arch={arch}", "-v", f.name, "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    return dict(registers=int(re.search(r"Used (\d+) registers", report).group(1)),
+                spill_bytes=int(spills.group(1)) + int(spills.group(2)))
+
+
+def prefill(capability, tensor_type, head_dim, causal, config, tma):
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton_prefill.block_d(head_dim), IS_CAUSAL=causal,
-                      UPCAST_DOT=False, DOT_PRECISION="ieee", **config.kwargs)
-    result = compile_for(triton_prefill._attention_fwd, capability, tensor_type, constexprs,
+                      UPCAST_DOT=False, DOT_PRECISION="ieee", TMA=tma, **config.kwargs)
+    result = compile_for(triton_prefill._attention_fwd, capability, tensor_type, prefill_ints(16384, head_dim),
+                         constexprs, descriptors=("K", "V") if tma else (),
                          num_warps=config.num_warps, num_stages=config.num_stages)
     return dict(result, kernel="prefill", capability=capability, dtype=tensor_type, head_dim=head_dim,
-                causal=causal, config=str(config))
+                causal=causal, tma=tma, config=str(config))
+
+
+def tuned_configs(dtype, head_dim):
+    """The tiles autotuning may try for this case."""
+    return triton_prefill._prune(triton_prefill._configs(), {"Q": torch.empty(0, dtype=dtype)},
+                                 BLOCK_D=triton_prefill.block_d(head_dim))
+
+
+def decode(capability):
+    splits, rows, bd = 32, 16, 128
+    split = compile_for(triton_decode._decode_split, capability, "*bf16", decode_ints(32768, splits, rows, bd),
+                        dict(HEAD_DIM=128, BLOCK_D=bd, BLOCK_M=rows, BLOCK_N=64, UPCAST_DOT=False,
+                             DOT_PRECISION="ieee"), num_warps=4, num_stages=3)
+    merge = compile_for(triton_decode._decode_merge, capability, "*bf16", decode_ints(32768, splits, rows, bd),
+                        dict(HEAD_DIM=128, BLOCK_D=bd, SPLIT_BLOCK=32))
+    return [dict(split, kernel="decode_split", capability=capability),
+            dict(merge, kernel="decode_merge", capability=capability)]
 
 
 def main():
     results = []
-    tuned = triton_prefill._prune(triton_prefill._configs(), {"Q": torch.empty(0, dtype=torch.bfloat16)},
-                                  BLOCK_D=128)
-    for config in tuned:  # every tile autotuning may pick for the llama3 shapes on Hopper
-        results.append(prefill(90, "*bf16", 128, True, config))
-    first = triton_prefill._configs()[0]
-    results.append(prefill(90, "*fp16", 59, False, first))
-    results.append(prefill(80, "*bf16", 128, True, first))
-    common = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16)
-    split = compile_for(triton_decode._decode_split, 90, "*bf16",
-                        dict(common, BLOCK_N=64, UPCAST_DOT=False, DOT_PRECISION="ieee"), num_warps=4, num_stages=3)
-    merge = compile_for(triton_decode._decode_merge, 90, "*bf16", common)
-    results += [dict(split, kernel="decode_split", capability=90), dict(merge, kernel="decode_merge", capability=90)]
+    for head_dim in (64, 128, 256):  # every tile autotuning may pick on Hopper
+        for config in tuned_configs(torch.bfloat16, head_dim):
+            for tma in (True, False) if head_dim == 128 else (True,):
+                results.append(prefill(90, "*bf16", head_dim, True, config, tma))
+    results.append(prefill(90, "*fp32", 64, False, tuned_configs(torch.float32, 64)[0], True))
+    results.append(prefill(90, "*fp16", 59, False, triton_prefill._configs()[0], False))
+    results.append(prefill(80, "*bf16", 128, True, triton_prefill._configs()[0], False))
+    results += decode(90)
     json.dump(results, sys.stdout)
 
 
