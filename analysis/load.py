@@ -16,6 +16,7 @@ from pathlib import Path
 from attnlab.analysis import _deps
 
 RESULT_SCHEMA = "attnlab.result/1"
+TUNING_SCHEMA = "attnlab.tuning/1"   # attnlab tune's per-tile times: read as they are, not fitted
 ENVIRONMENT_SCHEMA = "attnlab.environment/1"
 STATUSES = ("ok", "oom", "error", "unsupported", "skipped")
 SUPERSEDED = "superseded"   # the analysis's own status: a point a later run measured again
@@ -113,6 +114,8 @@ def read_file(path) -> tuple[list, list, list]:
             return read_pytest_benchmark(document, path)
         if isinstance(document, dict) and ("fits" in document or "claim" in document):
             return [], [], []   # fits.json or claim.json: this package's own output, not a measurement
+        if isinstance(document, dict) and document.get("schema") == TUNING_SCHEMA:
+            return [], [], []
         return [], [], [f"{path}: skipped, a JSON file without a 'benchmarks' list is not pytest-benchmark output"]
     return read_jsonl(text, path)
 

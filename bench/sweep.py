@@ -83,11 +83,12 @@ def nvml_csv_path(out) -> Path:
 
 def default_kernels(device_type: str) -> list[str]:
     """Implementations that run on this device type, less those only emulated here (Triton's
-    interpreter on a CPU: right, but its times say nothing, and a long point takes minutes)."""
+    interpreter on a CPU: right, but its times say nothing, and a long point takes minutes)
+    and the ablations, which run when named."""
     from attnlab.kernels import implementations
 
     return [impl.name for impl in implementations()
-            if impl.available(device_type) and device_type not in impl.emulated_on]
+            if impl.available(device_type) and device_type not in impl.emulated_on and not impl.ablation_of]
 
 
 def plan(config: SweepConfig) -> list[Point]:
@@ -333,15 +334,19 @@ def build_call(point: Point, device) -> Callable[[], torch.Tensor]:
     """
     from attnlab.kernels import prepare_attention, prepare_decode
 
-    kw = {"device": device, "dtype": point.torch_dtype}
-    b, h, kvh, d = point.batch, point.heads, point.kv_heads, point.head_dim
-    q = torch.randn(b, point.q_len, h, d, **kw)
-    k = torch.randn(b, point.seq_len, kvh, d, **kw)
-    v = torch.randn(b, point.seq_len, kvh, d, **kw)
+    q, k, v = random_inputs(point, device)
     if point.mode == DECODE:
-        cache_seqlens = torch.full((b,), point.seq_len, dtype=torch.int32, device=device)
+        cache_seqlens = torch.full((point.batch,), point.seq_len, dtype=torch.int32, device=device)
         return prepare_decode(q, k, v, cache_seqlens, impl=point.kernel)
     return prepare_attention(q, k, v, causal=point.causal, impl=point.kernel)
+
+
+def random_inputs(point: Point, device) -> tuple:
+    """q (batch, q_len, heads, head_dim); k and v (batch, seq_len, kv_heads, head_dim)."""
+    kw = {"device": device, "dtype": point.torch_dtype}
+    b, h, kvh, d = point.batch, point.heads, point.kv_heads, point.head_dim
+    return (torch.randn(b, point.q_len, h, d, **kw), torch.randn(b, point.seq_len, kvh, d, **kw),
+            torch.randn(b, point.seq_len, kvh, d, **kw))
 
 
 def classify(exc: BaseException) -> str:

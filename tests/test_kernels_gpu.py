@@ -1,8 +1,11 @@
 """The correctness matrix at GPU sizes, for every implementation that runs on this GPU."""
+import json
+
 import pytest
 import torch
 
 import attnlab.kernels as K
+from attnlab.kernels import triton_prefill
 from reference import assert_close_as_naive, decode_mask, random_qkv, reference, usable, visible_keys
 
 pytestmark = pytest.mark.gpu
@@ -57,6 +60,19 @@ def test_prefill_fp32_and_head_layouts(heads, kv_heads):
     prefill_case(777, 1025, True, 64, FP32, heads=heads, kv_heads=kv_heads)
 
 
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("seqlen_q,seqlen_k,head_dim", [(4097, 4095, 128), (1000, 2001, 96), (2048, 2048, 256)])
+def test_triton_both_load_paths(seqlen_q, seqlen_k, head_dim, tma):
+    # "auto" takes tensor descriptors on Hopper; the pointer path serves other GPUs and layouts.
+    if tma and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need compute capability 9.0")
+    q, k, v = random_qkv(2, seqlen_q, seqlen_k, 8, 2, head_dim, BF16, device="cuda")
+    ref = reference(q, k, v, visible_keys(seqlen_q, seqlen_k, True)[None])
+    out = triton_prefill.attention(q, k, v, True, head_dim ** -0.5, tma=tma)
+    naive = K.attention(q, k, v, causal=True, impl="naive")
+    assert_close_as_naive(out, naive, ref, f"triton tma={tma} {seqlen_q}x{seqlen_k} d{head_dim}")
+
+
 @pytest.mark.parametrize("q_len,dtype", [(1, BF16), (4, BF16), (16, BF16), (1, FP16)])
 def test_decode_matrix(q_len, dtype):
     max_seqlen, lens = 32768, [0, 3, 1000, 17001, 32768]
@@ -83,3 +99,17 @@ def test_triton_decode_is_capturable_in_a_cuda_graph():
     graph.replay()
     assert torch.equal(K.decode_attention(q, k, v, lens, impl="triton-decode"), captured)
     assert not torch.equal(eager, captured)
+
+
+def test_autotuning_times_every_tile_and_keeps_the_fastest(tmp_path):
+    from attnlab.bench.tuning import tune
+    from attnlab.bench.workloads import preset
+
+    document = tune(preset("llama3-8b"), [4096], "cuda", tmp_path / "tuning.json")
+    assert json.loads((tmp_path / "tuning.json").read_text())["cases"] == document["cases"]
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert [c["tma"] for c in document["cases"]] == ([True, False] if hopper else [False])
+    for case in document["cases"]:
+        assert case["status"] == "ok" and len(case["tiles"]) >= 2, case
+        fastest = min(case["tiles"], key=lambda tile: tile["median_ms"])
+        assert {k: fastest[k] for k in case["chosen"]} == case["chosen"]

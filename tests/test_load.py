@@ -145,9 +145,10 @@ def test_a_point_measured_again_counts_once_as_its_latest(tmp_path):
     assert results.loc["grid", "status"] == "ok"
 
 
-def test_a_committed_report_beside_the_runs_is_not_read_as_data(tmp_path):
+def test_a_committed_report_or_tuning_beside_the_runs_is_not_read_as_data(tmp_path):
     (tmp_path / "fits.json").write_text(json.dumps({"fits": []}))
     (tmp_path / "claim.json").write_text(json.dumps({"model": "llama3-8b", "claim": {}}))
+    (tmp_path / "tuning.json").write_text(json.dumps({"schema": "attnlab.tuning/1", "cases": []}))
     (tmp_path / "other.json").write_text(json.dumps({"something": 1}))
     rec = {"schema": "attnlab.result/1", "run_id": "r", "kernel": "k", "mode": "prefill", "status": "ok",
            "seq_len": 1024, "median_ms": 1.0}

@@ -19,7 +19,7 @@ from attnlab.bench import sweep as sw
 from attnlab.bench.workloads import Workload, flops, point_key, predicted_peak_bytes
 from attnlab.cli import main
 from attnlab.cli._progress import make_progress
-from attnlab.kernels import naive, registry
+from attnlab.kernels import naive, registry, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Workload("tiny", batch=1, heads=2, kv_heads=1, head_dim=16, dtype="float32", causal=True,
@@ -29,11 +29,11 @@ TINY = Workload("tiny", batch=1, heads=2, kv_heads=1, head_dim=16, dtype="float3
 @pytest.fixture
 def register(monkeypatch):
     """Registers a test-only implementation for one test; the registry is restored after."""
-    def add(name, prefill=None, decode=None):
+    def add(name, prefill=None, decode=None, **fields):
         impl = registry.Implementation(
             name=name, description="test only", dtypes=(torch.float32,), head_dims=lambda d: True,
             head_dims_text="any", devices=("cpu",), probe=lambda device_type: registry.YES,
-            prefill=prefill, decode=decode)
+            prefill=prefill, decode=decode, **fields)
         monkeypatch.setitem(registry._REGISTRY, name, impl)
         return impl
     return add
@@ -351,6 +351,17 @@ def test_default_plan_runs_each_kernel_only_in_its_modes(monkeypatch, tmp_path):
     assert pairs == {("naive", "prefill"), ("naive", "decode"), ("triton", "prefill"), ("triton-decode", "decode")}
     named = sw.plan(sw.SweepConfig(workload, seq_lens=[64], kernels=["triton"], out=tmp_path / "r"))
     assert {p.mode for p in named} == {"prefill", "decode"}  # a named kernel is tried, and told no
+
+
+def test_ablations_run_only_when_named(register, tmp_path):
+    calls = []
+    register("test-ablation", prefill=lambda *args: calls.append(1) or args[0], ablation_of="naive",
+             speed_rank={"cpu": -1})
+    assert "test-ablation" not in sw.default_kernels("cpu")
+    q = torch.zeros(1, 4, 2, 16)
+    assert resolve("auto", "prefill", q).name != "test-ablation"   # though ranked fastest
+    _sweep(tmp_path, ["test-ablation"], seq_lens=[128])
+    assert calls
 
 
 def test_default_kernels_on_a_cpu_leave_out_the_emulated_ones():

@@ -1,0 +1,43 @@
+"""`attnlab tune`: the tiles Triton's autotuning tries for the prefill on this GPU, timed."""
+from __future__ import annotations
+
+import sys
+
+from attnlab.cli._args import parse_seq_lens
+
+HELP = "time every tile the Triton prefill's autotuning tries on this GPU, and the one it picks"
+
+
+def add_arguments(parser) -> None:
+    from attnlab.bench.workloads import PRESETS
+
+    parser.add_argument("--workload", default="llama3-8b", choices=sorted(PRESETS),
+                        help="shape preset (default %(default)s)")
+    parser.add_argument("--seq-lens", type=parse_seq_lens, default=[16384, 131072],
+                        help="comma list of context lengths, 1k = 1024 (default 16k,128k)")
+    parser.add_argument("--device", default="cuda", help="cuda or cuda:N (default cuda)")
+    parser.add_argument("--out", default="tuning.json", help="JSON document, rewritten after each case")
+
+
+def run(args) -> int:
+    from attnlab.bench.tuning import tune
+    from attnlab.bench.workloads import preset
+
+    try:
+        document = tune(preset(args.workload), args.seq_lens, args.device, args.out, argv=sys.argv)
+    except ValueError as exc:
+        print(f"attnlab tune: error: {exc}", file=sys.stderr)
+        return 2
+    for case in document["cases"]:
+        path = "tma" if case.get("tma") else "pointers"
+        if case["status"] != "ok":
+            print(f"{case['seq_len']:>7} {path:8} {case['status']}: {case.get('reason', '')}")
+            continue
+        tiles = ", ".join(f"{_tile(t)} {t['median_ms']:.3f}" for t in case["tiles"])
+        print(f"{case['seq_len']:>7} {path:8} chose {_tile(case['chosen'])}  (ms: {tiles})")
+    print(f"written: {args.out}")
+    return 0
+
+
+def _tile(tile: dict) -> str:
+    return f"{tile['BLOCK_M']}x{tile['BLOCK_N']}/w{tile['num_warps']}/s{tile['num_stages']}"
