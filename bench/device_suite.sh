@@ -10,60 +10,11 @@
 # duration) and suite.tar.gz holding:
 #   environment.jsonl  check.txt  gpu-tests.xml  sweep.jsonl  sweep.nvml.csv
 #   e2e-<kernel>.jsonl  e2e-<kernel>.nvml.csv  benchmark.json  benchmark.nvml.csv
-# Each step has its own time box and none depends on another's success, so one that fails
-# or overruns loses only its own output; the archive is written even when the suite is
-# interrupted. All of it ends within ATTNLAB_SUITE_S seconds (default 540).
-# It reads the GPU's clocks and power settings and never changes them.
+# All of it ends within ATTNLAB_SUITE_S seconds (default 540); see suite_steps.sh.
 
-set -u
-
-OUT="${OUT:?set OUT to the folder for the results}"
-mkdir -p "$OUT"
-LOG="$OUT/suite.log"
-RUN="$(mktemp -d)"                   # results, packed into one archive at the end
-PY="${PYTHON:-python}"
-TOTAL_S="${ATTNLAB_SUITE_S:-540}"    # the whole suite, kill margins included
-pack() { tar -czf "$OUT/suite.tar.gz" -C "$RUN" . ; }
-trap pack EXIT
-export PYTHONUNBUFFERED=1
-SUITE_START=$(date +%s)
-
-left() { echo $(( SUITE_START + TOTAL_S - $(date +%s) )); }
-
-# step NAME SECONDS RESERVE COMMAND...: run COMMAND for at most SECONDS, and never into the
-# RESERVE seconds kept for the steps after it; output and exit code go to the log. SIGINT
-# first, so a sweep or pytest stops cleanly with what it has written; KILL 10 s later.
-step() {
-    local name=$1 limit=$2 reserve=$3
-    shift 3
-    local room=$(( $(left) - reserve - 10 ))
-    (( room < limit )) && limit=$room
-    if (( limit < 5 )); then
-        echo "=== $name: not run, no time left" >>"$LOG"
-        return 0
-    fi
-    local start=$(date +%s)
-    echo "=== $name (limit ${limit}s): $*" >>"$LOG"
-    timeout -s INT -k 10 "$limit" "$@" >>"$LOG" 2>&1
-    echo "=== $name: exit $? after $(( $(date +%s) - start ))s" >>"$LOG"
-    return 0
-}
-
-echo "attnlab device suite, $(date -u +%Y-%m-%dT%H:%M:%SZ), ${HOSTNAME:-}" >"$LOG"
-# read-only: clocks, power limits, performance state and temperature as the driver reports them
-step gpu-info 15 200 nvidia-smi -q -d CLOCK,POWER,PERFORMANCE,TEMPERATURE
-
-step install 60 200 "$PY" -m pip install --no-deps --no-build-isolation -e .
-
-step environment 30 200 "$PY" -c "
-import json, sys
-from attnlab.bench.records import environment, jsonable
-open('$RUN/environment.jsonl', 'w').write(json.dumps(jsonable(environment(sys.argv))) + '\\n')
-"
-
-step kernels 20 300 "$PY" -m attnlab kernels
-
-step check 45 300 bash -c "'$PY' -m attnlab check --dtype bfloat16 > '$RUN/check.txt' 2>&1; s=\$?; cat '$RUN/check.txt'; exit \$s"
+SUITE_DEFAULT_S=540
+source "$(dirname "$0")/suite_steps.sh"
+setup_steps "device suite"
 
 step gpu-tests 90 280 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider --junitxml="$RUN/gpu-tests.xml"
 
@@ -87,6 +38,5 @@ step benchmark-grid 60 0 "$PY" -m pytest bench/ --benchmark-only -q -p no:cachep
     --attnlab-seq-lens 1k,16k --attnlab-budget-s 0.1 --attnlab-energy-s 1.0 --attnlab-session-budget-s 35 \
     --attnlab-nvml-csv "$RUN/benchmark.nvml.csv" --benchmark-json="$RUN/benchmark.json"
 
-echo "=== suite done after $(( $(date +%s) - SUITE_START ))s; files:" >>"$LOG"
-ls -l "$RUN" >>"$LOG" 2>&1
+finish
 exit 0

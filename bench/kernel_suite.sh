@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The kernel comparison on one GPU, as one command of at most 7 minutes from the repository root:
+#
+#     OUT=/path/to/results PYTHON=python3 bash bench/kernel_suite.sh
+#
+# Side by side in one run, each sweep opening with its calibration records (bf16 matmul peak,
+# device copy bandwidth):
+#   prefill.jsonl   llama3-8b causal prefill, 4k to 128k: triton, triton-ptr (its pointer-path
+#                   ablation), sdpa-flash, sdpa-cudnn
+#   fa-paper.jsonl  fa-paper non-causal prefill at 16k, the same kernels
+#   decode.jsonl    llama3-8b decode, 16k to 128k and 1k: triton-decode, sdpa-flash, sdpa-cudnn
+#   tuning.json     the tile autotuning chose for triton and triton-ptr, with every tile's time
+# after the float64 check (check.txt), and then the GPU tests (gpu-tests.xml) with what is
+# left. $OUT receives suite.log and suite.tar.gz with these, environment.jsonl and the
+# sweeps' .nvml.csv files. All of it ends within ATTNLAB_SUITE_S seconds (default 400).
+
+SUITE_DEFAULT_S=400
+source "$(dirname "$0")/suite_steps.sh"
+setup_steps "kernel suite"
+
+PREFILL_KERNELS=triton,triton-ptr,sdpa-flash,sdpa-cudnn
+# sweep NAME SECONDS RESERVE ARGS...: an attnlab sweep that stops starting points 15 s
+# before its box closes, room for the point in flight.
+sweep() {
+    local name=$1 limit=$2 reserve=$3
+    shift 3
+    step "$name" "$limit" "$reserve" "$PY" -m attnlab sweep --device cuda --budget-s $(( limit - 15 )) \
+        --out "$RUN/$name.jsonl" "$@"
+}
+sweep prefill 110 190 --workload llama3-8b --modes prefill --kernels $PREFILL_KERNELS \
+    --seq-lens 16k,128k,4k,64k,32k,8k
+sweep fa-paper 35 160 --workload fa-paper --modes prefill --kernels $PREFILL_KERNELS --seq-lens 16k
+sweep decode 45 120 --workload llama3-8b --modes decode --kernels triton-decode,sdpa-flash,sdpa-cudnn \
+    --seq-lens 32k,64k,128k,16k,1k
+step tuning 30 90 "$PY" -m attnlab tune --workload llama3-8b --seq-lens 16k,128k --out "$RUN/tuning.json"
+
+step gpu-tests 240 0 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider --junitxml="$RUN/gpu-tests.xml"
+finish
+exit 0

@@ -1,0 +1,59 @@
+"""The device suites, read without a GPU: every attnlab command they would run parses, names
+kernels the registry knows, and writes inside the run folder. A typo found here instead of
+on the device costs nothing; found there, it costs the session its measurements."""
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from attnlab.cli import build_parser
+from attnlab.kernels import get
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dry_run(script, tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), ATTNLAB_SUITE_DRY_RUN="1", PYTHON="python3")
+    done = subprocess.run(["bash", str(ROOT / "bench" / script)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60, check=True)
+    steps = {}
+    for line in done.stdout.splitlines():
+        name, sep, command = line.partition(": ")
+        if sep and " " not in name:
+            steps[name] = command
+    return steps
+
+
+@pytest.mark.parametrize("script", ["device_suite.sh", "kernel_suite.sh"])
+def test_every_attnlab_step_parses(script, tmp_path):
+    steps = dry_run(script, tmp_path)
+    assert {"install", "environment", "check", "gpu-tests"} <= set(steps)
+    commands = {name: shlex.split(c) for name, c in steps.items() if c.startswith("python3 -m attnlab ")}
+    assert commands
+    for name, words in commands.items():
+        args = build_parser().parse_args(words[3:])       # argparse exits on a bad flag
+        for kernel in getattr(args, "kernels", None) or ():
+            get(kernel)                                     # raises on an unknown name
+        out = getattr(args, "out", None)
+        if out and words[3] != "kernels":
+            assert not Path(out).is_relative_to(ROOT), f"{name} writes into the tree: {out}"
+
+
+def test_kernel_suite_measures_what_the_comparison_needs(tmp_path):
+    steps = dry_run("kernel_suite.sh", tmp_path)
+    parse = lambda name: build_parser().parse_args(shlex.split(steps[name])[3:])
+    prefill, fa_paper, decode = parse("prefill"), parse("fa-paper"), parse("decode")
+    assert {"triton", "triton-ptr", "sdpa-flash", "sdpa-cudnn"} <= set(prefill.kernels) == set(fa_paper.kernels)
+    assert {4096, 16384, 131072} <= set(prefill.seq_lens) and fa_paper.seq_lens == [16384]
+    assert {"triton-decode", "sdpa-flash"} <= set(decode.kernels)
+    assert {32768, 65536, 131072} <= set(decode.seq_lens)
+    assert parse("tuning").command == "tune"
+
+
+def test_tune_needs_a_gpu(capsys):
+    from attnlab.cli import main
+
+    assert main(["tune", "--device", "cpu", "--out", os.devnull]) == 2
+    assert "device" in capsys.readouterr().err
