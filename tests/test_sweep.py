@@ -116,8 +116,11 @@ PLANNED = {(k, m, n) for k in ("naive", "sdpa-math") for m in ("prefill", "decod
 
 def _start_sweep(out, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # Ctrl-C as at a terminal: a pytest started in the background by a shell ignores SIGINT,
+    # and its children would inherit that.
     return subprocess.Popen([sys.executable, "-m", "attnlab", "sweep", *SUBPROCESS_ARGS, "--out", str(out), *extra],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_results(out, count, proc, timeout_s=60):
