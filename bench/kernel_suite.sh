@@ -8,7 +8,8 @@
 #   prefill.jsonl   llama3-8b causal prefill, 4k to 128k: triton, triton-ptr (its pointer-path
 #                   ablation), sdpa-flash, sdpa-cudnn
 #   fa-paper.jsonl  fa-paper non-causal prefill at 16k, the same kernels
-#   decode.jsonl    llama3-8b decode, 16k to 128k and 1k: triton-decode, sdpa-flash, sdpa-cudnn
+#   decode.jsonl    llama3-8b decode, 16k to 128k and 1k: triton-decode, triton-decode-nopdl (its
+#                   ablation without programmatic dependent launch), sdpa-flash, sdpa-cudnn
 #   tuning.json     the tile autotuning chose for triton and triton-ptr, with every tile's time
 # after the float64 check (check.txt), and then the GPU correctness matrix
 # (tests/test_kernels_gpu.py, gpu-tests.xml) with what is left: a fresh machine compiles and
@@ -32,7 +33,7 @@ sweep() {
 sweep prefill 110 190 --workload llama3-8b --modes prefill --kernels $PREFILL_KERNELS \
     --seq-lens 16k,128k,4k,64k,32k,8k
 sweep fa-paper 35 160 --workload fa-paper --modes prefill --kernels $PREFILL_KERNELS --seq-lens 16k
-sweep decode 45 120 --workload llama3-8b --modes decode --kernels triton-decode,sdpa-flash,sdpa-cudnn \
+sweep decode 45 120 --workload llama3-8b --modes decode --kernels triton-decode,triton-decode-nopdl,sdpa-flash,sdpa-cudnn \
     --seq-lens 32k,64k,128k,16k,1k
 step tuning 40 90 "$PY" -m attnlab tune --workload llama3-8b --seq-lens 16k,128k --out "$RUN/tuning.json"
 

@@ -54,3 +54,8 @@ register(Implementation(
 register(Implementation(
     name="triton-decode", description="Triton split-KV decode (flash-decoding) with LSE merge",
     decode=_lazy("triton_decode", "decode"), speed_rank={"cuda": 15, "cpu": 90}, **_COMMON))
+
+register(Implementation(
+    name="triton-decode-nopdl", description="triton-decode with the merge launched after the split grid, not by PDL",
+    decode=_lazy("triton_decode", "decode", pdl=False), speed_rank={"cuda": 16, "cpu": 91},
+    ablation_of="triton-decode", **_COMMON))

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 
 from attnlab.kernels.registry import triton_interpreting
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
 from attnlab.kernels.triton_prefill import (LOG2E, _attend_keys, _load_tile, block_d, dot_precision, positive_scale,
                                             upcast_dot)
 
@@ -28,8 +30,10 @@ def _decode_split(
     stride_pb, stride_ph, stride_ps, stride_pm,
     q_len, groups, kv_heads, split_len, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # the merge may launch now, and waits in gdc_wait for this grid's results
+        gdc_launch_dependents()
     b = tl.program_id(0) // kv_heads
     kv_h = tl.program_id(0) % kv_heads
     split = tl.program_id(2)
@@ -80,10 +84,12 @@ def _decode_merge(
     stride_pb, stride_ph, stride_ps, stride_pm,
     stride_ob, stride_om, stride_oh, stride_od,
     q_len, groups, kv_heads, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per query row, reading SPLIT_BLOCK splits per step: a loop over splits one by
     # one would wait on memory once per split, which costs more than the merge's reads.
+    if PDL:  # launched before the split grid ended: wait until its partial results are visible
+        gdc_wait()
     b = tl.program_id(0) // kv_heads
     kv_h = tl.program_id(0) % kv_heads
     row = tl.program_id(1)
@@ -127,11 +133,25 @@ def choose_splits(programs: int, max_seqlen: int, block_n: int, device: torch.de
     return max(1, min(triton.cdiv(target, programs), triton.cdiv(max_seqlen, block_n), 256))
 
 
-def decode(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | None = None) -> torch.Tensor:
-    """q (B, q_len, H, D); caches (B, max_seqlen, KVH, D); cache_seqlens int32 (B,)."""
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper or later, compiled (not interpreted)."""
+    return device.type == "cuda" and not triton_interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def decode(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | None = None,
+           pdl: bool | None = None) -> torch.Tensor:
+    """q (B, q_len, H, D); caches (B, max_seqlen, KVH, D); cache_seqlens int32 (B,).
+
+    pdl: launch the merge with programmatic dependent launch, so that its launch overlaps
+    the split grid; None uses it where the GPU has it.
+    """
     batch, q_len, heads, head_dim = q.shape
     max_seqlen, kv_heads = k_cache.shape[1], k_cache.shape[2]
     q, scale = positive_scale(q, scale)
+    if pdl and not pdl_supported(q.device):
+        raise ValueError(f"pdl=True, but programmatic dependent launch needs a compiled kernel on compute "
+                         f"capability 9.0 or later ({q.device})")
+    pdl = pdl_supported(q.device) if pdl is None else pdl
     groups = heads // kv_heads
     bd = block_d(head_dim)
     block_m = max(16, min(64, triton.next_power_of_2(groups * q_len)))
@@ -151,12 +171,12 @@ def decode(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | N
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *lse_part.stride(),
         q_len, groups, kv_heads, split_len, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n,
-        UPCAST_DOT=upcast_dot(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+        UPCAST_DOT=upcast_dot(q.dtype), DOT_PRECISION=dot_precision(q.dtype), PDL=pdl,
         **({} if interpreting else dict(num_warps=4, num_stages=3)),
     )
     _decode_merge[(batch * kv_heads, groups * q_len)](
         out_part, lse_part, out, *lse_part.stride(), *out.stride(),
         q_len, groups, kv_heads, splits, HEAD_DIM=head_dim, BLOCK_D=bd,
-        SPLIT_BLOCK=min(64, triton.next_power_of_2(splits)),
+        SPLIT_BLOCK=min(64, triton.next_power_of_2(splits)), PDL=pdl, **({"launch_pdl": True} if pdl else {}),
     )
     return out

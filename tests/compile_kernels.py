@@ -86,6 +86,7 @@ def compile_for(fn, capability, tensor_type, ints, constexprs, descriptors=(), *
     kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
     return dict(shared_bytes=kernel.metadata.shared, wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx,
+                griddepcontrol="griddepcontrol" in ptx, launch_pdl=kernel.metadata.launch_pdl,
                 cp_async=ttgir.count("async_copy_global_to_local"), tma_copies=ttgir.count("async_tma_copy"),
                 **ptxas_usage(ptx, capability))
 
@@ -120,12 +121,13 @@ def tuned_configs(dtype, head_dim):
 
 
 def decode(capability):
+    """The split and merge kernels as Hopper builds them: with programmatic dependent launch."""
     splits, rows, bd = 32, 16, 128
     split = compile_for(triton_decode._decode_split, capability, "*bf16", decode_ints(32768, splits, rows, bd),
                         dict(HEAD_DIM=128, BLOCK_D=bd, BLOCK_M=rows, BLOCK_N=64, UPCAST_DOT=False,
-                             DOT_PRECISION="ieee"), num_warps=4, num_stages=3)
+                             DOT_PRECISION="ieee", PDL=True), num_warps=4, num_stages=3)
     merge = compile_for(triton_decode._decode_merge, capability, "*bf16", decode_ints(32768, splits, rows, bd),
-                        dict(HEAD_DIM=128, BLOCK_D=bd, SPLIT_BLOCK=32))
+                        dict(HEAD_DIM=128, BLOCK_D=bd, SPLIT_BLOCK=32, PDL=True), launch_pdl=True)
     return [dict(split, kernel="decode_split", capability=capability),
             dict(merge, kernel="decode_merge", capability=capability)]
 

@@ -179,6 +179,12 @@ def test_triton_decode_merges_more_splits_than_one_step_reads():
     assert_close_as_naive(out, naive, ref, "69 splits, the best keys last")
 
 
+def test_triton_decode_refuses_pdl_where_it_cannot_launch_so():
+    q, k, v = random_qkv(1, 1, 64, 2, 1, 32, torch.float16)
+    with pytest.raises(ValueError, match="pdl=True"):
+        triton_decode.decode(q, k, v, torch.tensor([64], dtype=torch.int32), 1.0, pdl=True)
+
+
 def test_triton_decode_q_len_16_mqa():
     check_decode("triton-decode", [64, 17], 64, 16, 8, 1, 32, torch.float32)
 

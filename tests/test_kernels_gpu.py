@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnlab.kernels as K
-from attnlab.kernels import triton_prefill
+from attnlab.kernels import triton_decode, triton_prefill
 from reference import assert_close_as_naive, decode_mask, random_qkv, reference, usable, visible_keys
 
 pytestmark = pytest.mark.gpu
@@ -86,6 +86,19 @@ def test_decode_matrix(q_len, dtype):
         out = checked_or_refused(impl, lambda: K.decode_attention(q, k, v, cache_seqlens, impl=impl))
         if out is not None:
             assert_close_as_naive(out, naive, ref, f"{impl} decode q_len {q_len} {dtype}")
+
+
+@pytest.mark.parametrize("pdl", [True, False])
+def test_triton_decode_with_and_without_programmatic_launch(pdl):
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    lens = [5, 4097, 32768]
+    q, k, v = random_qkv(len(lens), 1, 32768, 32, 8, 128, BF16, device="cuda")
+    cache_seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    ref = reference(q, k, v, decode_mask(cache_seqlens.cpu(), 1, 32768))
+    naive = K.decode_attention(q, k, v, cache_seqlens, impl="naive")
+    out = triton_decode.decode(q, k, v, cache_seqlens, 128 ** -0.5, pdl=pdl)
+    assert_close_as_naive(out, naive, ref, f"triton-decode pdl={pdl}")
 
 
 def test_triton_decode_is_capturable_in_a_cuda_graph():

@@ -59,5 +59,9 @@ def test_hopper_tiles_do_not_spill_registers(compiled):
         assert r["spill_bytes"] == 0, r
 
 
-def test_decode_kernels_compile(compiled):
-    assert {"decode_split", "decode_merge"} <= {r["kernel"] for r in compiled}
+def test_decode_merge_waits_on_the_split_grid(compiled):
+    # Programmatic dependent launch: the split lets the merge launch early, and the merge
+    # waits for the split's results before it reads them.
+    split = next(r for r in compiled if r["kernel"] == "decode_split")
+    merge = next(r for r in compiled if r["kernel"] == "decode_merge")
+    assert split["griddepcontrol"] and merge["griddepcontrol"] and merge["launch_pdl"]
