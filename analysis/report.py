@@ -1,8 +1,8 @@
 """One page that says what runs measured: report.html (self-contained, charts embedded as
 base64 PNG) and report.md (charts linked from charts/), built from the same sections.
 
-Sections: run conditions, records, fits, charts, roofline, the claim, failed and
-out-of-memory points. The files `analyze` writes (fits, roofline, claim, charts) sit
+Sections: run conditions, records, head to head, fits, charts, roofline, the claim, failed
+and out-of-memory points. The files `analyze` writes (fits, roofline, claim, charts) sit
 beside the page.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from attnlab.analysis import text as fmt
 from attnlab.analysis.analyze import analyze
+from attnlab.analysis.charts import pick_baseline
 from attnlab.analysis.claim import CLAIM
 from attnlab.analysis.roofline import roofline_summary
 
@@ -48,7 +49,7 @@ def build_report(paths, out_dir, *, baseline=None, model="llama3-8b", gpu=None, 
     analysis = analyze(paths, out_dir, baseline=baseline, model=model, gpu=gpu, formats=formats, n_boot=n_boot)
     out = Path(out_dir)
     sections = _sections(analysis.loaded, analysis.fits, analysis.roof, analysis.claim, _ordered(analysis.charts),
-                         analysis.warnings)
+                         analysis.warnings, baseline)
     html_path, md_path = out / "report.html", out / "report.md"
     html_path.write_text(render_html(sections), encoding="utf-8")
     md_path.write_text(render_markdown(sections, out), encoding="utf-8")
@@ -63,7 +64,7 @@ def _ordered(drawn: list) -> list:
 # --- sections: (title, [blocks]); a block is ("p", text), ("list", items),
 # ("table", headers, rows) or ("chart", Chart) ----------------------------------------------------
 
-def _sections(loaded, fits, roof, claim, drawn, warnings) -> list:
+def _sections(loaded, fits, roof, claim, drawn, warnings, baseline=None) -> list:
     results, envs = loaded.results, loaded.environments
     intro = [("p", f"Read {len(loaded.files)} file(s): {', '.join(loaded.files)}. "
                    f"{len(results)} result records, {int((results['status'] == 'ok').sum())} of them ok.")]
@@ -76,6 +77,7 @@ def _sections(loaded, fits, roof, claim, drawn, warnings) -> list:
     sections += [
         ("Run conditions", _conditions(results, envs)),
         ("Records", [("table", *_record_counts(results))]),
+        ("Head to head", _head_to_head_blocks(results, baseline)),
         ("Fits: latency_ms(n) = a + b n + c n^2", _fit_blocks(fits)),
         ("Charts", [("chart", c) for c in drawn if c.name != "claim"] or [("p", "No charts could be drawn.")]),
         ("Roofline", _roofline_blocks(roof)),
@@ -104,6 +106,41 @@ def _first(env: dict, fields) -> object:
 def _record_counts(results):
     counts = results.groupby(["mode", "kernel", "status"]).size().reset_index(name="records")
     return ["mode", "kernel", "status", "records"], counts.values.tolist()
+
+
+def _head_to_head_blocks(results, baseline=None) -> list:
+    """Per run and workload, every kernel's median time at each length, its rate, and how many
+    times faster it is than the baseline (sdpa-flash unless asked otherwise). Only kernels
+    measured in the same run are set side by side: same card, same state, same code."""
+    ok = results[(results["status"] == "ok") & results["mode"].isin(("prefill", "decode"))]
+    blocks = []
+    for (run_id, mode, workload, device, dtype), rows in ok.groupby(["run_id", "mode", "workload", "device",
+                                                                       "dtype"]):
+        kernels = sorted(set(rows["kernel"]))
+        if len(kernels) < 2:
+            continue
+        chosen = baseline if baseline in kernels else pick_baseline(kernels)[0]
+        rate, unit = ("tflops", "TFLOP/s") if mode == "prefill" else ("gbps", "GB/s")
+        cells = rows.groupby(["seq_len", "kernel"])[["median_ms", rate]].median()
+        table = []
+        for seq_len in sorted(set(rows["seq_len"])):
+            base = cells["median_ms"].get((seq_len, chosen))
+            table.append([fmt.k(seq_len)] + [_versus(cells, seq_len, kernel, base, rate, unit, kernel == chosen)
+                                             for kernel in kernels])
+        blocks.append(("p", f"{mode}, {workload}, {dtype}, {device}, run {run_id}: median ms per call, rate, and "
+                            f"in brackets {chosen}'s time over the kernel's (above 1: faster than {chosen})."))
+        blocks.append(("table", ["context", *kernels], table))
+    return blocks or [("p", "No run has ok records of two kernels for one workload.")]
+
+
+def _versus(cells, seq_len, kernel, base_ms, rate, unit, is_base) -> str:
+    if (seq_len, kernel) not in cells.index:
+        return "-"
+    ms, value = cells.loc[(seq_len, kernel)]
+    text = f"{fmt.num(ms)} ms" + ("" if fmt.missing(value) else f", {fmt.num(value)} {unit}")
+    if not is_base and not fmt.missing(base_ms):
+        text += f" ({base_ms / ms:.2f}x)"
+    return text
 
 
 def _fit_blocks(fits) -> list:

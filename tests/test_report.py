@@ -33,7 +33,7 @@ def test_html_is_self_contained_with_every_chart_embedded(report_dir):
 
 def test_html_has_every_section(report_dir):
     page = (report_dir / "report.html").read_text()
-    for heading in ("Run conditions", "Fits: latency_ms(n)", "Charts", "Roofline", "The claim",
+    for heading in ("Run conditions", "Head to head", "Fits: latency_ms(n)", "Charts", "Roofline", "The claim",
                     "Failed and out-of-memory points"):
         assert f">{heading}" in page, heading
     # Conditions of the run, the failures with their reasons, the synthetic-data warning.
@@ -75,3 +75,24 @@ def test_commands_name_a_missing_input(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["analyze", str(tmp_path / "empty"), "--out", str(tmp_path / "a")]) == 2
     assert "no attnlab result records" in capsys.readouterr().err
+
+
+def test_head_to_head_sets_each_kernel_against_the_baseline(tmp_path):
+    from attnlab.analysis.load import load
+    from attnlab.analysis.report import _head_to_head_blocks
+
+    def record(kernel, seq_len, ms, tflops):
+        return {"schema": "attnlab.result/1", "run_id": "r", "kernel": kernel, "mode": "prefill",
+                "workload": "llama3-8b", "dtype": "bfloat16", "device": "H100", "status": "ok",
+                "seq_len": seq_len, "median_ms": ms, "tflops": tflops}
+    records = [record("sdpa-flash", 4096, 2.0, 300.0), record("triton", 4096, 1.0, 600.0),
+               record("sdpa-cudnn", 4096, 0.8, 750.0), record("triton", 8192, 3.0, 800.0),
+               dict(record("naive", 4096, 9.0, 1.0), run_id="other")]   # another run: not set beside these
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    note, (kind, headers, rows) = _head_to_head_blocks(load([tmp_path]).results)
+    assert "sdpa-flash's time over the kernel's" in note[1] and kind == "table"
+    assert headers == ["context", "sdpa-cudnn", "sdpa-flash", "triton"]
+    assert rows[0] == ["4k", "0.8 ms, 750 TFLOP/s (2.50x)", "2 ms, 300 TFLOP/s", "1 ms, 600 TFLOP/s (2.00x)"]
+    assert rows[1] == ["8k", "-", "-", "3 ms, 800 TFLOP/s"]   # no baseline there: no ratio
+    _, (_, _, against_cudnn) = _head_to_head_blocks(load([tmp_path]).results, baseline="sdpa-cudnn")
+    assert against_cudnn[0][3].endswith("(0.80x)")
