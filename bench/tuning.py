@@ -11,18 +11,18 @@ import os
 from pathlib import Path
 
 from attnlab.bench.records import environment, jsonable
-from attnlab.bench.sweep import check_device, classify, random_inputs
+from attnlab.bench.sweep import check_device, classify, describe, random_inputs
 from attnlab.bench.workloads import PREFILL, Workload
 
 TUNING_SCHEMA = "attnlab.tuning/1"
 
 
 def tune(workload: Workload, seq_lens, device, out, argv=None) -> dict:
+    """Autotune the workload's prefill at each length, on each load path the inputs allow;
+    returns the document written to `out`."""
     from attnlab.kernels import triton_prefill
 
     device = check_device(device)
-    if device.type != "cuda":
-        raise ValueError(f"device: autotuning times tiles on a GPU, got {device}")
     document = {"schema": TUNING_SCHEMA, "environment": jsonable(environment(argv, device=device)), "cases": []}
     for seq_len in seq_lens:
         point = workload.point("triton", PREFILL, seq_len)
@@ -30,14 +30,14 @@ def tune(workload: Workload, seq_lens, device, out, argv=None) -> dict:
         try:
             q, k, v = random_inputs(point, device)
         except Exception as exc:
-            document["cases"].append(dict(case, status=classify(exc), reason=str(exc)))
+            document["cases"].append(dict(case, status=classify(exc), reason=describe(exc)))
             _write(out, document)
             continue
         for tma in (True, False) if triton_prefill.tma_unfit_reason(k, v) is None else (False,):
             try:
                 seen = dict(status="ok", **triton_prefill.autotune(q, k, v, point.causal, point.head_dim ** -0.5, tma))
             except Exception as exc:
-                seen = dict(status=classify(exc), reason=f"{type(exc).__name__}: {exc}")
+                seen = dict(status=classify(exc), reason=describe(exc))
             document["cases"].append(dict(case, tma=tma, **seen))
             _write(out, document)
         del q, k, v

@@ -112,6 +112,24 @@ def test_triton_takes_any_finite_scale(scale):
     assert_close_as_naive(out, naive, ref, f"decode scale {scale}")
 
 
+def test_autotuning_glue_runs_in_the_interpreter_with_a_stand_in_clock(monkeypatch):
+    # The GPU path, driven on a CPU: Triton's autotuner times each tile with a stand-in clock
+    # that runs the tile in the interpreter, so each tile's pre-hook must size the tensor
+    # descriptors right; autotune() must report every tile and keep the fastest.
+    tuned = triton_prefill._attention_fwd_tuned
+    fake_ms = itertools.cycle([3.0, 1.0, 2.0, 4.0])
+    monkeypatch.setitem(vars(tuned), "do_bench", lambda call, **kw: call() or [next(fake_ms)] * 3)
+    monkeypatch.setattr(triton_prefill, "triton_interpreting", lambda: False)
+    q, k, v = random_qkv(1, 70, 70, 2, 1, 64, torch.float16)
+    seen = triton_prefill.autotune(q, k, v, True, 0.125)
+    assert [t["median_ms"] for t in seen["tiles"]] == [3.0, 1.0, 2.0, 4.0]
+    assert seen["chosen"] == {k: v for k, v in seen["tiles"][1].items() if k != "median_ms"}
+    ref = reference(q, k, v, visible_keys(70, 70, True)[None], scale=0.125)
+    naive = K.attention(q, k, v, causal=True, scale=0.125, impl="naive")
+    assert_close_as_naive(triton_prefill.attention(q, k, v, True, 0.125), naive, ref, "tuned TMA path")
+    tuned.cache.clear()
+
+
 def test_triton_ptr_is_the_pointer_path_by_name():
     check_prefill("triton-ptr", 2, 97, 131, 4, 2, 64, torch.bfloat16, causal=True)
 

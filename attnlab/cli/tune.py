@@ -24,6 +24,8 @@ def run(args) -> int:
     from attnlab.bench.workloads import preset
 
     try:
+        if not args.device.startswith("cuda"):
+            raise ValueError(f"device: autotuning times tiles on a GPU, got {args.device}")
         document = tune(preset(args.workload), args.seq_lens, args.device, args.out, argv=sys.argv)
     except ValueError as exc:
         print(f"attnlab tune: error: {exc}", file=sys.stderr)
