@@ -13,12 +13,11 @@ import functools
 import torch
 import triton
 import triton.language as tl
-
-from attnlab.kernels.registry import triton_interpreting
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from attnlab.kernels.triton_prefill import (LOG2E, _attend_keys, _load_tile, block_d, dot_precision, positive_scale,
-                                            upcast_dot)
+from attnlab.kernels.registry import triton_interpreting
+from attnlab.kernels.triton_prefill import (LOG2E, _attend_keys, _load_tile, block_d, capability_major, dot_precision,
+                                            positive_scale, upcast_dot)
 
 
 @triton.jit
@@ -135,7 +134,7 @@ def choose_splits(programs: int, max_seqlen: int, block_n: int, device: torch.de
 
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch: Hopper or later, compiled (not interpreted)."""
-    return device.type == "cuda" and not triton_interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cuda" and not triton_interpreting() and capability_major(device) >= 9
 
 
 def decode(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | None = None,
@@ -148,10 +147,11 @@ def decode(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | N
     batch, q_len, heads, head_dim = q.shape
     max_seqlen, kv_heads = k_cache.shape[1], k_cache.shape[2]
     q, scale = positive_scale(q, scale)
-    if pdl and not pdl_supported(q.device):
+    supported = pdl_supported(q.device)
+    if pdl and not supported:
         raise ValueError(f"pdl=True, but programmatic dependent launch needs a compiled kernel on compute "
                          f"capability 9.0 or later ({q.device})")
-    pdl = pdl_supported(q.device) if pdl is None else pdl
+    pdl = supported if pdl is None else pdl
     groups = heads // kv_heads
     bd = block_d(head_dim)
     block_m = max(16, min(64, triton.next_power_of_2(groups * q_len)))

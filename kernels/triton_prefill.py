@@ -6,6 +6,8 @@ the shared kv head in place. Tensors are in the (batch, seqlen, heads, head_dim)
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -37,10 +39,11 @@ def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 def _kv_tile(base, b, kv_h, start_n, stride_n, offs_n, n_keys, offs_d,
              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              MASKED: tl.constexpr, TMA: tl.constexpr):
-    """Keys [start_n, start_n + BLOCK_N) of one kv head; rows past n_keys read as 0.
+    """Keys [start_n, start_n + BLOCK_N) of one kv head; with MASKED, rows past n_keys read as 0.
 
     With TMA, base is a (batch, seqlen, kv_heads, head_dim) tensor descriptor and the copy
-    engine fills rows past the end with zeros; otherwise it is the tile's pointers at key 0.
+    engine fills rows past the tensor's end with zeros; otherwise it is the tile's pointers at
+    key 0.
     """
     if TMA:
         tile = base.load([b, start_n, kv_h, 0]).reshape(BLOCK_N, BLOCK_D)
@@ -222,7 +225,7 @@ def tma_unfit_reason(k: torch.Tensor, v: torch.Tensor) -> str | None:
     """
     if TensorDescriptor is None:
         return f"Triton {triton.__version__} has no host tensor descriptors"
-    if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9:
+    if k.device.type == "cuda" and capability_major(k.device) < 9:
         return "tensor descriptors need compute capability 9.0 or later"
     for name, t in (("k", k), ("v", v)):
         if 0 in t.shape:
@@ -232,6 +235,16 @@ def tma_unfit_reason(k: torch.Tensor, v: torch.Tensor) -> str | None:
         if t.data_ptr() % 16 or any(stride * t.element_size() % 16 for stride in t.stride()[:-1]):
             return f"{name}'s base or strides are not 16-byte aligned"
     return None
+
+
+def capability_major(device: torch.device) -> int:
+    """The CUDA device's compute capability major version, asked once per device."""
+    return _capability_major(torch.device(device).index or 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def positive_scale(q: torch.Tensor, scale: float) -> tuple:
