@@ -10,6 +10,7 @@ record and the run goes on.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from dataclasses import dataclass, field
@@ -17,8 +18,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from attnlab.bench import model as model_lib
-from attnlab.bench.model import Decoder, StaticDecoder, largest_batch, predicted_bytes
+from attnlab import kernels, models
+from attnlab.bench.model import Decoder, StaticDecoder, resolve_prefill, why_not_captured
 from attnlab.bench.nvml import NvmlSampler
 from attnlab.bench.records import device_name, new_record, new_run_id
 from attnlab.bench.timer import Timing
@@ -34,7 +35,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 class E2EOptions:
     """What `run` measures. None means: chosen for the device (see `resolved`)."""
 
-    preset: str | None = None                 # llama3-8b on CUDA, tiny on a CPU
+    preset: str | None = None                 # attnlab.models preset: llama3-8b on CUDA, tiny on a CPU
     attention: str = "auto"                   # decode implementation, by registry name
     prefill_attention: str = "auto"           # used when `attention` serves no prefill
     seq_lens: Sequence[int] | None = None
@@ -66,7 +67,7 @@ class E2EOptions:
 
 
 def _check(o: E2EOptions) -> None:
-    model_lib.preset(o.preset)
+    models.preset(o.preset)
     if o.dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {o.dtype!r}")
     if not o.seq_lens or any(not isinstance(n, int) or n < 1 for n in o.seq_lens):
@@ -85,12 +86,12 @@ def run(options: E2EOptions, *, clock: Callable[[], float] = time.monotonic) -> 
     """Yield one record per context length, in order, as each finishes."""
     o = options.resolved()
     started = clock()
-    config = model_lib.preset(o.preset)
+    config = models.preset(o.preset)
     decode_name, prefill_name = implementation_names(o)      # an unknown name fails before allocating
     try:
         model = Decoder(config, o.device, DTYPES[o.dtype], seed=o.seed)
     except torch.OutOfMemoryError as exc:
-        reason = f"the weights ({config.weight_bytes(DTYPES[o.dtype])} bytes) do not fit: {_first_line(exc)}"
+        reason = f"the weights ({config.weight_bytes(DTYPES[o.dtype].itemsize)} bytes) do not fit: {_first_line(exc)}"
         for seq_len in o.seq_lens:
             yield _record(o, config, seq_len, kernel=decode_name, status="oom", reason=reason)
         return
@@ -106,23 +107,28 @@ def implementation_names(options: E2EOptions) -> tuple[str, str | None]:
     """The decode implementation `attention` names here ("auto": the fastest), and the prefill one
     (None without with_prefill): `prefill_attention`, or the decode one where it serves prefill."""
     o = options.resolved()
-    c = model_lib.preset(o.preset)
+    c = models.preset(o.preset)
     probe = torch.empty(1, 1, c.heads, c.head_dim, device=o.device, dtype=DTYPES[o.dtype])
-    decode = model_lib.resolve(o.attention, model_lib.DECODE, probe).name
+    decode = kernels.resolve(o.attention, kernels.DECODE, probe).name
     if not o.with_prefill:
         return decode, None
     if o.prefill_attention != "auto":
-        return decode, model_lib.resolve(o.prefill_attention, model_lib.PREFILL, probe).name
-    return decode, model_lib.resolve_prefill(probe, o.attention)
+        return decode, kernels.resolve(o.prefill_attention, kernels.PREFILL, probe).name
+    return decode, resolve_prefill(probe, o.attention)
 
 
 def measure_point(model: Decoder, seq_len: int, o: E2EOptions, decode_name: str, prefill_name: str) -> dict:
-    """One context length: plan, allocate (shrinking on OOM), time; always returns a record."""
-    config, dtype = model.config, model.dtype
-    base = dict(kernel=decode_name, prefill_kernel=prefill_name)
-    batch = o.batch or plan_batch(model, seq_len, o, decode_name, prefill_name)
-    predicted = predicted_bytes(config, max(batch, 1), seq_len, o.decode_tokens, decode_name, dtype,
-                                prefill_name)
+    """One context length: plan, allocate (shrinking on OOM), time; always returns a record.
+
+    The record says what its predicted_mem_bytes assumed: the budget planned within
+    (mem_budget_bytes, None for a fixed batch), the decode implementation's declared memory
+    (attention_expands_kv, ...) and whether the step was captured in a CUDA graph (cuda_graph)."""
+    config = model.config
+    terms = memory_terms(model, o, decode_name, prefill_name)
+    budget = plan_budget_bytes(model, o)
+    batch = o.batch or models.largest_batch(config, seq_len, o.decode_tokens, budget, **terms)
+    base = dict(kernel=decode_name, prefill_kernel=prefill_name, mem_budget_bytes=budget, **assumed_fields(terms))
+    predicted = models.predicted_bytes(config, max(batch, 1), seq_len, o.decode_tokens, **terms)
     if batch < 1:
         return _record(o, config, seq_len, **base, batch=0, status="oom", predicted_mem_bytes=predicted,
                        reason=f"predicted not to fit one sequence: {predicted} bytes needed for batch 1")
@@ -139,28 +145,45 @@ def measure_point(model: Decoder, seq_len: int, o: E2EOptions, decode_name: str,
     if outcome is None:
         return _record(o, config, seq_len, **base, batch=batch, predicted_mem_bytes=predicted,
                        peak_mem_bytes=peak, **failure)
-    predicted = predicted_bytes(config, outcome["batch"], seq_len, o.decode_tokens, decode_name, dtype,
-                                prefill_name)
-    return _record(o, config, seq_len, **base, predicted_mem_bytes=predicted, peak_mem_bytes=peak,
-                   status="ok", **outcome)
+    terms["graph"] = outcome["cuda_graph"]     # a capture that failed leaves the eager pool alone
+    predicted = models.predicted_bytes(config, outcome["batch"], seq_len, o.decode_tokens, **terms)
+    return _record(o, config, seq_len, **{**base, **outcome}, predicted_mem_bytes=predicted,
+                   peak_mem_bytes=peak, status="ok")
 
 
-def plan_batch(model: Decoder, seq_len: int, o: E2EOptions, decode_name: str, prefill_name: str) -> int:
-    """The largest batch the memory model allows within the budget (free device memory by default)."""
-    budget = o.mem_budget_bytes if o.mem_budget_bytes is not None else device_budget_bytes(model)
-    return largest_batch(model.config, seq_len, o.decode_tokens, budget, decode_name, model.dtype,
-                         prefill_name)
+def memory_terms(model: Decoder, o: E2EOptions, decode_name: str, prefill_name: str | None) -> dict:
+    """The memory model's keyword arguments for this run (see attnlab.models.predicted_bytes):
+    the memory the decode and prefill implementations declare on this device, and whether the
+    decode step will be captured in a CUDA graph."""
+    device_type = model.device.type
+    decode = kernels.get(decode_name)
+    prefill = kernels.get(prefill_name).attention_memory(device_type) if prefill_name else None
+    return dict(attention=decode.attention_memory(device_type), dtype_bytes=model.dtype.itemsize,
+                graph=o.cuda_graph and not why_not_captured(decode, model.device), prefill_attention=prefill)
+
+
+def assumed_fields(terms: dict) -> dict:
+    """Record fields naming what a prediction assumed of the decode step."""
+    traits = dataclasses.asdict(terms["attention"])
+    return {**{f"attention_{name}": value for name, value in traits.items()}, "cuda_graph": terms["graph"]}
+
+
+def plan_budget_bytes(model: Decoder, o: E2EOptions) -> int | None:
+    """The bytes the batch is planned within: mem_budget_bytes, else what the device allows;
+    None for a fixed batch, which is not planned."""
+    if o.batch is not None:
+        return None
+    return o.mem_budget_bytes if o.mem_budget_bytes is not None else device_budget_bytes(model)
 
 
 def device_budget_bytes(model: Decoder) -> int:
-    """Memory this process may use for the model, weights included, less a reserve for the
-    CUDA context's growth (cuBLAS, Triton modules) and fragmentation."""
+    """Memory this process may use for the model, weights included: free device memory plus
+    what the allocator holds, less the planner's reserve (attnlab.models.planner_reserve_bytes)."""
     if model.device.type != "cuda":
         raise ValueError("mem_budget_bytes: needed on a CPU when batch is not fixed")
     _release(model.device)
     free, total = torch.cuda.mem_get_info(model.device)
-    reserve = 2**30 + total // 100
-    return free + torch.cuda.memory_allocated(model.device) - reserve
+    return models.planner_budget_bytes(free, torch.cuda.memory_allocated(model.device), total)
 
 
 def _measure(model: Decoder, seq_len: int, batch: int, o: E2EOptions, decode_name: str,
@@ -264,9 +287,8 @@ def _decode_figures(model: Decoder, seq_len: int, batch: int, o: E2EOptions, tim
     at the mean cache length of the decoded steps."""
     c, e = model.config, model.dtype.itemsize
     context = seq_len + (o.decode_tokens + 1) / 2
-    matmul_params = c.streamed_weight_bytes(model.dtype) // e
-    flops = 2 * matmul_params * batch + 4 * batch * c.heads * context * c.head_dim * c.layers
-    moved = c.streamed_weight_bytes(model.dtype) + batch * context * c.kv_bytes_per_token(model.dtype)
+    flops = batch * (2 * c.streamed_param_count() + c.attention_flops_per_key() * context)
+    moved = c.streamed_weight_bytes(e) + batch * context * c.kv_bytes_per_token(e)
     timing = Timing.from_times(times_ms, warmup_reps=o.warmup_steps).as_fields()
     median_s = timing["median_ms"] * 1e-3
     return dict(**timing, flops=int(flops), bytes=int(moved), tflops=flops / median_s / 1e12,
@@ -276,15 +298,15 @@ def _decode_figures(model: Decoder, seq_len: int, batch: int, o: E2EOptions, tim
 
 
 def _record(o: E2EOptions, config, seq_len: int, **fields) -> dict:
-    dtype = DTYPES[o.dtype]
+    dtype_bytes = DTYPES[o.dtype].itemsize
     fields.setdefault("kernel", o.attention)
     return new_record(
         run_id=o.run_id, mode=_mode(o),
         workload=o.preset, model=o.preset, heads=config.heads, kv_heads=config.kv_heads,
         head_dim=config.head_dim, dtype=o.dtype, causal=True, seq_len=seq_len, q_len=1,
         decode_tokens=o.decode_tokens, device=device_name(o.device),
-        model_params=config.param_count(), weight_bytes=config.weight_bytes(dtype),
-        kv_bytes_per_token=config.kv_bytes_per_token(dtype), **{"cuda_graph": False, **fields})
+        model_params=config.param_count(), weight_bytes=config.weight_bytes(dtype_bytes),
+        kv_bytes_per_token=config.kv_bytes_per_token(dtype_bytes), **{"cuda_graph": False, **fields})
 
 
 def _mode(o: E2EOptions) -> str:

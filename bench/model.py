@@ -1,5 +1,8 @@
 """A Llama-shaped decoder from random weights, for end-to-end decode throughput.
 
+The shapes (`ModelConfig`, the presets) and the memory model that plans its batches live in
+the torch-free attnlab.models; this module holds the tensors and the code that runs them.
+
 Nothing is downloaded: the weights are random, so the numbers say what the shapes cost,
 not what a trained model outputs. Attention goes through attnlab.kernels (decode_attention
 for decoding, attention for prefill) with the implementation chosen by name. The KV cache
@@ -15,140 +18,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from attnlab.kernels import DECODE, PREFILL, decode_attention, resolve
+from attnlab.kernels import DECODE, PREFILL, Implementation, decode_attention, resolve
 from attnlab.kernels import attention as attention_fn
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The shape of a Llama-style decoder (RMSNorm, rotary embeddings, SwiGLU MLP, GQA)."""
-
-    name: str
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    rope_theta: float = 500000.0
-    norm_eps: float = 1e-5
-    tied_embeddings: bool = False
-
-    def layer_params(self) -> int:
-        qkv = self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim
-        out = self.heads * self.head_dim * self.hidden
-        mlp = 3 * self.hidden * self.intermediate
-        return qkv + out + mlp + 2 * self.hidden          # two RMSNorm weights
-
-    def param_count(self) -> int:
-        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-        return embeddings + self.layers * self.layer_params() + self.hidden
-
-    def weight_bytes(self, dtype: torch.dtype) -> int:
-        return self.param_count() * dtype.itemsize
-
-    def streamed_weight_bytes(self, dtype: torch.dtype) -> int:
-        """Weights a decode step reads: all but the embedding table, of which it gathers rows."""
-        skipped = 0 if self.tied_embeddings else self.vocab * self.hidden
-        return (self.param_count() - skipped) * dtype.itemsize
-
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """K and V of one token across all layers (128 KiB for Llama-3 8B in bf16)."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * dtype.itemsize
-
-
-PRESETS = {
-    "llama3-8b": ModelConfig("llama3-8b", layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128,
-                             intermediate=14336, vocab=128256),
-    # Llama-3.2-1B's shape: 16 layers, head_dim 64, tied embeddings.
-    "llama3-1b": ModelConfig("llama3-1b", layers=16, hidden=2048, heads=32, kv_heads=8, head_dim=64,
-                             intermediate=8192, vocab=128256, tied_embeddings=True),
-    # Small enough for a CPU and Triton's interpreter; head_dim 16 is the Triton kernels' minimum.
-    "tiny": ModelConfig("tiny", layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16,
-                        intermediate=128, vocab=512, rope_theta=10000.0),
-}
-
-
-def preset(name: str) -> ModelConfig:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"preset: unknown model preset {name!r}; known: {', '.join(PRESETS)}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory model: what a decode point needs, from the shapes alone.
-
-FIXED_WORKSPACE_BYTES = 256 * 2**20   # cuBLAS workspace, split-KV partials, allocator rounding
-PREFILL_CHUNK_TOKENS = 8192          # tokens per prefill chunk: bounds its activations at 128k
-# Implementations whose decode materialises K and V for every query head (GQA expanded) and
-# fp32 scores: naive always, SDPA when its backend lacks native GQA (assumed, to stay safe).
-_EXPANDS_KV = ("naive", "sdpa-math", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn")
-_FP32_SCORES = ("naive", "sdpa-math")
-
-
-def _dense_bytes_per_token(config: ModelConfig, e: int) -> int:
-    """Transient bytes of one token through a block, attention aside: hidden-size vectors,
-    q/k/v with fp32 rotary copies, the MLP's intermediates."""
-    qkv = (config.heads + 2 * config.kv_heads) * config.head_dim
-    return 6 * config.hidden * e + qkv * (e + 3 * 4) + 4 * config.intermediate * e
-
-
-def activation_bytes_per_sequence(config: ModelConfig, max_seqlen: int, attention: str,
-                                  dtype: torch.dtype) -> int:
-    """Transient bytes one sequence adds to a decode step, counted twice (eager pool and graph pool)."""
-    e = dtype.itemsize
-    dense = _dense_bytes_per_token(config, e)
-    logits = config.vocab * (e + 4)
-    attend = 0
-    if attention in _EXPANDS_KV:
-        attend += 2 * config.heads * max_seqlen * config.head_dim * e
-    if attention in _FP32_SCORES:
-        attend += config.heads * max_seqlen * (3 * 4 + e) + max_seqlen
-    return 2 * (dense + logits + attend)
-
-
-def sequence_bytes(config: ModelConfig, seq_len: int, decode_tokens: int, attention: str,
-                   dtype: torch.dtype) -> int:
-    """KV cache for seq_len + decode_tokens tokens plus this sequence's share of the workspace."""
-    max_seqlen = seq_len + decode_tokens
-    return (max_seqlen * config.kv_bytes_per_token(dtype)
-            + activation_bytes_per_sequence(config, max_seqlen, attention, dtype))
-
-
-def prefill_workspace_bytes(config: ModelConfig, seq_len: int, attention: str, dtype: torch.dtype,
-                            chunk_tokens: int = None) -> int:
-    """Transient bytes of one prefill chunk (see `Decoder.prefill`), the cache excluded."""
-    chunk_tokens = chunk_tokens or PREFILL_CHUNK_TOKENS
-    e = dtype.itemsize
-    tokens = chunk_tokens                        # whole sequences or one sequence's span
-    keys = max(chunk_tokens, seq_len)            # keys the chunk attends to, all its sequences
-    dense = tokens * _dense_bytes_per_token(config, e)
-    logits = max(1, chunk_tokens // max(seq_len, 1)) * config.vocab * e
-    attend = 0
-    if attention in _EXPANDS_KV:
-        attend += 2 * config.heads * keys * config.head_dim * e
-    if attention in _FP32_SCORES:
-        attend += config.heads * min(tokens, seq_len) * keys * (3 * 4 + e)
-    return dense + logits + attend
-
-
-def predicted_bytes(config: ModelConfig, batch: int, seq_len: int, decode_tokens: int, attention: str,
-                    dtype: torch.dtype, prefill_attention: str | None = None) -> int:
-    """Weights + batch x per-sequence bytes + a fixed workspace + rotary tables, and the prefill
-    workspace when prefill_attention names the implementation that fills the cache."""
-    rope = 2 * (seq_len + decode_tokens) * (config.head_dim // 2) * 4
-    prefill = prefill_workspace_bytes(config, seq_len, prefill_attention, dtype) if prefill_attention else 0
-    return (config.weight_bytes(dtype) + FIXED_WORKSPACE_BYTES + rope + prefill
-            + batch * sequence_bytes(config, seq_len, decode_tokens, attention, dtype))
-
-
-def largest_batch(config: ModelConfig, seq_len: int, decode_tokens: int, budget_bytes: int,
-                  attention: str, dtype: torch.dtype, prefill_attention: str | None = None) -> int:
-    """The largest batch whose `predicted_bytes` fits in budget_bytes (weights included); 0 if none."""
-    fixed = predicted_bytes(config, 0, seq_len, decode_tokens, attention, dtype, prefill_attention)
-    return max(0, (budget_bytes - fixed) // sequence_bytes(config, seq_len, decode_tokens, attention, dtype))
+from attnlab.models import PREFILL_CHUNK_TOKENS, Gemm, ModelConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,19 +56,18 @@ def random_weights(config: ModelConfig, device, dtype: torch.dtype, seed: int = 
     """Random weights scaled by 1/sqrt(fan_in), so activations stay O(1) through any depth."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
-    def linear(rows, cols):
-        return torch.randn(rows, cols, generator=gen, device=device, dtype=dtype).mul_(1 / math.sqrt(cols))
+    def linear(gemm: Gemm):
+        return (torch.randn(gemm.out_features, gemm.in_features, generator=gen, device=device, dtype=dtype)
+                .mul_(1 / math.sqrt(gemm.in_features)))
 
     def norm():  # near 1, but not 1, so a test notices a norm weight that is ignored
         return torch.randn(config.hidden, generator=gen, device=device, dtype=dtype).mul_(0.1).add_(1)
 
-    c = config
-    embed = torch.randn(c.vocab, c.hidden, generator=gen, device=device, dtype=dtype)
-    layers = [LayerWeights(norm(), linear((c.heads + 2 * c.kv_heads) * c.head_dim, c.hidden),
-                           linear(c.hidden, c.heads * c.head_dim), norm(),
-                           linear(2 * c.intermediate, c.hidden), linear(c.hidden, c.intermediate))
-              for _ in range(c.layers)]
-    lm_head = embed if c.tied_embeddings else linear(c.vocab, c.hidden)
+    qkv, out, gate_up, down = config.layer_gemms()
+    embed = torch.randn(config.vocab, config.hidden, generator=gen, device=device, dtype=dtype)
+    layers = [LayerWeights(norm(), linear(qkv), linear(out), norm(), linear(gate_up), linear(down))
+              for _ in range(config.layers)]
+    lm_head = embed if config.tied_embeddings else linear(config.lm_head_gemm())
     return Weights(embed, layers, norm(), lm_head)
 
 
@@ -323,6 +194,16 @@ class Decoder:
         return self.logits(x[:, -1])
 
 
+def why_not_captured(attention: Implementation, device: torch.device) -> str:
+    """Why a decode step attending with this implementation cannot be captured as a CUDA graph
+    on device; "" where it can (capture may still fail, and says so in `graph_reason`)."""
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if attention.decode_reads_lengths_on_host:
+        return f"{attention.name} reads cache lengths on the host"
+    return ""
+
+
 class StaticDecoder:
     """Greedy decoding with static buffers: one step feeds its argmax token to the next.
 
@@ -376,11 +257,9 @@ class StaticDecoder:
         the cache; the decoder is left reset to seq_len. `graph_reason` says why no graph.
         """
         self.reset(seq_len)
-        if self.model.device.type != "cuda":
-            self.graph_reason = "CUDA graphs need a CUDA device"
-            return False
-        if self.attention.decode_reads_lengths_on_host:
-            self.graph_reason = f"{self.attention.name} reads cache lengths on the host"
+        reason = why_not_captured(self.attention, self.model.device)
+        if reason:
+            self.graph_reason = reason
             return False
         for _ in range(max(1, warmup_steps)):
             self.reset(seq_len)

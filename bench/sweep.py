@@ -207,7 +207,7 @@ class PointRunner:
         why_not = support_reason(point, self.device.type)
         if why_not:
             return self.record(point, "unsupported", reason=why_not)
-        predicted = predicted_peak_bytes(point)
+        predicted = predicted_point_bytes(point, self.device.type)
         failed_at = self._oom_at.get((point.kernel, point.mode))
         if failed_at is not None and point.seq_len >= failed_at:
             return self.record(point, "oom", predicted_mem_bytes=predicted,
@@ -288,10 +288,12 @@ def measured_fields(point: Point, timing: Timing, nvml: dict, energy_calls: int,
     return fields
 
 
-def point_record(point: Point, *, run_id: str, device: str, status: str = "ok", **fields) -> dict:
+def point_record(point: Point, *, run_id: str, device: str, device_type: str, status: str = "ok",
+                 **fields) -> dict:
     """A complete record for a point: its shapes, work, and figures derived from its time."""
     work = {"flops": flops(point), "bytes": bytes_moved(point)}
-    fields.setdefault("predicted_mem_bytes", predicted_peak_bytes(point))
+    if "predicted_mem_bytes" not in fields:
+        fields["predicted_mem_bytes"] = predicted_point_bytes(point, device_type)
     fields.setdefault("harness", "sweep")
     median_ms = fields.get("median_ms")
     if status == "ok" and median_ms:
@@ -303,11 +305,23 @@ def point_record(point: Point, *, run_id: str, device: str, status: str = "ok", 
         work["joules_per_token"] = fields["energy_j"] / point.tokens_per_call
     finished = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return rec.new_record(run_id=run_id, status=status, device=device, **point.fields(), **work,
-                          **fields, tokens_per_call=point.tokens_per_call, time=finished)
+                          device_type=device_type, **fields, tokens_per_call=point.tokens_per_call, time=finished)
 
 
 def point_label(point: Point) -> str:
     return f"{point.mode}/{point.kernel}/{seq_len_label(point.seq_len)}"
+
+
+def predicted_point_bytes(point: Point, device_type: str) -> Optional[int]:
+    """`predicted_peak_bytes` with the working memory point.kernel declares on this device
+    type; None for a kernel the registry does not know."""
+    from attnlab.kernels import get
+
+    try:
+        impl = get(point.kernel)
+    except ValueError:
+        return None
+    return predicted_peak_bytes(point, impl.attention_memory(device_type))
 
 
 def support_reason(point: Point, device_type: str) -> str:

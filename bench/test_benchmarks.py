@@ -14,9 +14,9 @@ pytest.importorskip("pytest_benchmark")
 from attnlab.bench.nvml import NvmlSampler  # noqa: E402
 from attnlab.bench.records import FIELDS, SCHEMA, device_name, jsonable  # noqa: E402
 from attnlab.bench.sweep import (build_call, classify, energy_calls, free_bytes, measured_fields,  # noqa: E402
-                                 point_label, point_record, release_memory, support_reason)
+                                 point_label, point_record, predicted_point_bytes, release_memory,
+                                 support_reason)
 from attnlab.bench.timer import Timing  # noqa: E402
-from attnlab.bench.workloads import predicted_peak_bytes  # noqa: E402
 
 MIN_ROUNDS, MAX_ROUNDS = 5, 1000
 
@@ -33,7 +33,7 @@ def test_attention(benchmark, grid, mode, kernel, seq_len):
     why_not = support_reason(point, grid.device.type)
     if why_not:
         pytest.skip(f"{kernel}: {why_not}")
-    predicted, free = predicted_peak_bytes(point), free_bytes(grid.device)
+    predicted, free = predicted_point_bytes(point, grid.device.type), free_bytes(grid.device)
     if free is not None and predicted > free:
         pytest.skip(f"predicted peak {predicted} bytes exceeds {free} free")
     benchmark.group = group_name(point)

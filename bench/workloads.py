@@ -2,7 +2,8 @@
 
 A `Workload` is a named set of shapes (a preset, possibly with explicit overrides); a
 `Point` is one (kernel, mode, seq_len) of it. The figures here (FLOPs, bytes moved,
-predicted peak memory) come from the shapes alone, so they are known before anything runs.
+predicted peak memory) come from the shapes alone, and for memory from what the kernel
+declares of its working memory, so they are known before anything runs.
 Tensors are in the flash-attn layout (batch, seqlen, heads, head_dim).
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from attnlab.models import AttentionMemory, attention_workspace_bytes
 
 PREFILL, DECODE = "prefill", "decode"
 MODES = (PREFILL, DECODE)
@@ -25,9 +28,6 @@ _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16",
 
 LONG_SEQ_LENS = tuple(1024 * 2 ** i for i in range(8))          # 1k .. 128k
 CPU_SEQ_LENS = (256, 512, 1024, 2048)
-
-# Kernels that keep the whole score matrix: they are charged for it in `predicted_peak_bytes`.
-SCORE_MATRIX_KERNELS = {"naive": 3, "sdpa-math": 3}   # live fp32 (B, H, Sq, Sk) matrices at peak
 
 
 @dataclass(frozen=True)
@@ -224,26 +224,14 @@ def input_bytes(point: Point) -> int:
     return bytes_moved(point) + lens
 
 
-def predicted_peak_bytes(point: Point) -> int:
-    """Peak memory of one call, from the shapes: inputs and output plus working memory.
-
-    Kernels in SCORE_MATRIX_KERNELS materialise the (batch, heads, seqlen_q, seqlen_k)
-    score matrix in fp32 (scores, probabilities and a masked copy are live together) and
-    copy k and v out to every query head. Fused kernels add only a per-row log-sum-exp
-    (a fused backend without native GQA also copies k and v per head: up to 2 GiB more at
-    128k for llama3-8b, which this leaves out).
-    """
-    matrices = SCORE_MATRIX_KERNELS.get(point.kernel)
-    rows = point.batch * point.heads * point.q_len
-    if matrices is None:
-        return input_bytes(point) + rows * 4
-    scores = matrices * 4 * rows * point.seqlen_k
-    mask = point.q_len * point.seqlen_k * (point.batch if point.mode == DECODE else 1)
-    repeated_kv = 2 * point.batch * point.heads * point.seqlen_k * point.head_dim * point.element_bytes
-    if point.kernel == "sdpa-math" and point.element_bytes < 4:
-        # the math backend upcasts q, k, v to fp32 before its matmuls
-        scores += (rows * point.head_dim + 2 * point.batch * point.heads * point.seqlen_k * point.head_dim) * 4
-    return input_bytes(point) + repeated_kv + scores + mask
+def predicted_peak_bytes(point: Point, attention: AttentionMemory) -> int:
+    """Peak memory of one call, from the shapes: inputs and output plus the working memory the
+    kernel declares (`attention`, from the registry's `attention_memory` for the device type):
+    K and V copied per query head, an fp32 score matrix, fp32 copies of half inputs."""
+    working = attention_workspace_bytes(attention, batch=point.batch, heads=point.heads,
+                                        kv_heads=point.kv_heads, head_dim=point.head_dim, q_len=point.q_len,
+                                        keys=point.seqlen_k, dtype_bytes=point.element_bytes)
+    return input_bytes(point) + working
 
 
 def dtype_name(dtype) -> str:

@@ -9,6 +9,10 @@ import torch
 
 from attnlab.kernels.masks import decode_visible, visible
 from attnlab.kernels.registry import YES, Implementation, register
+from attnlab.models import AttentionMemory
+
+# K and V repeated for every query head, the whole score matrix in fp32: on every device.
+MEMORY = AttentionMemory(expands_kv=True, fp32_scores=True)
 
 
 def _attend(q, k, v, mask, scale):
@@ -44,4 +48,5 @@ register(Implementation(
     probe=lambda device_type: YES,
     prefill=prefill, decode=decode,
     speed_rank={"cpu": 30, "cuda": 90},
+    memory=lambda device_type: MEMORY,
 ))

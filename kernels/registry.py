@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
+from attnlab.models import AttentionMemory
+
 PREFILL, DECODE = "prefill", "decode"
 MODES = (PREFILL, DECODE)
 
@@ -48,6 +50,9 @@ class Implementation:
     times say nothing about the kernel.
     `ablation_of` names the implementation this one is with one feature turned off, for
     measuring what that feature is worth; `auto` and the sweeps' defaults leave it out.
+    `memory(device_type)`, where given, says what a call allocates beyond its inputs and
+    output on that device type (see `attention_memory`); without it, nothing: K and V are
+    streamed in place, as a fused kernel does.
     """
 
     name: str
@@ -64,6 +69,12 @@ class Implementation:
     prepare_decode: Optional[Callable] = None
     emulated_on: tuple = ()
     ablation_of: str = ""
+    memory: Optional[Callable[[str], AttentionMemory]] = None
+
+    def attention_memory(self, device_type: str) -> AttentionMemory:
+        """What one call, prefill or decode, allocates beyond its inputs and output on this
+        device type: the memory models of the sweep and the end-to-end planner read this."""
+        return self.memory(device_type) if self.memory else AttentionMemory()
 
     @property
     def decode_reads_lengths_on_host(self) -> bool:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnlab.kernels.registry import YES, Availability, Implementation, no, register
+from attnlab.models import AttentionMemory
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -71,16 +72,27 @@ def _prepare_decode(backend, q, k_cache, v_cache, cache_seqlens, scale):
 
 @functools.lru_cache(maxsize=None)
 def _native_gqa(backend, device_type: str) -> bool:
-    """Does this backend take fewer kv heads than query heads (enable_gqa) on this device?"""
+    """Does this backend take fewer kv heads than query heads (enable_gqa) on this device?
+    A device type torch cannot reach here takes nothing."""
     dtype = torch.float32 if device_type == "cpu" else torch.float16
-    q = torch.randn(1, 2, 8, 64, device=device_type, dtype=dtype)
-    kv = torch.randn(1, 1, 8, 64, device=device_type, dtype=dtype)
     try:
+        q = torch.randn(1, 2, 8, 64, device=device_type, dtype=dtype)
+        kv = torch.randn(1, 1, 8, 64, device=device_type, dtype=dtype)
         with sdpa_kernel(backend):
             F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
         return True
-    except RuntimeError:
+    except (RuntimeError, AssertionError):   # torch without CUDA asserts
         return False
+
+
+def _memory(backend):
+    """The fused backends stream K and V, copied per query head only where the adapter must
+    (see `_prefill`). The math backend keeps fp32 scores, upcasts half inputs to fp32 (unless
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp is set) and, given enable_gqa,
+    repeats K and V per query head itself, so its GQA costs the copies either way."""
+    if backend == SDPBackend.MATH:
+        return lambda device_type: AttentionMemory(expands_kv=True, fp32_scores=True, fp32_inputs=True)
+    return lambda device_type: AttentionMemory(expands_kv=not _native_gqa(backend, device_type))
 
 
 def _probe(backend):
@@ -125,7 +137,7 @@ def _register(name, backend, description, dtypes, devices, limits, speed_rank):
         prefill=functools.partial(_prefill, backend),
         decode=functools.partial(_decode, backend),
         prepare_decode=functools.partial(_prepare_decode, backend),
-        speed_rank=speed_rank, limits=limits,
+        speed_rank=speed_rank, limits=limits, memory=_memory(backend),
     ))
 
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnlab import kernels
+from attnlab import kernels, models
 from attnlab.bench import e2e, model as model_lib
-from attnlab.bench.model import Decoder, StaticDecoder, largest_batch, predicted_bytes, sequence_bytes
+from attnlab.bench.model import Decoder, StaticDecoder
+from attnlab.models import largest_batch, predicted_bytes, sequence_bytes
 
-TINY = model_lib.preset("tiny")
+TINY = models.preset("tiny")
 DECODE_IMPLS = ("naive", "sdpa-math", "sdpa-flash", "triton-decode")
 GiB = 2**30
 
@@ -98,15 +99,22 @@ def test_chunked_prefill_equals_whole_prefill():
 
 
 def test_weights_match_the_parameter_count_of_the_shapes():
-    llama = model_lib.preset("llama3-8b")
+    llama = models.preset("llama3-8b")
     assert llama.param_count() == 8_030_261_248
-    assert llama.kv_bytes_per_token(torch.bfloat16) == 128 * 1024
-    assert model_lib.preset("llama3-1b").param_count() == 1_235_814_400
+    assert llama.kv_bytes_per_token(dtype_bytes=2) == 128 * 1024
+    assert models.preset("llama3.2-1b").param_count() == 1_235_814_400
     for config in (TINY, dataclasses.replace(TINY, tied_embeddings=True)):
         weights = model_lib.random_weights(config, "cpu", torch.float32)
         assert sum(t.numel() for t in weights.tensors()) == config.param_count()
+        first = weights.layers[0]
+        shapes = [tuple(getattr(first, g.name).shape) for g in config.layer_gemms()]
+        assert shapes == [(g.out_features, g.in_features) for g in config.layer_gemms()]
     with pytest.raises(ValueError, match="preset"):
-        model_lib.preset("llama9")
+        models.preset("llama9")
+
+
+# A split-KV kernel captured in a CUDA graph, in bf16: what e2e plans for triton-decode on a GPU.
+TRITON_DECODE = dict(attention=models.AttentionMemory(), dtype_bytes=2, graph=True)
 
 
 @pytest.mark.parametrize("seq_len,budget_gib,expected", [
@@ -116,27 +124,27 @@ def test_weights_match_the_parameter_count_of_the_shapes():
     (1024, 14, (0, 0)),          # not even the weights
 ])
 def test_largest_batch_is_the_memory_models_edge(seq_len, budget_gib, expected):
-    llama, bf16 = model_lib.preset("llama3-8b"), torch.bfloat16
+    llama = models.preset("llama3-8b")
     budget = int(budget_gib * GiB)
-    batch = largest_batch(llama, seq_len, 128, budget, "triton-decode", bf16)
+    batch = largest_batch(llama, seq_len, 128, budget, **TRITON_DECODE)
     assert expected[0] <= batch <= expected[1]
-    assert predicted_bytes(llama, batch + 1, seq_len, 128, "triton-decode", bf16) > budget
+    assert predicted_bytes(llama, batch + 1, seq_len, 128, **TRITON_DECODE) > budget
     if batch:
-        assert predicted_bytes(llama, batch, seq_len, 128, "triton-decode", bf16) <= budget
+        assert predicted_bytes(llama, batch, seq_len, 128, **TRITON_DECODE) <= budget
         # Nearly all of a sequence's bytes are its KV cache for seq_len + the new tokens.
-        kv = (seq_len + 128) * llama.kv_bytes_per_token(bf16)
-        assert kv <= sequence_bytes(llama, seq_len, 128, "triton-decode", bf16) < 1.02 * kv
+        kv = (seq_len + 128) * llama.kv_bytes_per_token(dtype_bytes=2)
+        assert kv <= sequence_bytes(llama, seq_len, 128, **TRITON_DECODE) < 1.02 * kv
 
 
 def test_memory_model_charges_expanded_kv_and_prefill():
-    llama, bf16 = model_lib.preset("llama3-8b"), torch.bfloat16
-    budget = 78 * GiB
-    split_kv = largest_batch(llama, 32768, 128, budget, "triton-decode", bf16)
-    expanded = largest_batch(llama, 32768, 128, budget, "naive", bf16)
-    with_prefill = largest_batch(llama, 32768, 128, budget, "triton-decode", bf16, prefill_attention="triton")
+    llama, budget = models.preset("llama3-8b"), 78 * GiB
+    naive, triton = (kernels.get(name).attention_memory("cuda") for name in ("naive", "triton"))
+    split_kv = largest_batch(llama, 32768, 128, budget, **TRITON_DECODE)
+    expanded = largest_batch(llama, 32768, 128, budget, **{**TRITON_DECODE, "attention": naive})
+    with_prefill = largest_batch(llama, 32768, 128, budget, **TRITON_DECODE, prefill_attention=triton)
     assert expanded < split_kv and with_prefill <= split_kv
     # naive's prefill score matrix at 128k cannot fit beside anything.
-    assert largest_batch(llama, 131072, 128, budget, "triton-decode", bf16, prefill_attention="naive") == 0
+    assert largest_batch(llama, 131072, 128, budget, **TRITON_DECODE, prefill_attention=naive) == 0
 
 
 def _options(**overrides):
@@ -164,6 +172,7 @@ def test_records_follow_the_sweep_schema(tmp_path):
         assert row["tokens_per_s"] == pytest.approx(row["batch"] * 4 / (sum(row["times_ms"]) / 1e3))
         assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
         assert row["cuda_graph"] is False and row["flops"] > 0 and row["bytes"] > 0
+        assert row["mem_budget_bytes"] is None     # a fixed batch is not planned
     assert [r["seq_len"] for r in back] == [32, 64]
     json.dumps(back)
 
@@ -177,12 +186,17 @@ def test_prefill_is_timed_and_counted(tmp_path):
     assert row["tokens_per_s"] < row["decode_tokens_per_s"]
 
 
+# naive on a CPU in float32: what the CPU runs below plan for (never captured in a graph).
+NAIVE_ON_CPU = dict(attention=kernels.get("naive").attention_memory("cpu"), dtype_bytes=4, graph=False)
+
+
 def test_largest_batch_is_planned_from_a_budget():
-    dtype = torch.float32
-    budget = predicted_bytes(TINY, 5, 32, 4, "naive", dtype) + 10
+    budget = predicted_bytes(TINY, 5, 32, 4, **NAIVE_ON_CPU) + 10
     (row,) = e2e.run(_options(seq_lens=(32,), batch=None, mem_budget_bytes=budget))
-    assert row["status"] == "ok" and row["batch"] == 5
-    assert row["predicted_mem_bytes"] == predicted_bytes(TINY, 5, 32, 4, "naive", dtype)
+    assert row["status"] == "ok" and row["batch"] == 5 and row["mem_budget_bytes"] == budget
+    assert row["predicted_mem_bytes"] == predicted_bytes(TINY, 5, 32, 4, **NAIVE_ON_CPU)
+    assert row["attention_expands_kv"] is True and row["attention_fp32_scores"] is True
+    assert row["cuda_graph"] is False
 
 
 def _failing_cache(limit):
@@ -198,7 +212,7 @@ def _failing_cache(limit):
 
 def test_out_of_memory_shrinks_the_planned_batch(monkeypatch):
     monkeypatch.setattr(Decoder, "new_cache", _failing_cache(lambda batch, _: batch > 3))
-    budget = predicted_bytes(TINY, 12, 32, 4, "naive", torch.float32)
+    budget = predicted_bytes(TINY, 12, 32, 4, **NAIVE_ON_CPU)
     (row,) = e2e.run(_options(seq_lens=(32,), batch=None, mem_budget_bytes=budget))
     assert row["status"] == "ok" and row["batch"] == 3
 

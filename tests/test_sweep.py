@@ -16,7 +16,7 @@ import torch
 
 from attnlab.bench import records as rec
 from attnlab.bench import sweep as sw
-from attnlab.bench.workloads import Workload, flops, point_key, predicted_peak_bytes
+from attnlab.bench.workloads import Workload, flops, point_key
 from attnlab.cli import main
 from attnlab.cli._progress import make_progress
 from attnlab.kernels import naive, registry, resolve
@@ -179,7 +179,7 @@ def test_predicted_oom_is_recorded_without_launching(tmp_path, register):
         return naive.prefill(q, k, v, causal, scale)
 
     register("test-spy", prefill=spy)
-    limit = predicted_peak_bytes(TINY.point("test-spy", "prefill", 256)) + 1
+    limit = sw.predicted_point_bytes(TINY.point("test-spy", "prefill", 256), "cpu") + 1
     result = _sweep(tmp_path, ["test-spy"], modes=("prefill",), free_memory=lambda: limit)
     records = _by_seq_len(result, "test-spy")
     assert records[128]["status"] == records[256]["status"] == "ok"

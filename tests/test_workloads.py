@@ -4,6 +4,7 @@ import torch
 
 from attnlab.bench import workloads as wl
 from attnlab.kernels.masks import visible
+from attnlab.models import AttentionMemory
 
 
 def _point(mode="prefill", kernel="sdpa-flash", seq_len=1024, **shape):
@@ -48,17 +49,33 @@ def test_prefill_bytes_are_q_k_v_read_and_output_written():
     assert p.tokens_per_call == 2 * 512
 
 
+def _predicted(point, device_type="cuda"):
+    """The sweep's prediction, with the memory point.kernel declares in the registry."""
+    from attnlab import kernels
+
+    return wl.predicted_peak_bytes(point, kernels.get(point.kernel).attention_memory(device_type))
+
+
 def test_predicted_memory_charges_the_score_matrix_in_fp32():
-    fused, naive = _point(kernel="sdpa-flash"), _point(kernel="naive")
+    fused, naive = _point(kernel="triton"), _point(kernel="naive")
     scores = 2 * 8 * 1024 * 1024 * 4        # one fp32 (B, H, Sq, Sk) matrix
-    assert wl.predicted_peak_bytes(naive) - wl.predicted_peak_bytes(fused) >= 3 * scores
-    assert wl.predicted_peak_bytes(fused) < wl.input_bytes(fused) + scores / 8
+    assert _predicted(naive) - _predicted(fused) >= 3 * scores
+    assert _predicted(fused) < wl.input_bytes(fused) + scores / 8
     # the math backend upcasts half inputs, so it needs more than naive in bf16
-    assert wl.predicted_peak_bytes(_point(kernel="sdpa-math")) > wl.predicted_peak_bytes(naive)
+    assert _predicted(_point(kernel="sdpa-math")) > _predicted(naive)
     # quadratic in length for naive, linear for fused
-    ratio_naive = wl.predicted_peak_bytes(_point(kernel="naive", seq_len=2048)) / wl.predicted_peak_bytes(naive)
-    ratio_fused = wl.predicted_peak_bytes(_point(seq_len=2048)) / wl.predicted_peak_bytes(fused)
+    ratio_naive = _predicted(_point(kernel="naive", seq_len=2048)) / _predicted(naive)
+    ratio_fused = _predicted(_point(kernel="triton", seq_len=2048)) / _predicted(fused)
     assert ratio_naive > 3.5 and ratio_fused < 2.1
+
+
+def test_predicted_memory_charges_kv_copies_only_where_declared():
+    point = _point(mode="decode", seq_len=4096)
+    per_head_kv = 2 * 2 * 4096 * 8 * 64 * 2          # K and V, batch x len x query heads x head_dim, bf16
+    streamed = wl.predicted_peak_bytes(point, AttentionMemory())
+    expanded = wl.predicted_peak_bytes(point, AttentionMemory(expands_kv=True))
+    assert expanded - streamed == per_head_kv
+    assert streamed - wl.input_bytes(point) == 2 * 8 * 4         # one log-sum-exp per query row
 
 
 def test_llama_preset_shapes_and_128k_cache():

@@ -5,13 +5,14 @@ import sys
 from pathlib import Path
 
 from attnlab.cli._args import parse_seq_lens, positive_int, seconds
+from attnlab.models import PRESETS
 
 HELP = "end-to-end decode throughput of a Llama-shaped decoder against context length"
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--preset", default=None,
-                        help="model shape: llama3-8b, llama3-1b, tiny (default: llama3-8b on CUDA, tiny on a CPU)")
+                        help=f"model shape: {', '.join(PRESETS)} (default: llama3-8b on CUDA, tiny on a CPU)")
     parser.add_argument("--attention", default="auto",
                         help="decode attention implementation, e.g. triton-decode, flash-attn, sdpa-flash, naive "
                              "(default: the fastest available; see `attnlab kernels`)")
