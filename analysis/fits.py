@@ -1,10 +1,21 @@
-"""How latency grows with context: latency_ms(n) = a + b n + c n^2 and a power-law exponent.
+"""How latency grows with context: one curve per kernel, mode and shape, fitted to the records
+that stand for their points (one run's record per point, see `select`).
 
-The quadratic model is fitted with a, b, c >= 0 on relative error, so 1k and 128k points
-count alike although their times differ a thousandfold. The exponent is the log-log slope
-over the longer half of the lengths, where the asymptotic cost shows. Intervals come from a
-bootstrap over the stored repetitions of each point (or over the fit's relative residuals
-when a point has fewer than three), so they reflect measurement noise, not model error.
+The model follows the physics of the mode. Decode reads the KV cache once per call, so
+latency_ms(n) = a + b n (b: the marginal cost of a cached token). Prefill does n^2 work on top
+of fixed and linear costs, so a + b n + c n^2. Coefficients are non-negative and fitted on
+relative error, so 1k and 128k points count alike although their times differ a thousandfold.
+Each fit records the evidence beside its model: the small-sample AIC (AICc) of both models.
+The exponent is the log-log slope over the longer half of the lengths.
+
+Intervals come from a bootstrap: at each length the standing record's repetitions are
+resampled (or, where a record has fewer than three, the fit's relative residuals); where other
+valid runs measured the length too, each draw first picks one of the runs, so the interval
+covers the spread between runs as well as repetition noise. `ci_method` says which.
+
+Extrapolation (256k, 1M) states a latency only where the kernel fits in memory: its records'
+predicted memory (shapes make it a quadratic in n, fitted exactly) within the device's
+capacity, and no length at or past one that ran out of memory.
 """
 from __future__ import annotations
 
@@ -17,20 +28,34 @@ from pathlib import Path
 import numpy as np
 
 from attnlab.analysis import _deps
+from attnlab.analysis import text as fmt
+from attnlab.analysis.roofline import match_gpu
+from attnlab.analysis.select import joined_key, with_selection
 
 FIT_MODES = ("prefill", "decode")
+MODELS = {"linear": 2, "quadratic": 3}                     # name -> number of coefficients
+MODEL_OF_MODE = {"decode": "linear", "prefill": "quadratic"}
+WHY_MODEL = {"decode": "decode reads the KV cache once per call: linear in context",
+             "prefill": "prefill does n^2 work besides fixed and linear costs: quadratic in context"}
+STRONG_EVIDENCE = 10.0     # an AICc difference beyond which the data clearly favour one model
 GROUP_KEYS = ("kernel", "mode", "workload", "device")
+SHAPE_KEYS = ("dtype", "batch", "heads", "kv_heads", "head_dim", "causal")
 EXTRAPOLATE_SEQ_LENS = {"256k": 262_144, "1m": 1_048_576}
-MIN_LENGTHS = 3            # three coefficients need three lengths
+MIN_LENGTHS = 3            # three lengths at least, so a model is tested, not just drawn through
 MIN_REPS_FOR_BOOTSTRAP = 3
+MIN_R2_TO_EXTRAPOLATE = 0.9   # a curve that misses its own points says nothing beyond them
+SELECTION = ("one record per point: of the valid records of a point, the one of best status (ok, then a "
+             "failure, then skipped), then of the latest run; never a mean across runs")
 CONTRACT_FIELDS = ("kernel", "mode", "workload", "device", "a_ms", "b_ms_per_token", "c_ms_per_token2",
                    "exponent", "exponent_ci", "r2", "n_points", "crossover_seq_len")
 
 
 @dataclass
 class Fit:
-    """One (kernel, mode, workload, device, dtype) curve. `r2` is that of log latency;
-    `crossover_seq_len` is b/c, where c n^2 overtakes b n (None when c is 0)."""
+    """One curve. `r2` is that of log latency; `crossover_seq_len` is b/c, where c n^2
+    overtakes b n (None for a linear model). `points`: the records fitted, one per length:
+    {seq_len, run_id, median_ms, lo_ms, hi_ms, runs}, where runs counts the valid runs that
+    measured the length and lo_ms, hi_ms is its 95% bootstrap interval."""
 
     kernel: str
     mode: str
@@ -50,6 +75,11 @@ class Fit:
     exponent_seq_lens: tuple = ()
     ci_method: str = ""
     extrapolation: list = field(default_factory=list)
+    model: str = "quadratic"
+    model_reason: str = ""
+    aicc: dict = field(default_factory=dict)
+    points: list = field(default_factory=list)
+    shape: dict = field(default_factory=dict)
 
     def predict_ms(self, seq_len):
         n = np.asarray(seq_len, dtype=float)
@@ -58,19 +88,39 @@ class Fit:
     def to_dict(self) -> dict:
         out = {name: getattr(self, name) for name in CONTRACT_FIELDS}
         out["exponent_ci"] = list(self.exponent_ci)
-        out.update(dtype=self.dtype, exponent_seq_lens=list(self.exponent_seq_lens), ci_method=self.ci_method,
-                   seq_lens=self.seq_lens, median_ms=self.median_ms, extrapolation=self.extrapolation)
+        out.update(dtype=self.dtype, shape=self.shape, model=self.model, model_reason=self.model_reason,
+                   aicc=self.aicc, worst_miss=worst_miss(self), exponent_seq_lens=list(self.exponent_seq_lens), ci_method=self.ci_method,
+                   points=self.points, extrapolation=self.extrapolation)
         return _json_safe(out)
 
 
-def fit_quadratic(seq_lens, latency_ms) -> tuple[float, float, float]:
-    """(a, b, c) >= 0 minimising sum(((a + b n + c n^2) - y) / y)^2."""
+# --- the numbers --------------------------------------------------------------------------------
+
+def fit_curve(seq_lens, latency_ms, model: str = "quadratic") -> tuple[float, float, float]:
+    """(a, b, c) >= 0 minimising sum(((a + b n + c n^2) - y) / y)^2; c is 0 for "linear"."""
     nnls = _deps.require("scipy.optimize", "fitting curves").nnls
     n, y = np.asarray(seq_lens, dtype=float), np.asarray(latency_ms, dtype=float)
-    design = np.column_stack([np.ones_like(n), n, n * n])
+    design = np.column_stack([n**k for k in range(MODELS[model])])
     scale = design.max(axis=0)  # columns span 1 to 1e10: rescale so the solver sees comparable columns
     coef, _ = nnls(design / scale / y[:, None], np.ones_like(y))
-    return tuple(float(v) for v in coef / scale)
+    coef = [float(v) for v in coef / scale]
+    return tuple(coef + [0.0] * (3 - len(coef)))
+
+
+def fit_quadratic(seq_lens, latency_ms) -> tuple[float, float, float]:
+    """(a, b, c) >= 0 of a + b n + c n^2, on relative error."""
+    return fit_curve(seq_lens, latency_ms, "quadratic")
+
+
+def aicc(seq_lens, latency_ms, model: str) -> float | None:
+    """Small-sample AIC of `model` fitted on relative error; None with too few points."""
+    n, y = np.asarray(seq_lens, dtype=float), np.asarray(latency_ms, dtype=float)
+    a, b, c = fit_curve(n, y, model)
+    k, m = MODELS[model], len(n)
+    if m - k - 1 <= 0:
+        return None
+    rss = max(float((((a + b * n + c * n * n) - y) / y) ** 2 @ np.ones(m)), 1e-300)
+    return m * math.log(rss / m) + 2 * k + 2 * k * (k + 1) / (m - k - 1)
 
 
 def log_slope(seq_lens, latency_ms) -> np.ndarray:
@@ -87,44 +137,79 @@ def log_r2(observed, predicted) -> float:
     return 1.0 - float(((y - f) ** 2).sum()) / total if total > 0 else float("nan")
 
 
-def fit_group(seq_lens, reps, *, n_boot: int = 2000, n_boot_extrapolate: int = 400, seed: int = 0) -> dict:
-    """Fit one curve. `seq_lens`: distinct lengths; `reps`: for each, its repeated times (ms).
-    Returns the numeric fields of a Fit."""
-    n = np.asarray(seq_lens, dtype=float)
-    order = np.argsort(n)
-    n, reps = n[order], [np.asarray(reps[i], dtype=float) for i in order]
-    y = np.array([np.median(r) for r in reps])
-    a, b, c = fit_quadratic(n, y)
+def fit_group(seq_lens, reps, *, model: str = "quadratic", other_runs=None, n_boot: int = 2000,
+              n_boot_extrapolate: int = 400, seed: int = 0, memory=None) -> dict:
+    """Fit one curve. `seq_lens`: distinct lengths; `reps`: for each, the standing record's
+    repeated times (ms); `other_runs`: for each, the repeated times of every other valid run
+    that measured it (lists of lists, may be empty); `memory(seq_len)`: (fits, note) for
+    extrapolated lengths (see `memory_wall`). Returns the numeric fields of a Fit."""
+    if model not in MODELS:
+        raise ValueError(f"model: expected one of {', '.join(MODELS)}, got {model!r}")
+    order = np.argsort(np.asarray(seq_lens, dtype=float))
+    n = np.asarray(seq_lens, dtype=float)[order]
+    others = other_runs or [[] for _ in order]
+    runs = [[np.asarray(reps[i], float)] + [np.asarray(o, float) for o in others[i]] for i in order]
+    y = np.array([np.median(r[0]) for r in runs])
+    a, b, c = fit_curve(n, y, model)
     fitted = a + b * n + c * n * n
     upper = slice(len(n) // 2, None)
-    samples, method = _bootstrap_medians(n, reps, fitted, y, n_boot, np.random.default_rng(seed))
+    samples, method = _bootstrap_medians(n, runs, fitted, y, n_boot, np.random.default_rng(seed))
     slopes = log_slope(n[upper], samples[:, upper])
+    lo, hi = np.percentile(samples, [2.5, 97.5], axis=0)
+    r2 = log_r2(y, fitted)
+    misses = (f"the {model} model misses its own points (R^2 {r2:.2f} < {MIN_R2_TO_EXTRAPOLATE}), so it says "
+              f"nothing beyond them") if not r2 >= MIN_R2_TO_EXTRAPOLATE else None
     return dict(a_ms=a, b_ms_per_token=b, c_ms_per_token2=c, exponent=float(log_slope(n[upper], y[upper])),
                 exponent_ci=tuple(float(v) for v in np.percentile(slopes, [2.5, 97.5])),
-                r2=log_r2(y, fitted), n_points=len(n), crossover_seq_len=_crossover(b, c),
+                r2=r2, n_points=len(n), crossover_seq_len=_crossover(b, c),
                 seq_lens=[int(v) for v in n], median_ms=[float(v) for v in y],
                 exponent_seq_lens=(int(n[upper][0]), int(n[-1])), ci_method=method,
-                extrapolation=_extrapolate(n, samples[:n_boot_extrapolate], (a, b, c)))
+                point_intervals=[(float(l), float(h)) for l, h in zip(lo, hi)],
+                extrapolation=_extrapolate(n, samples[:n_boot_extrapolate], (a, b, c), model, memory, misses))
 
 
-def _bootstrap_medians(n, reps, fitted, y, n_boot, rng):
-    """(n_boot, k) resampled medians, by repetitions where every point has enough of them."""
-    if all(len(r) >= MIN_REPS_FOR_BOOTSTRAP for r in reps):
-        columns = [np.median(r[rng.integers(0, len(r), size=(n_boot, len(r)))], axis=1) for r in reps]
-        return np.column_stack(columns), "bootstrap over repetitions"
-    ratios = y / fitted
-    return fitted * ratios[rng.integers(0, len(n), size=(n_boot, len(n)))], "bootstrap over fit residuals"
+def _bootstrap_medians(n, runs, fitted, y, n_boot, rng):
+    """(n_boot, k) resampled medians. At each length a draw picks one of the runs that
+    measured it, then resamples that run's repetitions (where every standing record has
+    enough of them; else it takes the run's median and a resampled relative residual)."""
+    by_reps = all(len(r[0]) >= MIN_REPS_FOR_BOOTSTRAP for r in runs)
+    columns = []
+    for measured in runs:
+        pick = rng.integers(0, len(measured), size=n_boot)
+        column = np.empty(n_boot)
+        for j, times in enumerate(measured):
+            chosen = pick == j
+            if by_reps and len(times) >= MIN_REPS_FOR_BOOTSTRAP:
+                draws = times[rng.integers(0, len(times), size=(int(chosen.sum()), len(times)))]
+                column[chosen] = np.median(draws, axis=1)
+            else:
+                column[chosen] = np.median(times)
+        columns.append(column)
+    samples = np.column_stack(columns)
+    if not by_reps:
+        samples = samples * (y / fitted)[rng.integers(0, len(n), size=samples.shape)]
+    method = "bootstrap over repetitions" if by_reps else "bootstrap over fit residuals"
+    shared = [(int(length), len(measured)) for length, measured in zip(n, runs) if len(measured) > 1]
+    if shared:
+        method += " and between runs at " + ", ".join(f"{fmt.k(length)} ({count} runs)" for length, count in shared)
+    return samples, method
 
 
-def _extrapolate(n, samples, coef) -> list:
+def _extrapolate(n, samples, coef, model, memory, refused=None) -> list:
+    """Latency at EXTRAPOLATE_SEQ_LENS with bootstrap intervals, where the kernel fits in
+    memory and the model is not `refused` (a reason to state no latency at all)."""
     a, b, c = coef
-    boots = np.array([fit_quadratic(n, row) for row in samples])
+    boots = np.array([fit_curve(n, row, model) for row in samples])
     out = []
     for label, target in EXTRAPOLATE_SEQ_LENS.items():
-        predicted = boots[:, 0] + boots[:, 1] * target + boots[:, 2] * float(target) ** 2
-        lo, hi = np.percentile(predicted, [2.5, 97.5])
-        out.append({"label": label, "seq_len": target, "latency_ms": a + b * target + c * float(target) ** 2,
-                    "lo_ms": float(lo), "hi_ms": float(hi)})
+        fits, note = memory(target) if memory else (None, "no memory prediction")
+        point = {"label": label, "seq_len": target, "fits_in_memory": fits, "memory": note,
+                 "latency_ms": None, "lo_ms": None, "hi_ms": None, "refused": refused}
+        if fits is not False and not refused:
+            predicted = boots[:, 0] + boots[:, 1] * target + boots[:, 2] * float(target) ** 2
+            lo, hi = np.percentile(predicted, [2.5, 97.5])
+            point.update(latency_ms=a + b * target + c * float(target) ** 2, lo_ms=float(lo), hi_ms=float(hi))
+        out.append(point)
     return out
 
 
@@ -134,33 +219,158 @@ def _crossover(b: float, c: float):
     return int(round(b / c))
 
 
-def fit_all(results, *, modes=FIT_MODES, n_boot: int = 2000, seed: int = 0) -> tuple[list, list]:
-    """Fit every (kernel, mode, workload, device, dtype) group of ok records in `modes`.
-    Returns (fits, skipped): skipped groups carry the reason they were not fitted."""
+# --- memory --------------------------------------------------------------------------------------
+
+def memory_wall(rows, capacity_bytes):
+    """A function seq_len -> (fits_in_memory, note) for one curve, from its valid records
+    (`rows`, any status): a length at or past one that ran out of memory does not fit; else
+    the records' predicted memory, extended as a quadratic in n, against `capacity_bytes`.
+    fits_in_memory is None where neither says."""
+    oom = rows.loc[rows["status"] == "oom", "seq_len"].dropna()
+    first_oom = int(oom.min()) if len(oom) else None
+    known = rows.dropna(subset=["predicted_mem_bytes"]).drop_duplicates("seq_len")
+    known = known[known["predicted_mem_bytes"] > 0]
+    degree = min(2, len(known) - 1)
+    coef = (np.polyfit(known["seq_len"].astype(float), known["predicted_mem_bytes"].astype(float), degree)
+            if degree >= 1 else None)
+
+    def check(seq_len):
+        if first_oom is not None and seq_len >= first_oom:
+            return False, f"ran out of memory at {fmt.k(first_oom)}"
+        if coef is None or not capacity_bytes:
+            return None, "no memory prediction or device capacity in the records"
+        predicted = float(np.polyval(coef, seq_len))
+        verdict = predicted <= capacity_bytes
+        return verdict, (f"predicted {predicted / 2**30:,.1f} GiB "
+                         f"{'within' if verdict else 'beyond'} the device's {capacity_bytes / 2**30:,.1f} GiB")
+    return check
+
+
+def device_capacity(rows, environments=None) -> float | None:
+    """Bytes of device memory: as the runs' environments recorded it, else the spec sheet's."""
+    if environments is not None and len(environments) and "gpu_memory_bytes" in environments:
+        recorded = environments[environments["run_id"].isin(set(rows["run_id"]))]["gpu_memory_bytes"]
+        recorded = _deps.pandas().to_numeric(recorded, errors="coerce").dropna()
+        if len(recorded):
+            return float(recorded.min())
+    spec = match_gpu(rows["device"].iloc[0]) if len(rows) else None
+    return spec.memory_bytes if spec else None
+
+
+# --- every curve ---------------------------------------------------------------------------------
+
+def fit_all(results, *, environments=None, modes=FIT_MODES, n_boot: int = 2000, seed: int = 0) -> tuple[list, list]:
+    """Fit every (kernel, mode, workload, device, shape) curve of standing ok records in `modes`.
+    Returns (fits, skipped): skipped curves carry the reason they were not fitted."""
     if not len(results):
         return [], []
-    usable = results[(results["status"] == "ok") & results["mode"].isin(modes)
-                     & (results["seq_len"] > 0) & (results["median_ms"] > 0)]
+    results = with_selection(results)
+    in_modes = results[results["mode"].isin(modes) & results["valid"]]
+    in_modes = in_modes.assign(_curve=_curve_keys(in_modes))
+    ok = in_modes[in_modes["status"] == "ok"]
     fits, skipped = [], []
-    for key, group in usable.groupby([*GROUP_KEYS, "dtype"], sort=True):
-        labels = dict(zip((*GROUP_KEYS, "dtype"), key))
-        lengths, reps = _pool_repetitions(group)
-        if len(lengths) < MIN_LENGTHS:
-            skipped.append({**labels, "reason": f"{len(lengths)} context length(s) with ok records; "
+    for curve, rows in ok[ok["excluded"] == ""].groupby("_curve", sort=True):
+        first = rows.iloc[0]
+        labels = {k: first[k] for k in (*GROUP_KEYS, "dtype")}
+        if rows["seq_len"].nunique() < MIN_LENGTHS:
+            skipped.append({**labels, "reason": f"{rows['seq_len'].nunique()} context length(s) with ok records; "
                                                 f"a fit needs at least {MIN_LENGTHS}"})
             continue
-        fits.append(Fit(**labels, **fit_group(lengths, reps, n_boot=n_boot, seed=seed)))
+        everything = in_modes[in_modes["_curve"] == curve]
+        fits.append(_fit_curve_rows(rows, ok[ok["_curve"] == curve], everything, labels, environments,
+                                    n_boot, seed))
     return fits, skipped
 
 
-def _pool_repetitions(group) -> tuple[list, list]:
-    """Per length, every stored repetition of every record (several runs pool together)."""
-    lengths, reps = [], []
-    for seq_len, rows in group.groupby("seq_len", sort=True):
-        times = [t for row_times in rows["times_ms"] for t in row_times if t and t > 0]
-        lengths.append(int(seq_len))
-        reps.append(times if times else list(rows["median_ms"]))
-    return lengths, reps
+def _fit_curve_rows(standing, ok, everything, labels, environments, n_boot, seed) -> Fit:
+    rows = standing.sort_values("seq_len")
+    others = ok[ok["excluded"] != ""]
+    other_runs = [[_times(r) for _, r in others[others["seq_len"] == n].iterrows()] for n in rows["seq_len"]]
+    model = MODEL_OF_MODE.get(labels["mode"], "quadratic")
+    lengths, medians = rows["seq_len"].to_numpy(float), rows["median_ms"].to_numpy(float)
+    memory = memory_wall(everything, device_capacity(everything, environments))
+    numbers = fit_group(lengths, [_times(r) for _, r in rows.iterrows()], model=model, other_runs=other_runs,
+                        n_boot=n_boot, seed=seed, memory=memory)
+    intervals = numbers.pop("point_intervals")
+    points = [{"seq_len": int(r["seq_len"]), "run_id": r["run_id"], "median_ms": float(r["median_ms"]),
+               "lo_ms": lo, "hi_ms": hi, "runs": 1 + len(extra)}
+              for (_, r), (lo, hi), extra in zip(rows.iterrows(), intervals, other_runs)]
+    evidence = {name: aicc(lengths, medians, name) for name in MODELS}
+    first = rows.iloc[0]
+    shape = {k: _plain(first[k]) for k in SHAPE_KEYS}
+    return Fit(**labels, **numbers, model=model, model_reason=_model_reason(labels["mode"], model, evidence),
+               aicc=evidence, points=points, shape=shape)
+
+
+def _model_reason(mode: str, model: str, evidence: dict) -> str:
+    why = WHY_MODEL.get(mode, "no physics for this mode: quadratic")
+    other = next(name for name in MODELS if name != model)
+    mine, theirs = evidence[model], evidence[other]
+    if mine is None or theirs is None:
+        return f"{why}; too few lengths to compare with the {other} model"
+    text = f"{why}; AICc {model} {mine:.1f}, {other} {theirs:.1f} (lower is better)"
+    if theirs < mine - STRONG_EVIDENCE:
+        text += f": the data favour the {other} model, so check these records for a fault"
+    return text
+
+
+def _times(row) -> list:
+    times = [t for t in row["times_ms"] if t and t > 0]
+    return times or [row["median_ms"]]
+
+
+def _curve_keys(rows):
+    """One key per curve: the point key without the length (prefill's q_len is the length)."""
+    q = rows["q_len"].where(rows["q_len"] != rows["seq_len"], -1)
+    return joined_key(rows.assign(_q=q), (*GROUP_KEYS, *SHAPE_KEYS, "_q"))
+
+
+def _plain(value):
+    if isinstance(value, (np.generic,)):
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None if fmt.missing(value) else value
+
+
+def worst_miss(fit: Fit) -> float:
+    """The largest relative gap between the curve and one of its points."""
+    n, y = np.asarray(fit.seq_lens, float), np.asarray(fit.median_ms, float)
+    return float(np.max(np.abs(fit.predict_ms(n) / y - 1))) if len(n) else float("nan")
+
+
+def extrapolated_text(point: dict, interval: bool = True) -> str:
+    """An extrapolation as a table cell: its latency (and interval), or why it has none."""
+    if point["fits_in_memory"] is False:
+        return f"does not fit ({point['memory']})"
+    if point.get("refused"):
+        return f"none: {point['refused']}"
+    text = fmt.num(point["latency_ms"])
+    return f"{text} [{fmt.num(point['lo_ms'])}, {fmt.num(point['hi_ms'])}]" if interval else text
+
+
+# --- what was left out ---------------------------------------------------------------------------
+
+def left_out(results, fits, modes=FIT_MODES) -> list:
+    """Every record the analysis did not use, with why: records left out at loading (invalid,
+    retracted, superseded), and records of the fitted modes that are no fit's point (a
+    failed status, a curve with too few lengths). Each: file, line, run_id, kernel, mode,
+    workload, seq_len, status and reason."""
+    results = with_selection(results)
+    used = {(p["run_id"], f.kernel, f.mode, f.workload, f.device, p["seq_len"]) for f in fits for p in f.points}
+    out = []
+    for _, row in results.iterrows():
+        key = (row["run_id"], row["kernel"], row["mode"], row["workload"], row["device"],
+               None if fmt.missing(row["seq_len"]) else int(row["seq_len"]))
+        reason = row["excluded"]
+        if not reason and row["mode"] in modes and key not in used:
+            reason = (f"status {row['status']}: {row['reason']}" if row["status"] != "ok"
+                      else f"its curve has under {MIN_LENGTHS} context lengths, so it was not fitted")
+        if reason:
+            out.append({"file": row["source"], "line": _plain(row.get("source_line")), "run_id": row["run_id"],
+                        "kernel": row["kernel"], "mode": row["mode"], "workload": row["workload"],
+                        "seq_len": key[-1], "status": row["status"], "reason": reason})
+    return out
 
 
 def fits_rows(fits) -> list[dict]:
@@ -173,8 +383,9 @@ def fits_rows(fits) -> list[dict]:
                 row["exponent_ci_lo"], row["exponent_ci_hi"] = fit.exponent_ci
             else:
                 row[name] = getattr(fit, name)
-        row["dtype"] = fit.dtype
+        row.update(fit.shape, model=fit.model)
         for point in fit.extrapolation:
+            row[f"fits_in_memory_{point['label']}"] = point["fits_in_memory"]
             row[f"latency_ms_{point['label']}"] = point["latency_ms"]
             row[f"latency_ms_{point['label']}_lo"] = point["lo_ms"]
             row[f"latency_ms_{point['label']}_hi"] = point["hi_ms"]
@@ -182,12 +393,14 @@ def fits_rows(fits) -> list[dict]:
     return rows
 
 
-def write_fits(fits, out_dir, skipped=()) -> list[Path]:
-    """Write DIR/fits.json ({"fits": [...], "skipped": [...]}) and DIR/fits.csv; return their paths."""
+def write_fits(fits, out_dir, skipped=(), excluded=()) -> list[Path]:
+    """Write DIR/fits.json ({"fits", "skipped", "excluded"}: curves, curves not fitted and
+    records left out, see `left_out`) and DIR/fits.csv; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / "fits.json", out / "fits.csv"
-    document = {"fits": [f.to_dict() for f in fits], "skipped": _json_safe(list(skipped))}
+    document = {"selection": SELECTION, "fits": [f.to_dict() for f in fits], "skipped": _json_safe(list(skipped)),
+                "excluded": _json_safe(list(excluded))}
     json_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     rows = fits_rows(fits)
     columns = list(rows[0]) if rows else [c for c in CONTRACT_FIELDS if c != "exponent_ci"] + [

@@ -1,9 +1,14 @@
 """Read what runs measured: sweep JSON Lines and pytest-benchmark JSON, in any mix of files
-and folders, into one DataFrame of result records and one of run environments.
+and folders, into one DataFrame of result records and one of run environments, with every
+record marked as standing for its point or left out, and why (see `select`).
+
+Retractions (`attnlab.retraction/1` lines, by convention in a `retractions.jsonl` beside the
+data) are read from named folders and from the folder of every named file.
 
 Nothing here raises on odd content: unknown schemas, lines that are not JSON and files that
-are neither format become entries in `Loaded.warnings`; a truncated last line (a run killed
-mid-write) is ignored. Missing files and empty input are errors that name the argument.
+are neither format become entries in `Loaded.warnings`; records whose values cannot be a
+measurement are kept, marked invalid with their file and line; a truncated last line (a run
+killed mid-write) is ignored. Missing files and empty input are errors that name the argument.
 """
 from __future__ import annotations
 
@@ -14,16 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from attnlab.analysis import _deps
+from attnlab.analysis import select
+from attnlab.analysis.select import CALIBRATION, POINT_KEY, RETRACTION_SCHEMA, STATUSES, standing_ok  # noqa: F401
 
 RESULT_SCHEMA = "attnlab.result/1"
 TUNING_SCHEMA = "attnlab.tuning/1"   # attnlab tune's per-tile times: read as they are, not fitted
 ENVIRONMENT_SCHEMA = "attnlab.environment/1"
-STATUSES = ("ok", "oom", "error", "unsupported", "skipped")
-SUPERSEDED = "superseded"   # the analysis's own status: a point a later run measured again
-CALIBRATION = "calibration"
-# What makes two records measurements of the same point.
-POINT_KEY = ("device", "kernel", "mode", "workload", "dtype", "batch", "heads", "kv_heads", "head_dim",
-             "causal", "seq_len", "q_len")
+RETRACTIONS_FILE = "retractions.jsonl"
 
 RESULT_FIELDS = (
     "schema", "run_id", "kernel", "mode", "workload", "batch", "heads", "kv_heads", "head_dim", "dtype",
@@ -42,39 +44,59 @@ ENVIRONMENT_FIELDS = (
 )
 # Missing key values would drop rows from pandas group-bys; these placeholders keep them visible.
 KEY_DEFAULTS = {"kernel": "unknown", "mode": "unknown", "workload": "custom", "dtype": "unknown",
-                "device": "unknown device", "status": "ok", "run_id": "unknown run"}
+                "device": "unknown device", "run_id": "unknown run"}
 
 
 @dataclass
 class Loaded:
     """What `load` read. `results`: one row per result record (all statuses; columns are the
-    record's fields plus `source`, the file it came from, and `source_format`);
-    `environments`: one row per run; `warnings`: what was skipped and why; `files`: files read."""
+    record's fields plus `source` and `source_line`, where it came from, `source_format`, and
+    `excluded` and `valid`, see `select`); `environments`: one row per run; `retractions`: as
+    read; `warnings`: what was skipped and why; `files`: files read."""
 
     results: object
     environments: object
     warnings: list = field(default_factory=list)
     files: list = field(default_factory=list)
+    retractions: list = field(default_factory=list)
+
+    @property
+    def standing(self):
+        """The one record that stands for each point (any status)."""
+        return self.results[self.results["excluded"] == ""]
 
     @property
     def ok(self):
-        """Result rows with status ok: the ones fits and rates use."""
-        return self.results[self.results["status"] == "ok"]
+        """Standing records with status ok: the ones fits, rates and the claim use."""
+        return standing_ok(self.results)
 
 
 def load(paths) -> Loaded:
     """Load every sweep JSONL and pytest-benchmark JSON under `paths` (files or folders)."""
     pd = _deps.pandas("loading records")
     files = expand_paths(paths)
-    records, environments, warnings = [], [], []
-    for path in files:
+    records, environments, retractions, warnings = [], [], [], []
+    for path in files + _retraction_files_beside(paths, files):
         got_records, got_envs, got_warnings = read_file(path)
-        records += got_records
+        records += [r for r in got_records if r.get("schema") != RETRACTION_SCHEMA]
+        retractions += [r for r in got_records if r.get("schema") == RETRACTION_SCHEMA]
         environments += got_envs
         warnings += got_warnings
+    invalid = [select.invalid_reason(r) for r in records]
     results = _results_frame(pd, records, environments)
+    started = {e.get("run_id"): e.get("time") for e in environments if e.get("run_id")}
+    warnings += select.mark(results, invalid, retractions, started)
     envs = _environments_frame(pd, environments)
-    return Loaded(results=results, environments=envs, warnings=warnings, files=[str(p) for p in files])
+    return Loaded(results=results, environments=envs, warnings=warnings, files=[str(p) for p in files],
+                  retractions=retractions)
+
+
+def _retraction_files_beside(paths, files: list) -> list:
+    """The retractions file in the folder of each file named directly, unless already read."""
+    named = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    read = {f.resolve() for f in files}
+    beside = {(p.parent / RETRACTIONS_FILE).resolve() for p in named if p.is_file()}
+    return sorted(p for p in beside if p.is_file() and p not in read)
 
 
 def expand_paths(paths) -> list[Path]:
@@ -136,7 +158,11 @@ def read_jsonl(text: str, path="<text>") -> tuple[list, list, list]:
             continue  # a truncated last line is what a killed run leaves; it is not an error
         schema = obj.get("schema") if isinstance(obj, dict) else None
         if schema == RESULT_SCHEMA:
-            records.append(_with_source(obj, path, "sweep"))
+            records.append(_with_source(obj, path, "sweep", i + 1))
+        elif schema == RETRACTION_SCHEMA:
+            retraction, why = select.parse_retraction(obj, f"{path}:{i + 1}")
+            records += [retraction] if retraction else []
+            warnings += [why] if why else []
         elif schema == ENVIRONMENT_SCHEMA:
             environments.append(_with_source(obj, path, "sweep"))
         else:
@@ -158,7 +184,7 @@ def read_pytest_benchmark(document: dict, path="<json>") -> tuple[list, list, li
             warnings.append(f"{path}: skipped benchmark {name!r}: its extra_info has schema "
                             f"{extra.get('schema')!r}, expected {RESULT_SCHEMA!r}")
             continue
-        record = _with_source(dict(extra), path, "pytest-benchmark")
+        record = _with_source(dict(extra), path, "pytest-benchmark", f"benchmark {name}")
         _fill_times_from_stats(record, bench.get("stats") or {})
         record.setdefault("run_id", f"pytest-benchmark:{Path(str(path)).stem}:{document.get('datetime', '')}")
         record["benchmark_name"] = name
@@ -197,10 +223,12 @@ def _benchmark_environment(document: dict, run_id: str, path) -> dict:
     return _with_source(env, path, "pytest-benchmark")
 
 
-def _with_source(obj: dict, path, source_format: str) -> dict:
+def _with_source(obj: dict, path, source_format: str, line=None) -> dict:
     obj = dict(obj)
     obj["source"] = str(path)
     obj["source_format"] = source_format
+    if line is not None:
+        obj["source_line"] = line
     return obj
 
 
@@ -218,36 +246,17 @@ def _scaled(seconds):
 
 def _results_frame(pd, records: list, environments: list):
     frame = pd.DataFrame.from_records(records) if records else pd.DataFrame()
-    for column in (*RESULT_FIELDS, "source", "source_format"):
+    for column in (*RESULT_FIELDS, "source", "source_line", "source_format"):
         if column not in frame.columns:
             frame[column] = None
     for column in NUMERIC_FIELDS:
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
-    frame["status"] = frame["status"].fillna("ok").astype(str).str.lower()
+    frame["status"] = frame["status"].fillna("unknown").astype(str).str.lower()
     frame["device"] = frame["device"].fillna(frame["run_id"].map(_gpu_names(environments)))
     for column, default in KEY_DEFAULTS.items():
         frame[column] = frame[column].fillna(default).astype(str)
     frame["times_ms"] = frame["times_ms"].map(lambda t: list(t) if isinstance(t, (list, tuple)) else [])
-    return _mark_superseded(pd, frame.reset_index(drop=True), environments)
-
-
-def _mark_superseded(pd, frame, environments: list):
-    """A point measured again by a later run of the same instrument (sweep, or pytest-benchmark)
-    counts once, as its latest measurement: the earlier records get status `superseded` (kept
-    and listed, never fitted or charted as current). The two instruments' records of a point
-    both stand. Skipped points, calibration records and runs with no recorded start time
-    neither replace nor are replaced: without a time, which came later is unknown."""
-    started = {e.get("run_id"): e.get("time") for e in environments if e.get("run_id")}
-    when = pd.to_datetime(frame["run_id"].map(started), utc=True, errors="coerce")
-    eligible = (frame["status"] != "skipped") & (frame["mode"] != CALIBRATION) & when.notna()
-    if not eligible.any():
-        return frame
-    key = [*POINT_KEY, "source_format"]
-    ordered = frame.loc[eligible, key].astype(str).assign(_when=when[eligible])
-    ordered = ordered.sort_values("_when", kind="stable")
-    earlier = ordered.index[ordered.duplicated(subset=key, keep="last")]
-    frame.loc[earlier, "status"] = SUPERSEDED
-    return frame
+    return frame.reset_index(drop=True)
 
 
 def _gpu_names(environments: list) -> dict:

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 from attnlab.analysis import _deps
+from attnlab.analysis.select import standing_ok
 
 # Spec peaks are for bf16/fp16 on tensor cores; other dtypes get no percentage.
 TENSOR_CORE_DTYPES = ("bf16", "bfloat16", "fp16", "float16", "half")
@@ -90,7 +91,8 @@ def gpu_spec(gpu) -> GpuSpec:
 def measured_peaks(results) -> dict:
     """{run_id: {"tflops": ..., "gbps": ...}} from ok calibration records (the best of each kind)."""
     peaks = {}
-    calibration = results[(results["mode"] == "calibration") & (results["status"] == "ok")]
+    ok = standing_ok(results)
+    calibration = ok[ok["mode"] == "calibration"]
     for run_id, rows in calibration.groupby("run_id"):
         matmul = rows[rows["kernel"].str.startswith("matmul")]["tflops"].dropna()
         copy = rows[rows["kernel"].str.contains("copy")]["gbps"].dropna()
@@ -116,10 +118,11 @@ def peak_for(row, measured: dict) -> tuple:
 
 
 def roofline(results):
-    """Ok prefill and decode rows with `peak`, `peak_unit`, `peak_source`, `achieved` and
-    `pct_of_peak` (compute for prefill, bandwidth for decode)."""
+    """Standing ok prefill and decode rows with `peak`, `peak_unit`, `peak_source`, `achieved`
+    and `pct_of_peak` (compute for prefill, bandwidth for decode)."""
     pd = _deps.pandas("the roofline view")
-    rows = results[(results["status"] == "ok") & results["mode"].isin(("prefill", "decode"))].copy()
+    ok = standing_ok(results)
+    rows = ok[ok["mode"].isin(("prefill", "decode"))].copy()
     measured = measured_peaks(results)
     columns = ["peak", "peak_unit", "peak_source"]
     if rows.empty:

@@ -159,7 +159,7 @@ def test_unknown_gpu_error_names_the_argument():
 def test_roofline_prefers_measured_peaks_and_says_which(tmp_path):
     prefill = record("k", "prefill", 8192, [1.0] * 3, tflops=500.0)
     decode = record("k", "decode", 8192, [1.0] * 3, gbps=2000.0)
-    other_run = {**record("k", "decode", 8192, [1.0] * 3, gbps=1675.0), "run_id": "r2"}
+    other_run = {**record("k", "decode", 16384, [1.0] * 3, gbps=1675.0), "run_id": "r2"}
     calibration = [
         {"schema": "attnlab.result/1", "run_id": "r1", "kernel": "matmul-bf16", "mode": "calibration",
          "status": "ok", "tflops": 800.0, "device": "NVIDIA H100 80GB HBM3"},
@@ -183,3 +183,79 @@ def test_roofline_gives_no_percentage_without_a_known_peak(tmp_path):
     assert roof["pct_of_peak"].isna().all()
     assert "no spec for device 'cpu'" in roof.iloc[0]["peak_source"]
     assert "dtype float32" in roof.iloc[1]["peak_source"]
+
+
+# --- the model per mode, the memory wall, one record per point ------------------------------------
+
+def test_decode_is_fitted_linear_and_prefill_quadratic(tmp_path):
+    # The same slightly curved data (a stale fixed cost) in both modes: decode must stay linear.
+    reps = noisy_reps(0.05, 1e-6, 1e-12, noise=0.01)
+    records = [record("k", mode, n, r) for mode in ("decode", "prefill") for n, r in zip(LENGTHS, reps)]
+    fits, _ = fit_all(load(write_jsonl(tmp_path / "r.jsonl", records)).results, n_boot=50)
+    by_mode = {f.mode: f for f in fits}
+    assert by_mode["decode"].model == "linear" and by_mode["decode"].c_ms_per_token2 == 0
+    assert by_mode["decode"].crossover_seq_len is None
+    assert by_mode["prefill"].model == "quadratic" and by_mode["prefill"].c_ms_per_token2 > 0
+    assert "linear" in by_mode["decode"].model_reason and "AICc" in by_mode["decode"].model_reason
+    assert set(by_mode["decode"].aicc) == {"linear", "quadratic"}
+
+
+def test_an_extrapolation_past_the_memory_wall_states_no_latency(tmp_path):
+    reps = noisy_reps(0.01, 1e-7, 2e-8, lengths=LENGTHS[:4])
+    # Predicted memory grows as n^2 (a score matrix): 1 GiB at 8k, so 1M needs 16 TiB.
+    memory = {n: (n / 8192) ** 2 * 2**30 for n in LENGTHS}
+    records = [record("naive", "prefill", n, r, predicted_mem_bytes=memory[n]) for n, r in zip(LENGTHS[:4], reps)]
+    (fit,), _ = fit_all(load(write_jsonl(tmp_path / "a.jsonl", records)).results, n_boot=50)
+    by_label = {p["label"]: p for p in fit.extrapolation}
+    assert by_label["256k"]["fits_in_memory"] is False and by_label["256k"]["latency_ms"] is None
+    assert "1,024.0 GiB beyond" in by_label["256k"]["memory"]
+    # An out-of-memory point says so as well, whatever the prediction.
+    oom = record("naive", "prefill", 16384, [], status="oom", reason="predicted", predicted_mem_bytes=1.0)
+    (fit,), _ = fit_all(load(write_jsonl(tmp_path / "b.jsonl", records + [oom])).results, n_boot=50)
+    assert all(p["fits_in_memory"] is False and p["latency_ms"] is None for p in fit.extrapolation)
+    assert "ran out of memory at 16k" in fit.extrapolation[0]["memory"]
+    # Within memory, a latency with its interval.
+    small = [{**r, "predicted_mem_bytes": 2**30} for r in records]
+    (fit,), _ = fit_all(load(write_jsonl(tmp_path / "c.jsonl", small)).results, n_boot=50)
+    assert all(p["fits_in_memory"] and p["lo_ms"] <= p["latency_ms"] <= p["hi_ms"] for p in fit.extrapolation)
+
+
+def test_two_runs_of_a_point_are_not_averaged_and_their_spread_is_in_the_interval(tmp_path):
+    reps = noisy_reps(0.01, 1e-7, 2e-8, noise=0.005)
+    first = [{**record("k", "prefill", n, r), "run_id": "old"} for n, r in zip(LENGTHS, reps)]
+    again = {**record("k", "prefill", 16384, [t * 1.11 for t in reps[4]]), "run_id": "new"}
+    envs = [{"schema": "attnlab.environment/1", "run_id": "old", "time": "2026-11-27T00:00:00Z"},
+            {"schema": "attnlab.environment/1", "run_id": "new", "time": "2026-11-28T00:00:00Z"}]
+    loaded = load(write_jsonl(tmp_path / "r.jsonl", envs + first + [again]))
+    (fit,), _ = fit_all(loaded.results, n_boot=400)
+    point = next(p for p in fit.points if p["seq_len"] == 16384)
+    assert point["run_id"] == "new" and point["runs"] == 2
+    assert point["median_ms"] == pytest.approx(again["median_ms"])           # the standing record, not a mean
+    assert point["lo_ms"] <= first[4]["median_ms"] and point["hi_ms"] >= again["median_ms"]
+    assert "between runs at 16k (2 runs)" in fit.ci_method
+    alone = next(p for p in fit.points if p["seq_len"] == 8192)
+    assert alone["runs"] == 1 and alone["hi_ms"] / alone["lo_ms"] < 1.02    # repetition noise only
+
+
+def test_every_record_is_a_fit_point_or_left_out_with_a_reason(tmp_path):
+    from attnlab.analysis.fits import left_out
+    reps = noisy_reps(0.01, 1e-7, 2e-8)
+    records = ([record("k", "prefill", n, r) for n, r in zip(LENGTHS, reps)]
+               + [record("lonely", "decode", 1024, [1.0] * 3), record("k", "prefill", 2**18, [], status="oom"),
+                  {**record("k", "prefill", 1024, [1.0] * 3), "median_ms": -1.0}])
+    results = load(write_jsonl(tmp_path / "r.jsonl", records)).results
+    fits, _ = fit_all(results, n_boot=50)
+    excluded = left_out(results, fits)
+    assert len(excluded) + sum(len(f.points) for f in fits) == len(results)
+    reasons = sorted(e["reason"].split(":")[0].split(",")[0] for e in excluded)
+    assert reasons == ["invalid", "its curve has under 3 context lengths", "status oom"]
+    assert all(e["file"].endswith("r.jsonl") and e["line"] for e in excluded)
+
+
+def test_a_curve_that_misses_its_own_points_states_nothing_beyond_them(tmp_path):
+    # Times that fall and rise with context (a host sync per call, say): no line describes them.
+    times = [0.3, 0.15, 0.4, 0.12, 0.35, 0.14, 0.2, 0.3]
+    records = [record("k", "decode", n, [t] * 3) for n, t in zip(LENGTHS, times)]
+    (fit,), _ = fit_all(load(write_jsonl(tmp_path / "r.jsonl", records)).results, n_boot=50)
+    assert fit.r2 < 0.9
+    assert all(p["latency_ms"] is None and "misses its own points" in p["refused"] for p in fit.extrapolation)

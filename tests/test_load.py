@@ -121,30 +121,6 @@ def test_the_package_and_the_claim_model_import_without_the_extra():
     assert int(done.stdout) > 100
 
 
-def test_a_point_measured_again_counts_once_as_its_latest(tmp_path):
-    def run(run_id, time, median_ms, status="ok"):
-        env = {"schema": "attnlab.environment/1", "run_id": run_id, "time": time}
-        rec = {"schema": "attnlab.result/1", "run_id": run_id, "kernel": "k", "mode": "decode",
-               "workload": "w", "dtype": "bfloat16", "batch": 1, "heads": 32, "kv_heads": 8, "head_dim": 128,
-               "causal": True, "seq_len": 1024, "q_len": 1, "status": status, "median_ms": median_ms,
-               "times_ms": [median_ms], "device": "GPU"}
-        return [env, rec]
-    path = tmp_path / "runs.jsonl"
-    rows = (run("late", "2026-11-28T00:01:00+00:00", 0.02) + run("early", "2026-11-27T23:51:00+00:00", 0.15)
-            + run("later-but-skipped", "2026-11-28T01:00:00+00:00", None, status="skipped"))
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    bench = {"benchmarks": [{"name": "b", "group": "g", "stats": {"median": 1e-4},
-                             "extra_info": {**rows[1], "run_id": "grid"}}],
-             "machine_info": {"attnlab": {"run_id": "grid", "time": "2026-11-28T02:00:00+00:00"}}}
-    (tmp_path / "grid.json").write_text(json.dumps(bench))
-    results = load([path, tmp_path / "grid.json"]).results.set_index("run_id")
-    assert results.loc["late", "status"] == "ok"
-    assert results.loc["early", "status"] == "superseded"
-    assert results.loc["later-but-skipped", "status"] == "skipped"
-    # another instrument's record of the point is a second measurement, not a re-measurement
-    assert results.loc["grid", "status"] == "ok"
-
-
 def test_a_committed_report_or_tuning_beside_the_runs_is_not_read_as_data(tmp_path):
     (tmp_path / "fits.json").write_text(json.dumps({"fits": []}))
     (tmp_path / "claim.json").write_text(json.dumps({"model": "llama3-8b", "claim": {}}))

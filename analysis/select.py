@@ -1,0 +1,189 @@
+"""Which record stands for each point, and why every other one is left out.
+
+A point is one thing to measure: (device, workload, kernel, mode, dtype, shape, seq_len).
+Runs may measure it more than once; exactly one record stands for it, and charts, fits and
+the claim use that record alone, never a mean across runs. Every record keeps its row, with
+two columns that say what became of it:
+
+- `excluded`: "" for the standing record; else why it is left out:
+  - "invalid: ..." its values cannot be a measurement (no status, a non-positive time, ...);
+  - "retracted: ..." a retraction beside the data names its run (and range) and the fault;
+  - "superseded by run ...": another valid record of the point stands. An ok record beats a
+    failure, a failure beats a skipped point, and among equals the later run wins.
+- `valid`: False for invalid and retracted records. Superseded records are valid: they are
+  the spread between runs behind the intervals, and what `--all-runs` overlays.
+
+Calibration records (a run's matmul and copy) are that run's own reference: each stands.
+"""
+from __future__ import annotations
+
+import math
+
+RETRACTION_SCHEMA = "attnlab.retraction/1"
+POINT_KEY = ("device", "kernel", "mode", "workload", "dtype", "batch", "heads", "kv_heads", "head_dim",
+             "causal", "seq_len", "q_len")
+STATUSES = ("ok", "oom", "error", "unsupported", "skipped")
+CALIBRATION = "calibration"
+MODES = ("prefill", "decode", CALIBRATION, "e2e-decode", "e2e-prefill-decode")
+MAX_MEDIAN_MS = 86_400_000.0        # a day: no sweep or benchmark times a single call for longer
+MAX_SEQ_LEN = 2**31 - 1             # lengths are int32 in every kernel
+# What a retraction may narrow its run down to; lengths are inclusive bounds.
+RETRACTION_FILTERS = ("kernel", "mode", "workload", "status", "source_format")
+RETRACTION_BOUNDS = ("min_seq_len", "max_seq_len")
+# Which record of a point stands: the best status first, then the latest run.
+STATUS_RANK = {"ok": 2, "oom": 1, "error": 1, "unsupported": 1, "skipped": 0}
+
+
+def mark(frame, invalid: list, retractions: list, started: dict) -> list:
+    """Fill `excluded` and `valid` in `frame` (the loader's results) in place. `invalid`: for
+    each row, `invalid_reason` of its record as read; `started`: each run's start time.
+    Returns warnings about the retractions themselves (a run no file holds, a range matching
+    nothing)."""
+    frame["excluded"] = list(invalid)
+    warnings = _retract(frame, retractions)
+    frame["valid"] = frame["excluded"] == ""
+    _supersede(frame, started)
+    return warnings
+
+
+def with_selection(results):
+    """`results` with `excluded` and `valid`; a frame built by hand (a test, a notebook) has
+    neither, and then every record stands and is valid."""
+    if "excluded" in results and "valid" in results:
+        return results
+    return results.assign(excluded="", valid=True)
+
+
+def standing_ok(results):
+    """Rows of `results` that stand for their point with status ok."""
+    results = with_selection(results)
+    return results[(results["excluded"] == "") & (results["status"] == "ok")]
+
+
+# --- invalid --------------------------------------------------------------------------------
+
+def invalid_reason(record: dict) -> str:
+    """Why a record, as read from its file, cannot be a measurement; "" when it can."""
+    status, mode, seq_len = record.get("status"), record.get("mode"), record.get("seq_len")
+    if status is None:
+        return "invalid: the record has no status"
+    if status not in STATUSES:
+        return f"invalid: status {status!r} is not one of {', '.join(STATUSES)}"
+    if mode not in MODES:
+        return f"invalid: mode {mode!r} is not one of {', '.join(MODES)}"
+    if mode != CALIBRATION and not _whole(seq_len, 1, MAX_SEQ_LEN):
+        return f"invalid: seq_len {seq_len!r} is not a whole number of tokens from 1 to {MAX_SEQ_LEN}"
+    if status != "ok":
+        return ""
+    if mode == CALIBRATION:
+        rates = [record.get(k) for k in ("tflops", "gbps") if record.get(k) is not None]
+        return "" if rates and all(_number(r) and r > 0 for r in rates) else (
+            "invalid: an ok calibration record needs a positive tflops or gbps")
+    if not _time(record.get("median_ms")):
+        return f"invalid: an ok record needs median_ms above 0 and below a day, got {record.get('median_ms')!r}"
+    times = record.get("times_ms")
+    if times is not None and not isinstance(times, list):
+        return f"invalid: times_ms is {type(times).__name__}, not a list of times"
+    bad = [t for t in times or [] if not _time(t)]
+    if bad:
+        return f"invalid: times_ms holds {bad[0]!r}; every repetition must be a time above 0 and below a day"
+    return ""
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _time(value) -> bool:
+    return _number(value) and 0 < value < MAX_MEDIAN_MS
+
+
+def _whole(value, low, high) -> bool:
+    return _number(value) and float(value).is_integer() and low <= value <= high
+
+
+# --- retracted ------------------------------------------------------------------------------
+
+def _retract(frame, retractions: list) -> list:
+    warnings = []
+    runs = set(frame["run_id"])
+    for retraction in retractions:
+        where = retraction["where"]
+        if retraction["run_id"] not in runs:
+            warnings.append(f"{where}: the retraction names run {retraction['run_id']!r}, which none of the "
+                            f"loaded files holds")
+            continue
+        hit = _matches(frame, retraction) & (frame["excluded"] == "")
+        if not hit.any():
+            warnings.append(f"{where}: the retraction of run {retraction['run_id']!r} matches none of its records")
+        frame.loc[hit, "excluded"] = f"retracted: {retraction['reason']} ({where})"
+    return warnings
+
+
+def _matches(frame, retraction: dict):
+    hit = frame["run_id"] == retraction["run_id"]
+    for column in RETRACTION_FILTERS:
+        if retraction.get(column) is not None:
+            hit &= frame[column] == retraction[column]
+    if retraction.get("min_seq_len") is not None:
+        hit &= frame["seq_len"] >= retraction["min_seq_len"]
+    if retraction.get("max_seq_len") is not None:
+        hit &= frame["seq_len"] <= retraction["max_seq_len"]
+    return hit
+
+
+def parse_retraction(obj: dict, where: str) -> tuple[dict | None, str | None]:
+    """(retraction, None) from one line of a retractions file, or (None, why it was skipped)."""
+    unknown = set(obj) - {"schema", "run_id", "reason", *RETRACTION_FILTERS, *RETRACTION_BOUNDS}
+    if unknown:
+        return None, f"{where}: skipped a retraction with unknown field(s) {', '.join(sorted(unknown))}"
+    for name in ("run_id", "reason"):
+        if not isinstance(obj.get(name), str) or not obj[name].strip():
+            return None, f"{where}: skipped a retraction without a {name}"
+    for name in RETRACTION_BOUNDS:
+        if obj.get(name) is not None and not (isinstance(obj[name], int) and obj[name] >= 0):
+            return None, f"{where}: skipped a retraction whose {name} is {obj[name]!r}, not a token count"
+    return {**obj, "where": where}, None
+
+
+# --- superseded -----------------------------------------------------------------------------
+
+def _supersede(frame, started: dict) -> None:
+    """Among the valid records of each point, keep the one of best status, then latest run."""
+    pd = __import__("pandas")
+    candidates = frame[frame["valid"] & (frame["mode"] != CALIBRATION)]
+    if candidates.empty:
+        return
+    order = candidates.assign(
+        _rank=candidates["status"].map(STATUS_RANK).fillna(0),
+        _when=pd.to_datetime(candidates["run_id"].map(lambda r: started.get(r) or _time_in_run_id(r)),
+                             utc=True, errors="coerce", format="ISO8601").fillna(pd.Timestamp(0, tz="UTC")),
+        _read=range(len(candidates)))
+    key = joined_key(order, POINT_KEY)
+    order = order.assign(_key=key).sort_values(["_key", "_rank", "_when", "_read"])
+    winner = order.groupby("_key").tail(1).set_index("_key")
+    for index, row in order.iterrows():
+        best = winner.loc[row["_key"]]
+        if best["_read"] != row["_read"]:
+            frame.at[index, "excluded"] = _superseded_reason(row, best)
+
+
+def joined_key(rows, columns):
+    """One string per row of its values in `columns`, missing values included (as "None")."""
+    return rows[list(columns)].apply(lambda column: column.map(str)).agg("\x1f".join, axis=1)
+
+
+def _superseded_reason(row, best) -> str:
+    if best["_rank"] > row["_rank"]:
+        return f"superseded by run {best['run_id']}, which measured the point {best['status']}"
+    if best["run_id"] == row["run_id"]:
+        return f"superseded by a later record of the same run ({best['source']})"
+    return f"superseded by run {best['run_id']}, which measured the point later"
+
+
+def _time_in_run_id(run_id) -> str | None:
+    """Sweep run ids start with their UTC start time (20261127T235130Z-...)."""
+    text = str(run_id)
+    if len(text) >= 16 and text[8] == "T" and text[15] == "Z" and text[:8].isdigit():
+        return f"{text[:4]}-{text[4:6]}-{text[6:8]}T{text[9:11]}:{text[11:13]}:{text[13:15]}+00:00"
+    return None
