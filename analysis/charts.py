@@ -1,9 +1,17 @@
 """Charts, one function each, that read alone: a title with the quantity, axes with units, and
-a caption naming the device, dtype, workload shape and runs. Drawn with seaborn on headless
-matplotlib Figures (no pyplot state), saved as PNG and SVG.
+a caption naming the device, dtype, workload shape and runs. Drawn on headless matplotlib
+Figures (no pyplot state) in seaborn's style, saved as PNG and SVG.
 
-Each chart function takes the rows it draws (a DataFrame of result records) and returns a
-Figure; `render_all` picks the rows, names the files and reports what it could not draw.
+Each chart function takes the records it draws (a DataFrame of result records) and returns a
+Figure whose `drawn` attribute holds one row per point drawn: series, seq_len, y and its unit,
+and the record behind it (run_id and point key), or an empty run_id for model and reference
+lines. Lines and markers are drawn from those rows only, and `save` writes them as a CSV beside
+the images, so anyone can check a chart against the data.
+
+One point, one record: no series holds two rows at one length (ValueError naming them), so
+nothing is averaged. A series is its kernel plus whatever tells its records apart from the
+kernel's other records at the same length (device, dtype, shape, run). `render_all` picks the
+records: the one standing for each point, or with `all_runs` every valid one, a series per run.
 """
 from __future__ import annotations
 
@@ -16,16 +24,31 @@ import numpy as np
 
 from attnlab.analysis import _deps
 from attnlab.analysis import text as fmt
+from attnlab.analysis.load import POINT_KEY
 from attnlab.analysis.roofline import match_gpu
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 FIGSIZE = (9.0, 5.4)
 DPI = 110
+GIB = 2**30
+GREY = "#555555"
+# What may tell apart records of one kernel at one length, in the order a series label names it.
+LABEL_FIELDS = ("workload", "mode", "device", "dtype", "batch", "heads", "kv_heads", "head_dim", "causal", "q_len",
+                "run_id")
+# What a drawn row keeps of its record: the run and the point it measured.
+RECORD_COLUMNS = ("run_id", "kernel", "device", "dtype", "mode", "workload", "batch", "heads", "kv_heads", "head_dim",
+                  "causal", "seq_len", "q_len")
+# The CSV beside each chart; a chart may add columns after these (p10_ms, baseline_ms, ...).
+CSV_COLUMNS = ("chart", "series", "kernel", "seq_len", "y", "y_unit", "y_from", "run_id", "device", "dtype", "mode",
+               "workload", "batch", "heads", "kv_heads", "head_dim", "causal", "q_len", "note")
+WHOLE_NUMBER_COLUMNS = ("seq_len", "batch", "heads", "kv_heads", "head_dim", "q_len")
+# A speedup divides times of the same point: every field of the point but the kernel.
+SAME_POINT = tuple(f for f in POINT_KEY if f != "kernel")
 
 
 @dataclass
 class Chart:
-    """A saved chart: `files` maps a format ("png", "svg") to its path."""
+    """A saved chart: `files` maps a format ("png", "svg", and "csv" for what it draws) to its path."""
 
     name: str
     title: str
@@ -38,6 +61,10 @@ class Chart:
 def _sns():
     _deps.pyplot_free_matplotlib("drawing charts")
     return _deps.require("seaborn", "drawing charts")
+
+
+def _pd():
+    return _deps.pandas("drawing charts")
 
 
 def _figure(title: str, caption: str, ncols: int = 1, legend_outside: bool = True):
@@ -59,7 +86,7 @@ def _context_axis(ax, seq_lens, log_y: bool = True) -> None:
     ax.set_xscale("log", base=2)
     if log_y:
         ax.set_yscale("log")
-    ticks = sorted({int(n) for n in seq_lens if n == n and n > 0})
+    ticks = _spaced(sorted({int(n) for n in seq_lens if n == n and n > 0}))
     if ticks:
         from matplotlib.ticker import NullLocator
         ax.set_xticks(ticks)
@@ -68,16 +95,17 @@ def _context_axis(ax, seq_lens, log_y: bool = True) -> None:
     ax.set_xlabel("context length (tokens)")
 
 
+def _spaced(ticks: list, min_octaves: float = 0.25) -> list:
+    """Ticks at least `min_octaves` apart, so labels such as 120k and 128k do not overlap."""
+    kept = []
+    for tick in ticks:
+        if not kept or np.log2(tick / kept[-1]) >= min_octaves:
+            kept.append(tick)
+    return kept
+
+
 def caption_of(fig) -> str:
     return next((t.get_text().replace("\n", " ") for t in fig.texts if t.get_gid() == "caption"), "")
-
-
-def _add_legend_entries(ax, handles, labels) -> None:
-    """Append entries to the legend seaborn drew (or start one)."""
-    legend = ax.get_legend()
-    old_handles = list(legend.legend_handles) if legend else []
-    old_labels = [t.get_text() for t in legend.get_texts()] if legend else []
-    ax.legend(old_handles + list(handles), old_labels + list(labels))
 
 
 def _plain_numbers(axis) -> None:
@@ -89,10 +117,11 @@ def _plain_numbers(axis) -> None:
 
 
 def _legend_outside(ax) -> None:
-    legend = ax.get_legend()
-    if legend is not None:
-        _sns().move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", title_fontsize="small",
-                           frameon=False)
+    """The legend right of the axes; long labels (a run's id) wrap to fit the margin."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, [textwrap.fill(label, 24) for label in labels], loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
 
 
 def palette_for(kernels) -> dict:
@@ -101,14 +130,10 @@ def palette_for(kernels) -> dict:
     return dict(zip(kernels, _sns().color_palette("tab10", max(len(kernels), 1))))
 
 
-def markers_for(devices) -> dict:
-    devices = sorted(set(devices))
-    return {d: MARKERS[i % len(MARKERS)] for i, d in enumerate(devices)}
-
-
-def _styles(rows, palette, markers) -> tuple:
-    """The colours and markers given, else ones for the kernels and devices in `rows`."""
-    return palette or palette_for(rows["kernel"]), markers or markers_for(rows["device"])
+def markers_for(values) -> dict:
+    """A marker for each device (or run)."""
+    values = sorted({str(v) for v in values})
+    return {v: MARKERS[i % len(MARKERS)] for i, v in enumerate(values)}
 
 
 def caption_for(rows, extra: str = "") -> str:
@@ -133,130 +158,316 @@ def caption_for(rows, extra: str = "") -> str:
     return " | ".join(parts + ([extra] if extra else []))
 
 
-# --- the charts -------------------------------------------------------------------------------
+# --- series and the rows a chart draws ---------------------------------------------------------
 
-def latency_chart(rows, fits=(), palette=None, markers=None):
-    """Median latency against context, log-log, bars p10 to p90, lines the fitted a + b n + c n^2."""
-    ok = _ok(rows)
-    mode, workload = _one(ok, "mode"), _one(ok, "workload")
-    fig, (ax,) = _figure(f"{mode.capitalize()} latency against context ({workload})", caption_for(
-        ok, "points: median of the repetitions, bars p10 to p90; lines: fitted a + b*n + c*n^2 (a, b, c >= 0)"))
-    palette, markers = _styles(ok, palette, markers)
-    _sns().scatterplot(data=ok, x="seq_len", y="median_ms", hue="kernel", style="device", palette=palette,
-                       markers=markers, s=45, ax=ax, zorder=3)
-    ax.vlines(ok["seq_len"], ok["p10_ms"], ok["p90_ms"], colors=[palette[k] for k in ok["kernel"]], lw=1.2)
-    for fit in fits:
-        if fit.mode == mode and fit.workload == workload and fit.kernel in palette:
-            n = np.geomspace(min(fit.seq_lens), max(fit.seq_lens), 64)
-            ax.plot(n, fit.predict_ms(n), color=palette[fit.kernel], lw=1.3, alpha=0.8)
-    _context_axis(ax, ok["seq_len"])
-    ax.set_ylabel("latency per call (ms)")
-    _legend_outside(ax)
+def series_labels(records, base, by_run: bool = False) -> tuple:
+    """(labels, fields): `base` (a Series beside `records`, e.g. the kernel) followed by every
+    field of LABEL_FIELDS that tells apart records sharing a base and a length, and the run
+    where `by_run`. Two records then share a label and a length only if they are the same
+    point of the same run, which the drawn rows refuse."""
+    at_length = records.groupby([base.rename("_base"), records["seq_len"]], dropna=False)
+    fields = [f for f in LABEL_FIELDS if f in records
+              and ((by_run and f == "run_id") or bool((at_length[f].nunique(dropna=False) > 1).any()))]
+    labels = base.astype(str)
+    for name in fields:
+        labels = labels + ", " + records[name].map(lambda value, name=name: _describe(name, value))
+    return labels, fields
+
+
+def _describe(name: str, value) -> str:
+    if fmt.missing(value):
+        return f"{name} ?"
+    if name == "run_id":
+        return f"run {value}"
+    if name == "causal":
+        return "causal" if bool(value) else "non-causal"
+    if name in ("batch", "heads", "kv_heads", "head_dim", "q_len"):
+        return f"{name.replace('_', ' ')} {int(value)}"
+    return str(value)
+
+
+def _series(records, by_run, palette, markers) -> tuple:
+    """(labels, fields, look, note) of a chart's records: labels and fields from `series_labels`;
+    look(row) gives a drawn row's (colour, marker): colour by kernel, marker by run where runs
+    are told apart, else by device; note says so in the caption when runs are drawn apart."""
+    labels, fields = series_labels(records, records["kernel"], by_run)
+    by = "run_id" if "run_id" in fields else "device"
+    palette = palette or palette_for(records["kernel"])
+    markers = markers if markers and by == "device" else markers_for(records[by])
+
+    def look(row):
+        return palette.get(row["kernel"], GREY), markers.get(str(row[by]), "o")
+    return labels, fields, look, "one series per run, never averaged" if by == "run_id" else ""
+
+
+def _record_points(records, series, y_from, unit: str, y=None, extra=()):
+    """Drawn rows, one per record with a y: y is the record's `y_from` field, or `y` computed
+    from it (then `y_from` says how); each row names the run and point it came from."""
+    points = records.reindex(columns=list(RECORD_COLUMNS)).assign(
+        series=series, y=records[y_from] if y is None else y, y_unit=unit, y_from=y_from)
+    for column in extra:
+        points[column] = records[column]
+    return points.dropna(subset=["y"])
+
+
+def _line_points(series, seq_len, y, unit: str, **fields):
+    """Drawn rows of a model or reference line: no record behind them, so run_id is empty.
+    A horizontal line has no seq_len."""
+    frame = _pd().DataFrame({"series": series, "seq_len": seq_len, "y": y, "y_unit": unit, "run_id": "", **fields})
+    return frame.dropna(subset=["y"])
+
+
+def _drawn(*parts):
+    """A chart's drawn rows in CSV order; ValueError if a series holds two rows at one length."""
+    pd = _pd()
+    parts = [p for p in parts if len(p)]
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    extra = [c for c in frame.columns if c not in CSV_COLUMNS]
+    frame = frame.reindex(columns=[*CSV_COLUMNS[1:], *extra])
+    frame["run_id"] = frame["run_id"].fillna("")
+    _refuse_stacked(frame.dropna(subset=["seq_len"]), ["series", "y_unit", "seq_len"], "a chart")
+    return frame
+
+
+def _refuse_stacked(rows, keys: list, what: str) -> None:
+    """ValueError naming the rows if two share `keys`: drawing both at one x would stack or
+    average two measurements of one point."""
+    clash = rows[rows.duplicated(keys, keep=False)]
+    if clash.empty:
+        return
+    first = clash.iloc[0]
+    same = clash[(clash[keys].map(str) == first[keys].map(str)).all(axis=1)]
+    where = ", ".join(f"{k} {_shown(first[k])}" for k in keys if not fmt.missing(first[k]))
+    runs = ", ".join(str(r) or "(none)" for r in same["run_id"])
+    raise ValueError(f"{what} holds {len(same)} rows at {where} (runs {runs}); a chart draws one record per "
+                     f"point, never a mean: pass the records that stand for their points (excluded == '') or "
+                     f"tell the runs apart (all_runs)")
+
+
+def _shown(value) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _attach(fig, drawn):
+    fig.drawn = drawn
     return fig
 
 
-def rate_chart(rows, roof, quantity: str, palette=None, markers=None):
+def _plot_series(ax, points, look, legend: bool = True, **style) -> None:
+    """One line per series of `points` (drawn rows), in the colour and marker `look` gives."""
+    for label, series in points.sort_values("seq_len").groupby("series", sort=True):
+        color, marker = look(series.iloc[0])
+        ax.plot(series["seq_len"], series["y"], **{"color": color, "marker": marker, "ms": 5, "lw": 1.6, **style},
+                label=label if legend else "_nolegend_")
+
+
+def _horizontal_lines(ax, lines, x0, text) -> None:
+    """Dashed reference lines (peaks, capacities) from drawn rows, each annotated with `text(row)`."""
+    for _, row in lines.iterrows():
+        ax.axhline(row["y"], color=GREY, ls="--", lw=1)
+        ax.annotate(text(row), (x0, row["y"]), textcoords="offset points", xytext=(2, 3), fontsize=7,
+                    color="#333333")
+
+
+def _joined(*notes) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+# --- the charts -------------------------------------------------------------------------------
+
+def latency_chart(rows, fits=(), palette=None, markers=None, *, by_run: bool = False):
+    """Median latency against context, log-log, bars p10 to p90, lines the fitted curves (decode
+    a + b n, prefill a + b n + c n^2, as each fit's model says)."""
+    ok = _ok(rows)
+    mode, workload = _one(ok, "mode"), _one(ok, "workload")
+    labels, fields, look, runs_note = _series(ok, by_run, palette, markers)
+    points = _record_points(ok, labels, "median_ms", "ms", extra=("p10_ms", "p90_ms"))
+    curves = _fit_points(ok, fits, fields)
+    drawn = _drawn(points, curves)
+    lines = " / ".join(sorted(set(curves["note"]))) if len(curves) else ""
+    fig, (ax,) = _figure(f"{mode.capitalize()} latency against context ({workload})", caption_for(ok, _joined(
+        "points: median of the repetitions, bars p10 to p90", lines and f"lines: {lines} (coefficients >= 0)",
+        runs_note)))
+    _plot_series(ax, points, look, ls="none", ms=6)
+    ax.vlines(points["seq_len"], points["p10_ms"], points["p90_ms"],
+              colors=[look(row)[0] for _, row in points.iterrows()], lw=1.2)
+    _plot_series(ax, curves, look, legend=False, marker="", lw=1.3, alpha=0.8)
+    _context_axis(ax, ok["seq_len"])
+    ax.set_ylabel("latency per call (ms)")
+    _legend_outside(ax)
+    return _attach(fig, drawn)
+
+
+FIT_FORMULAS = {"linear": "fitted a + b*n", "quadratic": "fitted a + b*n + c*n^2"}
+
+
+def _fit_points(ok, fits, fields):
+    """The fitted curves of the records drawn, at 64 whole lengths across each fit's range; a
+    curve is named as its records' series are, but for the run (a fit may span runs)."""
+    curves = []
+    for fit in fits:
+        fitted = _fitted_records(ok, fit)
+        if len(fitted):
+            first = fitted.iloc[0]
+            name = ", ".join([f"fit {fit.kernel}", *(_describe(f, first[f]) for f in fields if f != "run_id")])
+            n = np.unique(np.geomspace(min(fit.seq_lens), max(fit.seq_lens), 64).round())
+            where = first[["kernel", "device", "dtype", "mode", "workload"]].to_dict()
+            curves.append(_line_points(name, n, fit.predict_ms(n), "ms", **where,
+                                       note=FIT_FORMULAS[getattr(fit, "model", "quadratic")]))
+    pd = _pd()
+    return pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["series", "seq_len", "note"])
+
+
+def _fitted_records(ok, fit):
+    """The records of `ok` a fit describes: same kernel, mode, workload, device and dtype, and
+    the same shape where the fit records one."""
+    wanted = {"kernel": fit.kernel, "mode": fit.mode, "workload": fit.workload, "device": fit.device,
+              "dtype": fit.dtype, **(getattr(fit, "shape", None) or {})}
+    hit = np.ones(len(ok), dtype=bool)
+    for column, value in wanted.items():
+        target = _plain(value)
+        hit &= ok[column].map(lambda v, target=target: _plain(v) == target).to_numpy(dtype=bool)
+    return ok[hit]
+
+
+def _plain(value):
+    """A value as comparable across a frame and a fit: numbers as float, missing as None."""
+    if fmt.missing(value):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    return float(value) if isinstance(value, (int, float, np.number)) else str(value)
+
+
+def rate_chart(rows, roof, quantity: str, palette=None, markers=None, *, by_run: bool = False):
     """TFLOP/s (prefill) or GB/s (decode) against context, with each device's peak as a line."""
     ok = _ok(rows)
     workload = _one(ok, "workload")
     label = {"tflops": ("Prefill compute rate", "TFLOP/s"), "gbps": ("Decode memory bandwidth", "GB/s")}[quantity]
-    peaks = _peaks(roof, ok)
-    peak_text = "; ".join(f"{device}: {value:,.0f} {label[1]}, {source}" for device, value, source in peaks)
+    labels, fields, look, runs_note = _series(ok, by_run, palette, markers)
+    points = _record_points(ok, labels, quantity, label[1])
+    peaks = _peak_points(roof, ok, label[1])
+    drawn = _drawn(points, peaks)
+    peak_text = "; ".join(f"{r['device']}: {r['y']:,.0f} {label[1]}, {r['note']}" for _, r in peaks.iterrows())
     fig, (ax,) = _figure(f"{label[0]} against context ({workload})", caption_for(
-        ok, f"dashed lines: peak {peak_text or 'unknown for this device'}"))
-    palette, markers = _styles(ok, palette, markers)
-    _sns().lineplot(data=ok, x="seq_len", y=quantity, hue="kernel", style="device", palette=palette,
-                    markers=markers, dashes=False, ax=ax, errorbar=None)
-    for device, value, source in peaks:
-        ax.axhline(value, color="#555555", ls="--", lw=1)
-        ax.annotate(f"peak {value:,.0f} {label[1]} ({source.split(':')[0]})", (ok["seq_len"].min(), value),
-                    textcoords="offset points", xytext=(2, 3), fontsize=7, color="#333333")
+        ok, _joined(f"dashed lines: peak {peak_text or 'unknown for this device'}", runs_note)))
+    _plot_series(ax, points, look)
+    _horizontal_lines(ax, peaks, ok["seq_len"].min(),
+                      lambda r: f"peak {r['y']:,.0f} {label[1]} ({r['note'].split(':')[0]})")
     _context_axis(ax, ok["seq_len"], log_y=False)
-    ax.set_ylim(0, max([ok[quantity].max()] + [p[1] for p in peaks]) * 1.12)
+    ax.set_ylim(0, max([points["y"].max()] + list(peaks["y"])) * 1.12)
     ax.set_ylabel(f"{'compute' if quantity == 'tflops' else 'bandwidth'} ({label[1]})")
     _legend_outside(ax)
-    return fig
+    return _attach(fig, drawn)
 
 
-def speedup_chart(rows, baseline: str, palette=None, markers=None, chosen_automatically: bool = False):
-    """Baseline median latency over each kernel's, per context; above 1 is faster."""
+def speedup_chart(rows, baseline: str, palette=None, markers=None, chosen_automatically: bool = False, *,
+                  by_run: bool = False):
+    """Baseline median latency over each kernel's, per context; above 1 is faster. Each time is
+    divided by the baseline's record of the same point (of the same run where runs are drawn
+    apart), never by a mean of several."""
     ok = _ok(rows)
     mode, workload = _one(ok, "mode"), _one(ok, "workload")
-    keys = ["device", "dtype", "seq_len"]
-    base = ok[ok["kernel"] == baseline].groupby(keys)["median_ms"].median().rename("baseline_ms")
-    joined = ok.join(base, on=keys).dropna(subset=["baseline_ms"])
-    joined = joined.assign(speedup=joined["baseline_ms"] / joined["median_ms"])
-    missing = sorted(set(ok["seq_len"].astype(int)) - set(base.index.get_level_values("seq_len").astype(int)))
+    labels, fields, look, runs_note = _series(ok, by_run, palette, markers)
+    joined = _with_baseline(ok.assign(series=labels), baseline, same_run="run_id" in fields)
+    points = _record_points(joined, joined["series"], "baseline_ms / median_ms", "x",
+                            y=joined["baseline_ms"] / joined["median_ms"],
+                            extra=("median_ms", "baseline", "baseline_ms", "baseline_run_id"))
+    drawn = _drawn(points)
+    missing = sorted(set(ok["seq_len"].astype(int)) - set(ok.loc[ok["kernel"] == baseline, "seq_len"].astype(int)))
     note = f"speedup = {baseline} median latency / kernel median latency"
     note += " (baseline chosen automatically; pass --baseline to choose)" if chosen_automatically else ""
     note += f"; no {baseline} time at {', '.join(fmt.k(n) for n in missing)}" if missing else ""
-    fig, (ax,) = _figure(f"{mode.capitalize()} speedup over {baseline} ({workload})", caption_for(ok, note))
-    palette, markers = _styles(ok, palette, markers)
-    _sns().lineplot(data=joined, x="seq_len", y="speedup", hue="kernel", style="device", palette=palette,
-                    markers=markers, dashes=False, ax=ax, errorbar=None)
-    ax.axhline(1.0, color="#555555", ls="--", lw=1)
+    fig, (ax,) = _figure(f"{mode.capitalize()} speedup over {baseline} ({workload})",
+                         caption_for(ok, _joined(note, runs_note)))
+    _plot_series(ax, points, look)
+    ax.axhline(1.0, color=GREY, ls="--", lw=1)
     _context_axis(ax, ok["seq_len"])
     _plain_numbers(ax.yaxis)
     ax.set_ylabel(f"speedup over {baseline} (x)")
     _legend_outside(ax)
-    return fig
+    return _attach(fig, drawn)
 
 
-def memory_chart(rows, palette=None, markers=None):
+def _with_baseline(ok, baseline: str, same_run: bool):
+    """`ok` with the baseline's median_ms and run_id of the same point beside each record."""
+    keys = [*SAME_POINT, *(["run_id"] if same_run else [])]
+    base = ok[ok["kernel"] == baseline]
+    _refuse_stacked(base, keys, f"baseline {baseline}")
+    point = ok[keys].map(str).agg("\x1f".join, axis=1) if len(ok) else ok["run_id"]
+    times = _pd().DataFrame({"baseline": baseline, "baseline_ms": base["median_ms"], "baseline_run_id": base["run_id"],
+                             "_point": point[base.index]})
+    return ok.assign(_point=point).merge(times, on="_point", how="inner").drop(columns="_point")
+
+
+def memory_chart(rows, palette=None, markers=None, *, by_run: bool = False):
     """Peak memory against context: measured (solid), predicted from shapes (dotted), points that
     ran out of memory (red x at their predicted peak) and the device's capacity."""
     mode, workload = _one(rows, "mode"), _one(rows, "workload")
-    oom = rows[rows["status"] == "oom"]
-    ok = _ok(rows)
+    rows = rows.sort_values("seq_len")
+    labels, fields, look, runs_note = _series(rows, by_run, palette, markers)
+    ok, oom = _ok(rows), rows[rows["status"] == "oom"]
     capacity = {d: s.memory_bytes for d in rows["device"].unique() if (s := match_gpu(d))}
+    measured = _record_points(ok, "measured " + labels, "peak_mem_bytes / 2**30", "GiB", y=ok["peak_mem_bytes"] / GIB)
+    predicted = _record_points(rows, "predicted " + labels, "predicted_mem_bytes / 2**30", "GiB",
+                               y=rows["predicted_mem_bytes"] / GIB)
+    oom_points = _oom_points(oom, labels, capacity)
+    limits = _line_points("capacity", [np.nan] * len(capacity), [v / GIB for v in capacity.values()], "GiB",
+                          device=list(capacity), note="device memory")
+    drawn = _drawn(measured, predicted, oom_points, limits)
+    oom_note = f"red x: out of memory ({len(oom)} point(s)), drawn at the predicted peak" if len(oom) else ""
     fig, (ax,) = _figure(f"{mode.capitalize()} peak memory against context ({workload})", caption_for(
-        rows, "solid: measured peak allocated; dotted: predicted from shapes"
-              + (f"; red x: out of memory ({len(oom)} point(s)), drawn at the predicted peak" if len(oom) else "")))
-    palette, markers = _styles(rows, palette, markers)
-    gib = ok.assign(peak_gib=ok["peak_mem_bytes"] / 2**30, predicted_gib=ok["predicted_mem_bytes"] / 2**30)
-    if gib["peak_gib"].notna().any():
-        _sns().lineplot(data=gib, x="seq_len", y="peak_gib", hue="kernel", style="device", palette=palette,
-                        markers=markers, dashes=False, ax=ax, errorbar=None)
-    for kernel, group in rows.sort_values("seq_len").groupby("kernel"):
-        predicted = group.dropna(subset=["predicted_mem_bytes"])
-        ax.plot(predicted["seq_len"], predicted["predicted_mem_bytes"] / 2**30, ls=":", lw=1.2,
-                color=palette.get(kernel, "#777777"))
-    if len(oom):
-        y = oom["predicted_mem_bytes"].fillna(max(capacity.values(), default=2**40)) / 2**30
-        handle = ax.scatter(oom["seq_len"], y, marker="x", s=70, color="#d62728", zorder=4)
-        _add_legend_entries(ax, [handle], ["out of memory"])
-    for device, limit in capacity.items():
-        ax.axhline(limit / 2**30, color="#555555", ls="--", lw=1)
-        ax.annotate(f"{device} memory {limit / 2**30:.0f} GiB", (rows["seq_len"].min(), limit / 2**30),
-                    textcoords="offset points", xytext=(2, 3), fontsize=7)
+        rows, _joined("solid: measured peak allocated; dotted: predicted from shapes", oom_note, runs_note)))
+    _plot_series(ax, measured, look)
+    _plot_series(ax, predicted, look, legend=False, ls=":", lw=1.2, marker="")
+    if len(oom_points):
+        ax.scatter(oom_points["seq_len"], oom_points["y"], marker="x", s=70, color="#d62728", zorder=4,
+                   label="out of memory")
+    _horizontal_lines(ax, limits, rows["seq_len"].min(), lambda r: f"{r['device']} memory {r['y']:.0f} GiB")
     _context_axis(ax, rows["seq_len"])
     ax.set_ylabel("peak memory (GiB)")
     _legend_outside(ax)
-    return fig
+    return _attach(fig, drawn)
 
 
-def power_chart(rows, palette=None, markers=None):
+def _oom_points(oom, labels, capacity: dict):
+    """Out-of-memory records at their predicted peak, or at the largest capacity where none is predicted."""
+    fallback = max(capacity.values(), default=2**40)
+    has_prediction = oom["predicted_mem_bytes"].notna()
+    y_from = has_prediction.map({True: "predicted_mem_bytes / 2**30", False: "device memory (no prediction)"})
+    return _record_points(oom, "out of memory " + labels, y_from, "GiB",
+                          y=oom["predicted_mem_bytes"].fillna(fallback) / GIB, extra=("status",))
+
+
+def power_chart(rows, palette=None, markers=None, *, by_run: bool = False):
     """Mean board power (bars to the maximum) and energy per token against context."""
     ok = _ok(rows)
     mode, workload = _one(ok, "mode"), _one(ok, "workload")
+    labels, fields, look, runs_note = _series(ok, by_run, palette, markers)
+    power = _record_points(ok, labels, "power_w_mean", "W", extra=("power_w_max",))
+    energy = _record_points(ok, labels, "joules_per_token", "J/token")
+    drawn = _drawn(power, energy)
     fig, (left, right) = _figure(f"{mode.capitalize()} power and energy per token ({workload})", caption_for(
-        ok, "left: mean power while the point ran, bars up to the maximum sample; right: energy per "
-            "processed token (prefill: batch x context tokens; decode: batch x new tokens)"), ncols=2)
-    palette, markers = _styles(ok, palette, markers)
-    sns = _sns()
-    sns.lineplot(data=ok, x="seq_len", y="power_w_mean", hue="kernel", style="device", palette=palette,
-                 markers=markers, dashes=False, ax=left, errorbar=None, legend=False)
-    left.vlines(ok["seq_len"], ok["power_w_mean"], ok["power_w_max"], colors=[palette[k] for k in ok["kernel"]],
-                lw=1)
-    sns.lineplot(data=ok, x="seq_len", y="joules_per_token", hue="kernel", style="device", palette=palette,
-                 markers=markers, dashes=False, ax=right, errorbar=None)
+        ok, _joined("left: mean power while the point ran, bars up to the maximum sample; right: energy per "
+                    "processed token (prefill: batch x context tokens; decode: batch x new tokens)", runs_note)),
+        ncols=2)
+    _plot_series(left, power, look, legend=False)
+    left.vlines(power["seq_len"], power["y"], power["power_w_max"],
+                colors=[look(row)[0] for _, row in power.iterrows()], lw=1)
+    _plot_series(right, energy, look)
     _context_axis(left, ok["seq_len"], log_y=False)
     _context_axis(right, ok["seq_len"])
     left.set_ylabel("power (W)")
     left.set_ylim(bottom=0)
     right.set_ylabel("energy per token (J)")
     _legend_outside(right)
-    return fig
+    return _attach(fig, drawn)
+
+
+CLAIM_MODEL_SERIES = (("tok_s_max_batch", "model, largest batch that fits"), ("tok_s_batch1", "model, batch 1"),
+                      ("tok_s_with_prefill", "model, largest batch, prefill counted"))
 
 
 def claim_chart(document: dict):
@@ -269,36 +480,60 @@ def claim_chart(document: dict):
     caption = (f"Model {document['model']} on {document['num_gpus']} x {document['gpu_config']['name']}, "
                f"{document['assumptions']['decode_tokens']} tokens decoded per sequence, "
                f"{'calibrated on measurements' if calibrated else 'ideal (spec bandwidth and FLOP/s)'}; "
-               f"claim: {document['claim_source']}. Ratios 1k/128k: max batch "
+               f"claim: {document['claim_source']}. Ratios {fmt.k(claim['short_ctx'])}/{fmt.k(claim['long_ctx'])}: "
+               f"max batch "
                f"{fmt.ratio(document['ratio_max_batch'])}, batch 1 {fmt.ratio(document['ratio_batch1'])}, "
                f"with prefill {fmt.ratio(document['ratio_with_prefill'])}; numbers at the top line: largest batch.")
+    models = _claim_model_points(document, calibrated)
+    claimed = _line_points("claim", [claim["short_ctx"], claim["long_ctx"]],
+                           [claim["short_tok_s"], claim["long_tok_s"]], "tok/s", note=document["claim_source"])
+    measured = _claim_measured_points(document["measured"])
+    drawn = _drawn(models, claimed, measured)
     fig, (ax,) = _figure("Output tokens/s against context: where the claimed drop comes from", caption,
                          legend_outside=False)
     colors = _sns().color_palette("deep", 6)
-    series = [("tok_s_max_batch", "model, largest batch that fits", colors[0]),
-              ("tok_s_batch1", "model, batch 1", colors[1]),
-              ("tok_s_with_prefill", "model, largest batch, prefill counted", colors[2])]
-    for key, label, color in series:
-        ys = [p[key] or np.nan for p in points]
-        ax.plot(n, ys, marker="o", ms=4, lw=1.8, color=color, label=label)
-        if calibrated and document.get("ideal_points"):
-            ax.plot(n, [p[key] or np.nan for p in document["ideal_points"]], lw=1, ls=":", color=color)
+    color_of = {label: colors[i] for i, (_, label) in enumerate(CLAIM_MODEL_SERIES)}
+    for label, line in models.groupby("series", sort=False):
+        ideal = label.startswith("ideal ")
+        ax.plot(line["seq_len"], line["y"], color=color_of[label.removeprefix("ideal ")],
+                **(dict(lw=1, ls=":", label="_nolegend_") if ideal else dict(marker="o", ms=4, lw=1.8, label=label)))
     for p in points:
         if p["max_batch"]:
             ax.annotate(str(p["max_batch"]), (p["seq_len"], p["tok_s_max_batch"]), textcoords="offset points",
                         xytext=(0, 6), ha="center", fontsize=7, color=colors[0])
-    ax.scatter([claim["short_ctx"], claim["long_ctx"]], [claim["short_tok_s"], claim["long_tok_s"]], marker="*",
-               s=220, color="#d62728", zorder=5, label="claim (Cartridges, Fig. 3)")
-    for (mode, kernel), color in zip(sorted({(m["mode"], m["kernel"]) for m in document["measured"]}), colors[3:] * 4):
-        measured = [m for m in document["measured"] if (m["mode"], m["kernel"]) == (mode, kernel)]
-        ax.scatter([m["seq_len"] for m in measured], [m["tok_s"] for m in measured], marker="D", s=36,
-                   color=color, zorder=4, label=f"measured {mode}, {kernel}")
+    ax.scatter(claimed["seq_len"], claimed["y"], marker="*", s=220, color="#d62728", zorder=5,
+               label="claim (Cartridges, Fig. 3)")
+    for (label, group), color in zip(measured.groupby("series", sort=True), colors[3:] * 4):
+        ax.scatter(group["seq_len"], group["y"], marker="D", s=36, color=color, zorder=4, label=label)
     _context_axis(ax, n + [claim["short_ctx"], claim["long_ctx"]])
     ax.set_ylabel("output tokens/s (all sequences)")
     if calibrated:
-        ax.plot([], [], ls=":", color="#555555", label="ideal model (dotted)")
+        ax.plot([], [], ls=":", color=GREY, label="ideal model (dotted)")
     ax.legend(loc="lower left", fontsize="small", framealpha=0.9)
-    return fig
+    return _attach(fig, drawn)
+
+
+def _claim_model_points(document: dict, calibrated: bool):
+    """The model's lines (and, when calibrated, the ideal model's), one row per length; batch is
+    the sequences the line assumes."""
+    sets = [("", document["points"])]
+    if calibrated and document.get("ideal_points"):
+        sets.append(("ideal ", document["ideal_points"]))
+    lines = []
+    for prefix, points in sets:
+        for key, label in CLAIM_MODEL_SERIES:
+            batch = [1 if key == "tok_s_batch1" else p["max_batch"] for p in points]
+            lines.append(_line_points(prefix + label, [p["seq_len"] for p in points],
+                                      [p[key] or np.nan for p in points], "tok/s", batch=batch, y_from=key))
+    return _pd().concat(lines, ignore_index=True)
+
+
+def _claim_measured_points(measured: list):
+    """End-to-end points as the claim document lists them: y is tok_s, run_id the item's."""
+    items = _pd().DataFrame(measured, columns=["seq_len", "tok_s", "batch", "mode", "kernel", "device", "run_id"])
+    base = "measured " + items["mode"].astype(str) + ", " + items["kernel"].astype(str)
+    labels, _ = series_labels(items, base)
+    return _record_points(items, labels, "tok_s", "tok/s")
 
 
 def _ok(rows):
@@ -310,27 +545,48 @@ def _one(rows, column: str) -> str:
     return "/".join(values) if values else "?"
 
 
-def _peaks(roof, rows) -> list:
-    """(device, peak, source) for the devices in `rows`, from the roofline rows."""
+def _peak_points(roof, rows, unit: str):
+    """Drawn rows of the peaks the records in `rows` are judged against (their runs, devices,
+    mode and dtype), from the roofline rows; one per (device, peak)."""
     if roof is None or roof.empty:
-        return []
+        return _line_points("peak", [], [], unit)
     mine = roof[roof["mode"].isin(rows["mode"].unique()) & roof["device"].isin(rows["device"].unique())]
+    for column in ("run_id", "dtype"):
+        if column in roof:
+            mine = mine[mine[column].isin(rows[column].unique())]
     mine = mine.dropna(subset=["peak"]).drop_duplicates(["device", "peak"])
-    return [(r["device"], float(r["peak"]), r["peak_source"]) for _, r in mine.iterrows()]
+    return _line_points("peak", [np.nan] * len(mine), mine["peak"].astype(float).tolist(), unit,
+                        device=mine["device"].tolist(), note=mine["peak_source"].tolist())
 
 
 # --- saving -----------------------------------------------------------------------------------
 
 def save(fig, path_stem, formats=("png", "svg")) -> dict:
-    """Write the figure as PATH_STEM.png / .svg; returns {format: path}."""
+    """Write the figure as PATH_STEM.png / .svg and, for a chart of this module, the rows it
+    draws as PATH_STEM.csv (its `chart` column is the file's stem); returns {kind: path}."""
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     files = {}
     for kind in formats:
-        path = stem.with_suffix(f".{kind}")
+        path = stem.parent / f"{stem.name}.{kind}"
         fig.savefig(path, format=kind, dpi=DPI)
         files[kind] = path
+    drawn = getattr(fig, "drawn", None)
+    if drawn is not None:
+        files["csv"] = stem.parent / f"{stem.name}.csv"
+        _whole_numbers(drawn.assign(chart=stem.name)).reindex(
+            columns=["chart", *drawn.columns]).to_csv(files["csv"], index=False)
     return files
+
+
+def _whole_numbers(frame):
+    """Lengths and shape fields as integers (4096, not 4096.0), where they are whole."""
+    pd = _pd()
+    for column in WHOLE_NUMBER_COLUMNS:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        if values.dropna().mod(1).eq(0).all():
+            frame[column] = values.round().astype("Int64")
+    return frame
 
 
 def _slug(*parts) -> str:
@@ -351,49 +607,84 @@ def pick_baseline(kernels, baseline=None) -> tuple:
     return (sorted(kernels)[0], True) if kernels else (None, True)
 
 
-def render_all(results, out_dir, *, fits=(), roof=None, claim=None, baseline=None,
-               formats=("png", "svg")) -> tuple[list, list]:
-    """Draw every chart the data allows into `out_dir`; returns (charts, skipped) where
-    skipped lists what could not be drawn and why."""
-    out = Path(out_dir)
-    charts, skipped = [], []
-    palette = palette_for(results["kernel"])
-    markers = markers_for(results["device"])
+def records_to_draw(results, all_runs: bool = False):
+    """The records charts draw: by default the one standing for each point (`excluded` == "";
+    every record where the column is absent); with `all_runs`, every valid record."""
+    if all_runs:
+        return results[results["valid"].fillna(True).astype(bool)] if "valid" in results else results
+    return results[results["excluded"].fillna("").astype(str) == ""] if "excluded" in results else results
 
-    def emit(name, fig, title):
-        charts.append(Chart(name, title, caption_of(fig), save(fig, out / name, formats)))
 
-    for (mode, workload), rows in results[results["mode"].isin(("prefill", "decode"))].groupby(["mode", "workload"]):
+def render_all(results, out_dir, *, fits=(), roof=None, claim=None, baseline=None, formats=("png", "svg"),
+               all_runs: bool = False) -> tuple[list, list]:
+    """Draw every chart the data allows into `out_dir`, each with a CSV of what it draws;
+    returns (charts, skipped) where skipped lists what could not be drawn and why. Records as
+    `records_to_draw` picks them; with `all_runs` each run is its own series. A workload
+    measured in several dtypes gets a chart per dtype."""
+    rows = records_to_draw(results, all_runs)
+    renderer = _Renderer(Path(out_dir), formats, fits, roof, baseline, all_runs,
+                         palette_for(rows["kernel"]), markers_for(rows["device"]))
+    charted = rows[rows["mode"].isin(("prefill", "decode"))]
+    for (mode, workload), group in charted.groupby(["mode", "workload"]):
+        several_dtypes = group["dtype"].nunique() > 1
+        for dtype, records in group.groupby("dtype"):
+            renderer.group(records, mode, workload, dtype if several_dtypes else "")
+    if claim is not None:
+        renderer.emit("claim", claim_chart(claim), "claim")
+    return renderer.charts, renderer.skipped
+
+
+@dataclass
+class _Renderer:
+    """What render_all draws with, and what it has drawn and skipped so far."""
+
+    out: Path
+    formats: tuple
+    fits: tuple
+    roof: object
+    baseline: str | None
+    by_run: bool
+    palette: dict
+    markers: dict
+    charts: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+
+    def emit(self, name: str, fig, title: str) -> None:
+        self.charts.append(Chart(name, title, caption_of(fig), save(fig, self.out / name, self.formats)))
+
+    def group(self, rows, mode: str, workload: str, dtype: str) -> None:
+        """The charts of one (mode, workload) group of records, or of one of its dtypes (`dtype`
+        is "" unless the workload holds several)."""
+        where = " ".join(p for p in (mode, workload, dtype) if p)
+        style = dict(palette=self.palette, markers=self.markers, by_run=self.by_run)
+
+        def draw(kind: str, fig, what: str = "", named_by_mode: bool = True) -> None:
+            name = _slug(kind, mode if named_by_mode else "", workload, dtype)
+            self.emit(name, fig, f"{mode} {what or kind}, {where.removeprefix(mode + ' ')}")
+
         ok = _ok(rows)
         if ok.empty:
-            skipped.append(f"{mode} {workload}: no ok records, so no latency or rate chart")
+            self.skipped.append(f"{where}: no ok records, so no latency or rate chart")
         else:
-            emit(_slug("latency", mode, workload), latency_chart(rows, fits, palette, markers),
-                 f"{mode} latency, {workload}")
+            draw("latency", latency_chart(rows, self.fits, **style))
             quantity = "tflops" if mode == "prefill" else "gbps"
             if ok[quantity].notna().any():
-                emit(_slug(quantity, workload), rate_chart(rows, roof, quantity, palette, markers),
-                     f"{mode} {quantity}, {workload}")
-            _speedup(rows, ok, mode, workload, baseline, palette, markers, emit, skipped)
+                draw(quantity, rate_chart(rows, self.roof, quantity, **style), named_by_mode=False)
+            self.speedup(rows, ok, where, draw, style)
             if ok["power_w_mean"].notna().any() or ok["joules_per_token"].notna().any():
-                emit(_slug("power", mode, workload), power_chart(rows, palette, markers), f"{mode} power, {workload}")
+                draw("power", power_chart(rows, **style))
             else:
-                skipped.append(f"{mode} {workload}: no power or energy readings (NVML absent?)")
+                self.skipped.append(f"{where}: no power or energy readings (NVML absent?)")
         if rows["peak_mem_bytes"].notna().any() or rows["predicted_mem_bytes"].notna().any():
-            emit(_slug("memory", mode, workload), memory_chart(rows, palette, markers), f"{mode} memory, {workload}")
-    if claim is not None:
-        emit("claim", claim_chart(claim), "claim")
-    return charts, skipped
+            draw("memory", memory_chart(rows, **style))
 
-
-def _speedup(rows, ok, mode, workload, baseline, palette, markers, emit, skipped) -> None:
-    kernels = set(ok["kernel"])
-    if baseline and baseline not in kernels:
-        skipped.append(f"{mode} {workload}: baseline {baseline} has no ok records here, so no speedup chart")
-        return
-    chosen, auto = pick_baseline(kernels, baseline)
-    if len(kernels) < 2:
-        skipped.append(f"{mode} {workload}: one kernel only, so no speedup chart")
-        return
-    emit(_slug("speedup", mode, workload), speedup_chart(rows, chosen, palette, markers, auto),
-         f"{mode} speedup over {chosen}, {workload}")
+    def speedup(self, rows, ok, where: str, draw, style: dict) -> None:
+        kernels = set(ok["kernel"])
+        if self.baseline and self.baseline not in kernels:
+            self.skipped.append(f"{where}: baseline {self.baseline} has no ok records here, so no speedup chart")
+            return
+        chosen, auto = pick_baseline(kernels, self.baseline)
+        if len(kernels) < 2:
+            self.skipped.append(f"{where}: one kernel only, so no speedup chart")
+            return
+        draw("speedup", speedup_chart(rows, chosen, chosen_automatically=auto, **style), f"speedup over {chosen}")
