@@ -1,68 +1,39 @@
-"""An analytic serving model that explains "10,000 output tokens/s at 1k of context, 130 at 128k".
+"""An analytic serving model that explains "10,000 output tokens/s at 1k of context, 130 at 120k".
 
 The claim (Cartridges, arXiv 2506.06266, Fig. 3 and App. A.3) measures Llama-3 8B on one
 H100 with SGLang: decode only, the largest batch that fits in memory, 128 tokens decoded per
-sequence. The model separates three effects as context n grows:
-  1. the KV cache fills memory, so the largest batch falls roughly as 1/n;
+sequence, from 1k to 120k of context (a 77x drop). The model separates three effects as
+context n grows:
+  1. the KV cache fills memory, so the largest batch falls roughly as 1/n (planned as the
+     end-to-end decoder plans it: attnlab.models, the same reserve and workspace);
   2. each decode step streams the weights plus every cached token, a read linear in n;
-  3. prefill, which the claim leaves out, costs FLOPs quadratic in n.
-A decode step is bound by memory: time = bytes / bandwidth, or FLOPs / peak if larger.
+  3. prefill, which the claim leaves out, costs attention time quadratic in n.
+
+A decode step is the sum of its operations, run one after another: each weight GEMM takes
+max(weight bytes / bandwidth, FLOPs / compute rate); attention reads the KV cache at the
+decode kernel's marginal bandwidth; a fixed overhead covers the rest (norms, rotary, launches).
+Calibrated on records, every rate stays within what the GPU was measured to do.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
+from attnlab import models
 from attnlab.analysis import _deps
 from attnlab.analysis import text as fmt
 from attnlab.analysis.roofline import GPU_SPECS, GpuSpec, gpu_spec, match_gpu
+from attnlab.analysis.select import standing_ok
+from attnlab.models import AttentionMemory, ModelConfig
 
-CLAIM = {"short_ctx": 1024, "short_tok_s": 10000, "long_ctx": 131072, "long_tok_s": 130}
+CLAIM = {"short_ctx": 1024, "short_tok_s": 10000, "long_ctx": 122880, "long_tok_s": 130}
 CLAIM_SOURCE = ("Cartridges (arXiv 2506.06266), Fig. 3 and App. A.3: Llama-3 8B, one H100, SGLang, "
-                "decode only, largest batch that fits, 128 tokens decoded per sequence")
-DEFAULT_SEQ_LENS = tuple(1024 * 2**i for i in range(8))  # 1k .. 128k
+                "decode only, largest batch that fits, 128 tokens decoded per sequence, 1k to 120k of context")
+DEFAULT_SEQ_LENS = tuple(sorted({1024 * 2**i for i in range(8)} | {CLAIM["long_ctx"]}))  # 1k .. 128k and 120k
 E2E_MODES = ("e2e-decode", "e2e-prefill-decode")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """A decoder's shape. `params` counts every weight; untied input embeddings are gathered
-    row by row, not streamed, so a decode step reads `streamed_params` of them."""
-
-    name: str
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    params: float
-    dtype_bytes: int = 2
-    tied_embeddings: bool = False
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes  # K and V, every layer
-
-    @property
-    def weights_bytes(self) -> float:
-        return self.params * self.dtype_bytes
-
-    @property
-    def streamed_params(self) -> float:
-        return self.params - (0 if self.tied_embeddings else self.vocab * self.hidden)
-
-    def attention_flops_per_key(self) -> float:
-        """FLOPs one query token spends per cached key over all layers (q k^T and p v)."""
-        return 4.0 * self.layers * self.heads * self.head_dim
-
-
-MODEL_PRESETS = {
-    "llama3-8b": ModelConfig("llama3-8b", 32, 4096, 32, 8, 128, 14336, 128256, 8.03e9),
-    "llama3-70b": ModelConfig("llama3-70b", 80, 8192, 64, 8, 128, 28672, 128256, 70.55e9),
-    "llama3.2-1b": ModelConfig("llama3.2-1b", 16, 2048, 32, 8, 64, 8192, 128256, 1.24e9, tied_embeddings=True),
-}
+DTYPE_BYTES = 2                                   # bf16 weights and cache
+MODEL_PRESETS = {k: v for k, v in models.PRESETS.items() if k != "tiny"}
+STREAMING = AttentionMemory()                     # a decode kernel that reads K and V in place
 
 
 def model_config(model) -> ModelConfig:
@@ -75,37 +46,38 @@ def model_config(model) -> ModelConfig:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Fractions of the spec peaks the serving stack reaches, and a fixed cost per decode step.
-    1, 1, 1, 0 is the ideal machine. `sources` says where each number came from."""
+    """Fractions of the spec peaks the serving stack reaches, a fixed cost per decode step,
+    and, where a prefill was measured, its attention time per layer and sequence as
+    a + b n + c n^2 ms (`prefill_attention`, empty: counted from FLOPs). 1, 1, 1, 0 is the
+    ideal machine. `sources` says where each number came from."""
 
     weights_bw_efficiency: float = 1.0
     kv_bw_efficiency: float = 1.0
     compute_efficiency: float = 1.0
     overhead_ms: float = 0.0
+    prefill_attention: tuple = ()
     sources: tuple = ()
 
     @property
     def is_ideal(self) -> bool:
         return (self.weights_bw_efficiency, self.kv_bw_efficiency, self.compute_efficiency,
-                self.overhead_ms) == (1.0, 1.0, 1.0, 0.0)
+                self.overhead_ms, self.prefill_attention) == (1.0, 1.0, 1.0, 0.0, ())
 
 
 @dataclass(frozen=True)
 class ServingModel:
     """Llama-style decoding on `num_gpus` GPUs (ideal tensor parallelism: memory, bandwidth and
-    FLOP/s add up). `mem_fraction` of device memory holds the weights and the KV cache, the
-    rest is the runtime's (activations, CUDA graphs); each sequence also caches `decode_tokens`."""
+    FLOP/s add up), each of `memory_bytes` (the spec's when not given), planned as the
+    end-to-end decoder plans its batch; each sequence also caches `decode_tokens`."""
 
     model: ModelConfig
     gpu: GpuSpec
     num_gpus: int = 1
     decode_tokens: int = 128
-    mem_fraction: float = 0.9
     calibration: Calibration = field(default_factory=Calibration)
+    memory_bytes: float | None = None
 
     def __post_init__(self):
-        if not 0 < self.mem_fraction <= 1:
-            raise ValueError(f"mem_fraction: expected a fraction in (0, 1], got {self.mem_fraction}")
         if int(self.decode_tokens) < 1:
             raise ValueError(f"decode_tokens: expected at least 1, got {self.decode_tokens}")
         if int(self.num_gpus) < 1:
@@ -120,34 +92,62 @@ class ServingModel:
         return self.gpu.bf16_tflops * 1e12 * self.num_gpus
 
     @property
-    def kv_budget_bytes(self) -> float:
-        return self.gpu.memory_bytes * self.num_gpus * self.mem_fraction - self.model.weights_bytes
+    def budget_bytes(self) -> int:
+        """What the planner may fill, weights included, on all GPUs together."""
+        per_gpu = int(self.memory_bytes or self.gpu.memory_bytes)
+        return self.num_gpus * models.budget_from_total(per_gpu)
+
+    @property
+    def kv_budget_bytes(self) -> int:
+        return self.budget_bytes - self.model.weight_bytes(DTYPE_BYTES)
 
     def max_batch(self, seq_len: int) -> int:
-        """Sequences of `seq_len` context (plus the decoded tokens) whose KV cache fits."""
-        per_sequence = (seq_len + self.decode_tokens) * self.model.kv_bytes_per_token
-        return max(0, int(self.kv_budget_bytes // per_sequence))
+        """Sequences of `seq_len` context (plus the decoded tokens) that the planner fits."""
+        return int(models.largest_batch(self.model, seq_len, self.decode_tokens, self.budget_bytes,
+                                        attention=STREAMING, dtype_bytes=DTYPE_BYTES, graph=True))
 
     def decode_step(self, seq_len: int, batch: int) -> dict:
-        """Time of one decode step for `batch` sequences at `seq_len` (averaged over the decoded
-        tokens), with the bytes, FLOPs and the part each term takes, in ms."""
+        """One decode step for `batch` sequences at `seq_len` (averaged over the decoded tokens):
+        `step_ms`, the time of each operation in `ops_ms`, and the bytes, FLOPs and the memory
+        and compute parts behind them."""
         cal, m = self.calibration, self.model
+        weights_bw = self.bandwidth_bytes_s * cal.weights_bw_efficiency
+        compute = self.peak_flops * cal.compute_efficiency
         context = seq_len + self.decode_tokens / 2
-        weights_bytes = m.streamed_params * m.dtype_bytes
-        kv_bytes = batch * context * m.kv_bytes_per_token
-        flops = batch * (2 * m.streamed_params + m.attention_flops_per_key() * context)
-        weights_ms = 1e3 * weights_bytes / (self.bandwidth_bytes_s * cal.weights_bw_efficiency)
-        kv_ms = 1e3 * kv_bytes / (self.bandwidth_bytes_s * cal.kv_bw_efficiency)
-        compute_ms = 1e3 * flops / (self.peak_flops * cal.compute_efficiency)
-        return {"step_ms": max(weights_ms + kv_ms, compute_ms) + cal.overhead_ms, "weights_ms": weights_ms,
-                "kv_ms": kv_ms, "compute_ms": compute_ms, "bytes": weights_bytes + kv_bytes, "flops": flops}
+        gemms = [(g, m.layers) for g in m.layer_gemms()] + [(m.lm_head_gemm(), 1)]
+        ops, weights_ms, compute_ms, compute_bound = {}, 0.0, 0.0, []
+        for gemm, count in gemms:
+            read_ms = 1e3 * count * gemm.params * DTYPE_BYTES / weights_bw
+            math_ms = 1e3 * count * 2 * batch * gemm.params / compute
+            ops[gemm.name] = max(read_ms, math_ms)
+            weights_ms, compute_ms = weights_ms + read_ms, compute_ms + math_ms
+            compute_bound += [gemm.name] if math_ms > read_ms else []
+        kv_bytes = batch * context * m.kv_bytes_per_token(DTYPE_BYTES)
+        ops["attention"] = 1e3 * kv_bytes / (self.bandwidth_bytes_s * cal.kv_bw_efficiency)
+        ops["overhead"] = cal.overhead_ms
+        return {"step_ms": sum(ops.values()), "ops_ms": ops, "weights_ms": weights_ms, "compute_ms": compute_ms,
+                "kv_ms": ops["attention"], "bytes": m.streamed_weight_bytes(DTYPE_BYTES) + kv_bytes,
+                "flops": batch * (2 * m.streamed_param_count() + m.attention_flops_per_key() * context),
+                "compute_bound": compute_bound}
 
     def prefill_ms(self, seq_len: int, batch: int) -> float:
-        """Prefill of `batch` prompts of `seq_len` tokens: linear matmul FLOPs plus causal
-        attention, n^2 / 2 query-key pairs per head and layer; compute-bound."""
-        m = self.model
-        flops = batch * (2 * m.streamed_params * seq_len + m.attention_flops_per_key() * seq_len**2 / 2)
-        return 1e3 * flops / (self.peak_flops * self.calibration.compute_efficiency)
+        """Prefill of `batch` prompts of `seq_len` tokens: the GEMMs at the compute rate, and
+        attention from the measured prefill curve (per layer and sequence) where calibrated,
+        else its causal FLOPs (n^2 / 2 query-key pairs per head and layer) at the compute rate."""
+        m, cal = self.model, self.calibration
+        compute = self.peak_flops * cal.compute_efficiency
+        gemm_params = sum(g.params for g in m.layer_gemms()) * m.layers
+        gemm_ms = 1e3 * batch * (2 * gemm_params * seq_len + 2 * m.lm_head_gemm().params) / compute
+        if cal.prefill_attention:
+            a, b, c = cal.prefill_attention
+            return gemm_ms + batch * m.layers * (a + b * seq_len + c * seq_len**2)
+        return gemm_ms + 1e3 * batch * m.attention_flops_per_key() * seq_len**2 / 2 / compute
+
+    def tok_s(self, seq_len: int, batch: int, with_prefill: bool = False) -> float:
+        """Output tokens/s of `batch` sequences at `seq_len`, decoding `decode_tokens` each."""
+        decode_ms = self.decode_tokens * self.decode_step(seq_len, batch)["step_ms"]
+        prefill_ms = self.prefill_ms(seq_len, batch) if with_prefill else 0.0
+        return 1e3 * batch * self.decode_tokens / (decode_ms + prefill_ms) if batch else 0.0
 
     def point(self, seq_len: int) -> dict:
         """The contract fields for one context length, and the terms behind them."""
@@ -155,17 +155,16 @@ class ServingModel:
         one = self.decode_step(seq_len, 1)
         # Where not one sequence fits, nothing is served: every rate is 0.
         point = {"seq_len": int(seq_len), "max_batch": batch, "tok_s_max_batch": 0.0,
-                 "tok_s_batch1": 1e3 / one["step_ms"] if batch else 0.0, "tok_s_with_prefill": 0.0,
+                 "tok_s_batch1": self.tok_s(seq_len, 1) if batch else 0.0, "tok_s_with_prefill": 0.0,
                  "step_ms_batch1": one["step_ms"], "step_ms_max_batch": None, "prefill_ms_max_batch": None,
-                 "kv_share_of_step_max_batch": None}
+                 "kv_share_of_step_max_batch": None, "ops_ms_max_batch": None, "compute_bound_max_batch": None}
         if batch:
             step = self.decode_step(seq_len, batch)
-            prefill_ms = self.prefill_ms(seq_len, batch)
-            decode_ms = self.decode_tokens * step["step_ms"]
-            point.update(tok_s_max_batch=1e3 * batch / step["step_ms"], step_ms_max_batch=step["step_ms"],
-                         tok_s_with_prefill=1e3 * batch * self.decode_tokens / (prefill_ms + decode_ms),
-                         prefill_ms_max_batch=prefill_ms,
-                         kv_share_of_step_max_batch=step["kv_ms"] / (step["weights_ms"] + step["kv_ms"]))
+            point.update(tok_s_max_batch=self.tok_s(seq_len, batch), step_ms_max_batch=step["step_ms"],
+                         tok_s_with_prefill=self.tok_s(seq_len, batch, with_prefill=True),
+                         prefill_ms_max_batch=self.prefill_ms(seq_len, batch),
+                         kv_share_of_step_max_batch=step["kv_ms"] / step["step_ms"],
+                         ops_ms_max_batch=step["ops_ms"], compute_bound_max_batch=step["compute_bound"])
         return point
 
 
@@ -173,12 +172,14 @@ def _ratio(short: float, long: float):
     return short / long if long else None
 
 
+# --- the document ------------------------------------------------------------------------------
+
 def explain_claim(serving: ServingModel, seq_lens=DEFAULT_SEQ_LENS, measured=(), ideal: ServingModel | None = None,
                   model_name: str | None = None, gpu_name: str | None = None) -> dict:
     """The `attnlab claim --json` document: model points for `seq_lens`, the three ratios
-    (short over long context, at the claim's two lengths) and an explanation in words.
-    `measured`: points from end-to-end records (see `measured_points`); `ideal`: the
-    uncalibrated model, reported beside a calibrated one."""
+    (short over long context, at the claim's two lengths), the paper's, attnlab's measured and
+    the model's ratios side by side, and an explanation in words. `measured`: points from
+    end-to-end records (see `measured_points`); `ideal`: the uncalibrated model."""
     seq_lens = sorted({int(n) for n in seq_lens})
     if not seq_lens or seq_lens[0] < 1:
         raise ValueError(f"seq_lens: expected positive context lengths, got {seq_lens}")
@@ -186,23 +187,42 @@ def explain_claim(serving: ServingModel, seq_lens=DEFAULT_SEQ_LENS, measured=(),
     ratios = {f"ratio_{k}": _ratio(short[f"tok_s_{k}"], long[f"tok_s_{k}"])
               for k in ("max_batch", "batch1", "with_prefill")}
     m = serving.model
+    measured = [_with_model(p, serving) for p in measured]
     document = {
         "model": model_name or m.name, "gpu": gpu_name or serving.gpu.key, "num_gpus": serving.num_gpus,
         "claim": dict(CLAIM), "claim_source": CLAIM_SOURCE,
         "points": [serving.point(n) for n in seq_lens], **ratios,
         "factors": _factors(short, long),
-        "kv_bytes_per_token": m.kv_bytes_per_token, "weights_bytes": m.weights_bytes,
-        "kv_budget_bytes": serving.kv_budget_bytes,
-        "assumptions": {"decode_tokens": serving.decode_tokens, "mem_fraction": serving.mem_fraction,
-                        "step_time": "max(bytes / bandwidth, FLOPs / peak) + overhead",
+        "kv_bytes_per_token": m.kv_bytes_per_token(DTYPE_BYTES), "weights_bytes": m.weight_bytes(DTYPE_BYTES),
+        "memory_budget_bytes": serving.budget_bytes, "kv_budget_bytes": serving.kv_budget_bytes,
+        "assumptions": {"decode_tokens": serving.decode_tokens,
+                        "memory": "the end-to-end planner's budget (attnlab.models): device memory less the CUDA "
+                                  "context, a reserve of 1 GiB + 1%, the weights, a fixed workspace and each "
+                                  "sequence's activations",
+                        "step_time": "sum over a step's operations: each GEMM max(weight bytes / bandwidth, FLOPs / "
+                                     "compute rate), attention KV bytes / the decode kernel's marginal bandwidth, "
+                                     "plus a fixed overhead",
                         "calibration": _calibration_dict(serving.calibration)},
         "model_config": asdict(m), "gpu_config": asdict(serving.gpu),
-        "measured": list(measured), "measured_ratios": measured_ratios(measured),
+        "measured": measured, "measured_ratios": measured_ratios(measured),
     }
+    document["ratios_side_by_side"] = _side_by_side(serving, document)
     if ideal is not None and not serving.calibration.is_ideal:
         document["ideal_points"] = [ideal.point(n) for n in seq_lens]
     document["explanation"] = _explanation(serving, short, long, document)
     return document
+
+
+def _with_model(point: dict, serving: ServingModel) -> dict:
+    """A measured point with the model at its batch and context: `model_tok_s`, `model_error`
+    (measured over model, less 1). A kernel with its own calibrated KV bandwidth uses it."""
+    kv = point.get("kv_bw_efficiency")
+    point = {k: v for k, v in point.items() if k != "kv_bw_efficiency"}
+    if not point.get("batch"):
+        return {**point, "model_tok_s": None, "model_error": None}
+    model = replace(serving, calibration=replace(serving.calibration, kv_bw_efficiency=kv)) if kv else serving
+    tok_s = model.tok_s(point["seq_len"], point["batch"], with_prefill=point["mode"] == "e2e-prefill-decode")
+    return {**point, "model_tok_s": tok_s, "model_error": point["tok_s"] / tok_s - 1 if tok_s else None}
 
 
 def _factors(short: dict, long: dict) -> dict:
@@ -215,9 +235,32 @@ def _factors(short: dict, long: dict) -> dict:
             "step_ms_batch1_long": long["step_ms_batch1"]}
 
 
+def _side_by_side(serving: ServingModel, doc: dict) -> list:
+    """The paper's ratio, attnlab's measured ones and the model's, each at its own lengths."""
+    claim = doc["claim"]
+    rows = [{"what": "paper", "short_ctx": claim["short_ctx"], "long_ctx": claim["long_ctx"],
+             "ratio": claim["short_tok_s"] / claim["long_tok_s"],
+             "how": "SGLang serving Llama-3 8B's real weights on one H100 (Cartridges, App. A.3)"},
+            {"what": "model", "short_ctx": claim["short_ctx"], "long_ctx": claim["long_ctx"],
+             "ratio": doc["ratio_max_batch"], "how": "this model at its planned largest batch"}]
+    for m in doc["measured_ratios"]:
+        if m["mode"] != "e2e-decode":
+            continue
+        short = serving.tok_s(m["short_ctx"], m["short_batch"]) if m.get("short_batch") else None
+        long = serving.tok_s(m["long_ctx"], m["long_batch"]) if m.get("long_batch") else None
+        rows.append({"what": "attnlab measured", "kernel": m["kernel"], "short_ctx": m["short_ctx"],
+                     "long_ctx": m["long_ctx"], "ratio": m["ratio"],
+                     "how": "attnlab's decoder, random weights of the same shapes, at the batches its planner chose"})
+        rows.append({"what": "model at the measured batches", "kernel": m["kernel"], "short_ctx": m["short_ctx"],
+                     "long_ctx": m["long_ctx"], "ratio": _ratio(short, long) if short and long else None,
+                     "how": "this model at the batch and context of each measured point"})
+    return rows
+
+
 def _calibration_dict(cal: Calibration) -> dict:
     out = asdict(cal)
     out["sources"] = list(cal.sources)
+    out["prefill_attention"] = list(cal.prefill_attention)
     out["ideal"] = cal.is_ideal
     return out
 
@@ -228,10 +271,10 @@ def _explanation(serving: ServingModel, short: dict, long: dict, doc: dict) -> s
     claimed = CLAIM["short_tok_s"] / CLAIM["long_tok_s"]
     kind = ("ideal: spec peaks, no per-step overhead, an upper bound" if serving.calibration.is_ideal
             else "calibrated on measurements")
-    usable_gib = (serving.kv_budget_bytes + m.weights_bytes) / 2**30
     parts = [f"{m.name} on {serving.num_gpus} x {serving.gpu.name}, {kind}. KV cache: "
-             f"{m.kv_bytes_per_token / 1024:.0f} KiB per token; the weights ({m.weights_bytes / 2**30:.1f} GiB) "
-             f"leave {max(0.0, serving.kv_budget_bytes) / 2**30:.1f} of {usable_gib:.1f} GiB for it."]
+             f"{m.kv_bytes_per_token(DTYPE_BYTES) / 1024:.0f} KiB per token; the weights "
+             f"({m.weight_bytes(DTYPE_BYTES) / 2**30:.1f} GiB) leave {max(0, serving.kv_budget_bytes) / 2**30:.1f} "
+             f"of the planner's {serving.budget_bytes / 2**30:.1f} GiB for it."]
     if not long["max_batch"]:
         parts.append(f"Not even one sequence of {l} fits beside the weights, so the model serves nothing "
                      f"at {l}; use more GPUs (num_gpus) or a smaller model.")
@@ -239,27 +282,80 @@ def _explanation(serving: ServingModel, short: dict, long: dict, doc: dict) -> s
     parts += [
         f"(1) The KV cache fills memory: the largest batch falls from {f['max_batch_short']} at {s} to "
         f"{f['max_batch_long']} at {l} ({f['batch_falls']:.0f}x).",
-        f"(2) Each decode step streams the weights plus every cached token; at the largest batch memory is "
-        f"full of KV at both lengths, so the step time changes only {f['step_time_grows']:.2f}x. Together: "
-        f"{short['tok_s_max_batch']:,.0f} -> {long['tok_s_max_batch']:,.0f} tokens/s, "
-        f"{doc['ratio_max_batch']:.0f}x, against the claim's {CLAIM['short_tok_s']:,} -> "
-        f"{CLAIM['long_tok_s']} ({claimed:.0f}x).",
-        f"(3) At batch 1 only the linear KV read is left: {short['tok_s_batch1']:,.0f} -> "
+        f"(2) Each decode step runs the GEMMs and streams every cached token; at the largest batch memory is "
+        f"full of KV at both lengths, so the step time changes only {f['step_time_grows']:.2f}x "
+        f"({short['step_ms_max_batch']:.1f} -> {long['step_ms_max_batch']:.1f} ms; attention "
+        f"{100 * short['kv_share_of_step_max_batch']:.0f}% and {100 * long['kv_share_of_step_max_batch']:.0f}% of it"
+        f"{_compute_bound_text(short, s)}). Together: {short['tok_s_max_batch']:,.0f} -> "
+        f"{long['tok_s_max_batch']:,.0f} tokens/s, {doc['ratio_max_batch']:.0f}x, against the claim's "
+        f"{CLAIM['short_tok_s']:,} -> {CLAIM['long_tok_s']} ({claimed:.0f}x).",
+        f"(3) At batch 1 only the linear KV read grows: {short['tok_s_batch1']:,.0f} -> "
         f"{long['tok_s_batch1']:,.0f} tokens/s, {doc['ratio_batch1']:.1f}x.",
         f"(4) Attention's quadratic cost is in prefill, which the claim leaves out; counting the prefill of "
         f"the context at the largest batch, the drop would be {doc['ratio_with_prefill']:.0f}x.",
         "So the drop is mostly batch size lost to KV memory, not the quadratic cost of attention.",
+        f"Against the paper, point by point: the model gives {_versus_paper(short['tok_s_max_batch'], 'short')} "
+        f"at {s} and {_versus_paper(long['tok_s_max_batch'], 'long')} at {l}, so the ratios part at the "
+        f"{_where_ratios_part(short, long)} end.",
     ]
+    parts += _measured_sentences(doc)
     return " ".join(parts)
+
+
+def _versus_paper(tok_s: float, end: str) -> str:
+    claimed = CLAIM[f"{end}_tok_s"]
+    gap = 100 * (tok_s / claimed - 1)
+    return f"{tok_s:,.0f} tokens/s ({abs(gap):.0f}% {'above' if gap >= 0 else 'below'} the paper's {claimed:,})"
+
+
+def _where_ratios_part(short: dict, long: dict) -> str:
+    gaps = {end: abs(point["tok_s_max_batch"] / CLAIM[f"{end}_tok_s"] - 1)
+            for end, point in (("short", short), ("long", long))}
+    return "short" if gaps["short"] >= gaps["long"] else "long"
+
+
+def _compute_bound_text(point: dict, label: str) -> str:
+    bound = point.get("compute_bound_max_batch") or []
+    return f"; at {label} the {', '.join(bound)} GEMMs are compute-bound" if bound else ""
+
+
+def _measured_sentences(doc: dict) -> list:
+    out = []
+    by_kernel = {}
+    for row in doc["ratios_side_by_side"]:
+        by_kernel.setdefault(row.get("kernel"), {})[row["what"]] = row
+    for kernel, rows in by_kernel.items():
+        measured, modelled = rows.get("attnlab measured"), rows.get("model at the measured batches")
+        if not measured:
+            continue
+        mine = [p for p in doc["measured"] if p["kernel"] == kernel and p["mode"] == "e2e-decode"]
+        errors = [abs(p["model_error"]) for p in mine if p.get("model_error") is not None]
+        text = (f"Measured with {kernel} (attnlab's decoder, random weights): {measured['ratio']:.0f}x from "
+                f"{fmt.k(measured['short_ctx'])} to {fmt.k(measured['long_ctx'])}, at the batches its planner chose "
+                f"({_batch_at(mine, measured['short_ctx'])} and {_batch_at(mine, measured['long_ctx'])})")
+        if modelled and modelled["ratio"]:
+            text += f"; the model at those batches gives {modelled['ratio']:.0f}x"
+        if errors:
+            text += f", and is within {100 * max(errors):.0f}% of each measured point"
+        if any(p.get("cuda_graph") is False for p in mine):
+            text += ("; this kernel ran without a CUDA graph, so its per-step overhead is not the one the model "
+                     "was calibrated with")
+        out.append(text + ".")
+    return out
+
+
+def _batch_at(points: list, seq_len: int):
+    return next((p["batch"] for p in points if p["seq_len"] == seq_len), "?")
 
 
 # --- measurements -----------------------------------------------------------------------------
 
 def measured_points(results, serving: ServingModel) -> tuple[list, list]:
-    """End-to-end records (modes e2e-decode, e2e-prefill-decode) for this model and GPU, as
-    points {seq_len, batch, tok_s, step_ms, mode, kernel, device, run_id}; and notes on what
-    was left out and why."""
-    rows = results[results["mode"].isin(E2E_MODES) & (results["status"] == "ok")]
+    """Standing end-to-end records (modes e2e-decode, e2e-prefill-decode) for this model and
+    GPU, as points {seq_len, batch, tok_s, step_ms, mode, kernel, device, run_id}; and notes
+    on what was left out and why."""
+    ok = standing_ok(results)
+    rows = ok[ok["mode"].isin(E2E_MODES)]
     points, left_out = [], Counter()
     for _, row in rows.iterrows():
         named = next((row[k] for k in ("model", "preset") if k in row and isinstance(row[k], str)), None)
@@ -276,9 +372,14 @@ def measured_points(results, serving: ServingModel) -> tuple[list, list]:
         else:
             points.append({"seq_len": int(row["seq_len"]), "batch": _int_or_none(batch), "tok_s": float(tok_s),
                            "step_ms": float(step_ms) if step_ms > 0 else None, "mode": row["mode"],
-                           "kernel": row["kernel"], "device": row["device"], "run_id": row["run_id"]})
+                           "kernel": row["kernel"], "device": row["device"], "run_id": row["run_id"],
+                           "cuda_graph": _flag(row.get("cuda_graph"))})
     notes = [f"left out {count} end-to-end record(s): {why}" for why, count in left_out.items()]
     return sorted(points, key=lambda p: (p["mode"], p["kernel"], p["seq_len"])), notes
+
+
+def _flag(value):
+    return None if fmt.missing(value) else bool(value)
 
 
 def _int_or_none(value):
@@ -295,97 +396,175 @@ def measured_ratios(points) -> list:
         first, last = min(group, key=lambda p: p["seq_len"]), max(group, key=lambda p: p["seq_len"])
         if last["seq_len"] > first["seq_len"]:
             out.append({"mode": mode, "kernel": kernel, "short_ctx": first["seq_len"], "long_ctx": last["seq_len"],
+                        "short_batch": first["batch"], "long_batch": last["batch"],
                         "ratio": first["tok_s"] / last["tok_s"]})
     return out
 
 
-def calibrate(results, serving: ServingModel, points=()) -> tuple[Calibration, list]:
-    """Efficiencies from measurements on this GPU: compute from the run's matmul calibration;
-    KV bandwidth from decode-kernel records (the kernel the end-to-end runs used, else the
-    best); weights bandwidth from e2e-decode step times. Returns the calibration and notes;
-    whatever has no data stays ideal."""
-    on_gpu = results[_gpu_keys(results) == serving.gpu.key]
-    on_gpu = on_gpu[on_gpu["status"] == "ok"]
+# --- calibration --------------------------------------------------------------------------------
+
+def calibrate(results, serving: ServingModel, points=(), fits=()) -> tuple[Calibration, dict, list]:
+    """Rates from standing records on this GPU, each within what the GPU was measured to do:
+    weights stream at the measured device copy; KV at the marginal bandwidth of the decode
+    kernel the end-to-end runs used (the slope b of its linear fit), at most the copy's; the
+    GEMMs' compute rate (at most the measured matmul's) and a fixed per-step overhead fitted
+    to that kernel's e2e-decode step times; prefill attention from the fastest prefill curve of
+    the model's attention shape. Returns the calibration, each e2e kernel's own KV efficiency
+    and notes; whatever has no data stays ideal."""
+    on_gpu = standing_ok(results)
+    on_gpu = on_gpu[_gpu_keys(on_gpu) == serving.gpu.key]
     if on_gpu.empty:
-        return Calibration(), [f"none of the results was measured on {serving.gpu.name}: the model stays ideal"]
-    sources, notes, values = [], [], {}
-    matmul = on_gpu[(on_gpu["mode"] == "calibration") & on_gpu["kernel"].str.startswith("matmul")]["tflops"].dropna()
-    if len(matmul):
-        values["compute_efficiency"] = min(1.0, float(matmul.max()) / serving.gpu.bf16_tflops)
-        sources.append(f"compute: measured matmul {matmul.max():.0f} of {serving.gpu.bf16_tflops:.0f} TFLOP/s")
-    e2e_kernels = {p["kernel"] for p in points if p["mode"] == "e2e-decode"}
-    kv = _kv_efficiency(on_gpu[on_gpu["mode"] == "decode"], serving.gpu, e2e_kernels)
-    if kv:
-        values["kv_bw_efficiency"] = kv[0]
-        sources.append(kv[1])
+        return Calibration(), {}, [f"none of the results was measured on {serving.gpu.name}: the model stays ideal"]
+    fits = [f for f in fits if getattr(match_gpu(f.device), "key", None) == serving.gpu.key]
+    values, sources, notes = {}, [], []
+    copy_gbps = _best(on_gpu, "copy", "gbps")
+    matmul_tflops = _best(on_gpu, "matmul", "tflops")
+    if copy_gbps:
+        values["weights_bw_efficiency"] = min(1.0, copy_gbps / serving.gpu.bandwidth_gbps)
+        sources.append(f"weights: streamed at the measured device copy, {copy_gbps:,.0f} of "
+                       f"{serving.gpu.bandwidth_gbps:,.0f} GB/s")
+    kv_by_kernel = _kv_efficiencies(on_gpu, fits, serving, copy_gbps)
     steps = [p for p in points if p["mode"] == "e2e-decode" and p["batch"] and p["step_ms"]]
-    if steps:
-        values.update(_fit_step_times(steps, replace(serving, calibration=Calibration(**values)), shared=not kv))
-        calibrated = replace(serving, calibration=Calibration(**values))
-        worst = max(abs(calibrated.decode_step(p["seq_len"], p["batch"])["step_ms"] / p["step_ms"] - 1) for p in steps)
-        what = "weights bandwidth" if kv else "weights and KV bandwidth"
-        sources.append(f"{what}: {100 * values['weights_bw_efficiency']:.0f}% fitted to {len(steps)} "
-                       f"e2e-decode step time(s); the model is within {100 * worst:.1f}% of each")
+    kernel = _model_kernel(steps, kv_by_kernel)
+    if kernel:
+        values["kv_bw_efficiency"], why = kv_by_kernel[kernel]
+        sources.append(why)
     else:
-        notes.append("no e2e-decode records with batch and step time on this GPU: the weights read stays ideal")
-    return Calibration(**values, sources=tuple(sources)), notes
+        notes.append("no linear decode fit of the model's attention shape on this GPU: the KV read stays ideal")
+    compute_cap = min(1.0, matmul_tflops / serving.gpu.bf16_tflops) if matmul_tflops else 1.0
+    mine = [p for p in steps if p["kernel"] == kernel] if kernel else steps
+    if mine:
+        values.update(_fit_compute_and_overhead(mine, replace(serving, calibration=Calibration(**values)), compute_cap))
+        sources.append(f"GEMM compute: {100 * values['compute_efficiency']:.0f}% of {serving.gpu.bf16_tflops:.0f} "
+                       f"TFLOP/s (at most the measured matmul's {100 * compute_cap:.0f}%) and a per-step overhead of "
+                       f"{values['overhead_ms']:.2f} ms, fitted to {len(mine)} e2e-decode step time(s) of "
+                       f"{mine[0]['kernel']}")
+    else:
+        values["compute_efficiency"] = compute_cap
+        if matmul_tflops:
+            sources.append(f"compute: measured matmul {matmul_tflops:.0f} of {serving.gpu.bf16_tflops:.0f} TFLOP/s")
+        notes.append("no e2e-decode records with batch and step time on this GPU: no per-step overhead")
+    prefill = _prefill_attention(fits, serving.model)
+    if prefill:
+        values["prefill_attention"], why = prefill
+        sources.append(why)
+    return Calibration(**values, sources=tuple(sources)), {k: v[0] for k, v in kv_by_kernel.items()}, notes
 
 
-def _kv_efficiency(decode, gpu: GpuSpec, prefer: set):
-    """(median share of bandwidth over the longer half of lengths, source) for one kernel."""
-    decode = decode[decode["gbps"] > 0]
-    if decode.empty:
+def _best(rows, kind: str, column: str):
+    values = rows[(rows["mode"] == "calibration") & rows["kernel"].str.contains(kind)][column].dropna()
+    return float(values.max()) if len(values) else None
+
+
+def _kv_efficiencies(on_gpu, fits, serving: ServingModel, copy_gbps) -> dict:
+    """{kernel: (share of spec bandwidth, source)} from each linear decode fit of the model's
+    attention shape: bytes per cached token (from its records) over the slope b."""
+    out, m = {}, serving.model
+    for fit in fits:
+        if fit.mode != "decode" or fit.model != "linear" or fit.b_ms_per_token <= 0:
+            continue
+        if (fit.shape.get("kv_heads"), fit.shape.get("head_dim")) != (m.kv_heads, m.head_dim):
+            continue
+        rows = on_gpu[(on_gpu["mode"] == "decode") & (on_gpu["kernel"] == fit.kernel)
+                      & (on_gpu["workload"] == fit.workload) & (on_gpu["bytes"] > 0)]
+        per_token = _slope(rows["seq_len"], rows["bytes"])
+        if not per_token:
+            continue
+        gbps = per_token / (fit.b_ms_per_token * 1e-3) / 1e9
+        capped = min(gbps, copy_gbps) if copy_gbps else gbps
+        share = min(1.0, capped / serving.gpu.bandwidth_gbps)
+        out[fit.kernel] = (share, f"KV read: {fit.kernel}'s decode fit (R^2 {fit.r2:.3f}) costs "
+                                  f"{fit.b_ms_per_token * 1e6:.3g} ns per cached token of {per_token:,.0f} bytes: "
+                                  f"{gbps:,.0f} GB/s"
+                                  + (f", held to the measured copy's {copy_gbps:,.0f}" if capped < gbps else "")
+                                  + f", {100 * share:.0f}% of {serving.gpu.bandwidth_gbps:,.0f}")
+    return out
+
+
+def _slope(x, y):
+    """Least-squares slope of y against x, or None with fewer than two distinct x."""
+    import numpy as np
+    if x.nunique() < 2:
         return None
-    shares = {}
-    for kernel, rows in decode.groupby("kernel"):
-        lengths = sorted(rows["seq_len"].unique())
-        upper = rows[rows["seq_len"] >= lengths[len(lengths) // 2]]
-        shares[kernel] = float((upper["gbps"] / gpu.bandwidth_gbps).median())
-    chosen = [k for k in shares if k in prefer] or list(shares)
-    kernel = max(chosen, key=shares.get)
-    share = min(1.0, shares[kernel])
-    return share, f"KV bandwidth: decode kernel {kernel} reached {100 * share:.0f}% of {gpu.bandwidth_gbps:.0f} GB/s"
+    return float(np.polyfit(x.astype(float), y.astype(float), 1)[0])
 
 
-def _fit_step_times(points: list, serving: ServingModel, shared: bool) -> dict:
-    """The weights-read efficiency (<= 1) that best fits measured step times on relative error,
-    the KV term keeping its efficiency. A weights read and a fixed per-step cost are both
-    constant per step, so step times cannot tell them apart: the efficiency absorbs both.
-    `shared`: no KV efficiency is known, so one efficiency scales both reads."""
+def _model_kernel(steps: list, kv_by_kernel: dict):
+    """The decode kernel the model stands for: the one with the most e2e-decode points and a
+    decode fit, else the fastest-reading fitted kernel."""
+    counts = Counter(p["kernel"] for p in steps if p["kernel"] in kv_by_kernel)
+    if counts:
+        return counts.most_common(1)[0][0]
+    return max(kv_by_kernel, key=lambda k: kv_by_kernel[k][0]) if kv_by_kernel else None
+
+
+def _fit_compute_and_overhead(points: list, serving: ServingModel, compute_cap: float) -> dict:
+    """The GEMM compute efficiency (at most `compute_cap`) and overhead (at least 0) that fit
+    the measured step times best on relative error. For a given efficiency the best overhead
+    has a closed form; the efficiency is a bounded one-dimensional search."""
     import numpy as np
     bounded = _deps.require("scipy.optimize", "calibrating the claim model").minimize_scalar
-    steps = [replace(serving, calibration=Calibration(kv_bw_efficiency=serving.calibration.kv_bw_efficiency))
-             .decode_step(p["seq_len"], p["batch"]) for p in points]
-    weights_ms = np.array([s["weights_ms"] for s in steps])
-    kv_ms = np.array([s["kv_ms"] for s in steps])
     measured = np.array([p["step_ms"] for p in points])
-    if shared:
-        kv_ms = kv_ms * serving.calibration.kv_bw_efficiency  # back to the ideal time, scaled with the weights
+    weights = 1 / measured**2
 
-    def loss(efficiency):
-        scale = 1.0 / efficiency
-        predicted = weights_ms * scale + kv_ms * (scale if shared else 1.0)
-        return float((((predicted - measured) / measured) ** 2).sum())
+    def solve(efficiency):
+        model = replace(serving, calibration=replace(serving.calibration, compute_efficiency=efficiency,
+                                                     overhead_ms=0.0))
+        base = np.array([model.decode_step(p["seq_len"], p["batch"])["step_ms"] for p in points])
+        overhead = max(0.0, float(((measured - base) * weights).sum() / weights.sum()))
+        return overhead, float((((base + overhead) - measured) / measured) ** 2 @ np.ones(len(points)))
 
-    efficiency = float(bounded(loss, bounds=(1e-3, 1.0), method="bounded").x)
-    return {"weights_bw_efficiency": efficiency, **({"kv_bw_efficiency": efficiency} if shared else {})}
+    best = bounded(lambda e: solve(e)[1], bounds=(0.02, compute_cap), method="bounded")
+    efficiency = min(compute_cap, float(best.x))
+    return {"compute_efficiency": efficiency, "overhead_ms": solve(efficiency)[0]}
+
+
+def _prefill_attention(fits, model: ModelConfig):
+    """(a, b, c) ms per layer and sequence from the fastest quadratic prefill fit of the
+    model's attention shape (batch 1, causal), and its source; None without one."""
+    matching = [f for f in fits if f.mode == "prefill" and f.model == "quadratic" and f.shape.get("causal")
+                and f.shape.get("batch") == 1
+                and (f.shape.get("heads"), f.shape.get("kv_heads"), f.shape.get("head_dim"))
+                == (model.heads, model.kv_heads, model.head_dim)]
+    if not matching:
+        return None
+    longest = CLAIM["long_ctx"]
+    fastest = min(matching, key=lambda f: float(f.predict_ms(longest)))
+    return ((fastest.a_ms, fastest.b_ms_per_token, fastest.c_ms_per_token2),
+            f"prefill attention: {fastest.kernel}'s prefill fit, {float(fastest.predict_ms(longest)):,.0f} ms per "
+            f"layer and sequence at {fmt.k(longest)}")
+
+
+def device_memory(results, environments, gpu: GpuSpec):
+    """Bytes of memory the records' runs on this GPU saw (their environments), else None."""
+    if environments is None or not len(environments) or "gpu_memory_bytes" not in environments:
+        return None
+    on_gpu = set(results.loc[_gpu_keys(results) == gpu.key, "run_id"])
+    recorded = environments[environments["run_id"].isin(on_gpu)]["gpu_memory_bytes"]
+    recorded = _deps.pandas().to_numeric(recorded, errors="coerce").dropna()
+    return float(recorded.min()) if len(recorded) else None
 
 
 def build_claim(model="llama3-8b", gpu="h100-sxm", *, seq_lens=DEFAULT_SEQ_LENS, num_gpus: int = 1,
-                decode_tokens: int = 128, mem_fraction: float = 0.9, calibration: Calibration | None = None,
-                results=None) -> tuple[dict, list]:
+                decode_tokens: int = 128, calibration: Calibration | None = None, results=None, fits=None,
+                environments=None) -> tuple[dict, list]:
     """The claim document for a model and GPU (presets or configs). With `results` (a loaded
-    DataFrame), the model is calibrated on them and measured points sit beside it.
-    Returns (document, notes)."""
+    DataFrame) the model is calibrated on them, with `fits` (of the same records) too, and
+    measured points sit beside it. Returns (document, notes)."""
     config, spec = model_config(model), gpu_spec(gpu)
-    ideal = ServingModel(config, spec, num_gpus=num_gpus, decode_tokens=decode_tokens, mem_fraction=mem_fraction)
+    ideal = ServingModel(config, spec, num_gpus=num_gpus, decode_tokens=decode_tokens)
     serving, points, notes = ideal, [], []
     if calibration is not None:
         serving = replace(ideal, calibration=calibration)
     elif results is not None and len(results):
+        if fits is None:
+            from attnlab.analysis.fits import fit_all
+            fits, _ = fit_all(results, environments=environments, n_boot=50)
+        ideal = replace(ideal, memory_bytes=device_memory(results, environments, spec))
         points, notes = measured_points(results, ideal)
-        calibration, cal_notes = calibrate(results, ideal, points)
+        calibration, kv_by_kernel, cal_notes = calibrate(results, ideal, points, fits)
         notes += cal_notes
+        points = [{**p, "kv_bw_efficiency": kv_by_kernel.get(p["kernel"])} for p in points]
         serving = replace(ideal, calibration=calibration)
     name = model if isinstance(model, str) else config.name
     gpu_key = gpu if isinstance(gpu, str) and gpu in GPU_SPECS else spec.key

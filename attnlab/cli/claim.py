@@ -19,11 +19,9 @@ def add_arguments(parser) -> None:
                         help=f"GPU preset ({', '.join(GPU_SPECS)}) or device name (default: the one the "
                              f"results name, else h100-sxm)")
     parser.add_argument("--num-gpus", type=int, default=1, help="GPUs serving one model, ideal tensor parallel")
-    parser.add_argument("--seq-lens", default="1k,2k,4k,8k,16k,32k,64k,128k",
+    parser.add_argument("--seq-lens", default="1k,2k,4k,8k,16k,32k,64k,120k,128k",
                         help="context lengths, comma separated; 1k means 1024 (default %(default)s)")
     parser.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded per sequence (default 128)")
-    parser.add_argument("--mem-fraction", type=float, default=0.9,
-                        help="share of device memory for weights and KV cache (default %(default)s)")
     parser.add_argument("--bw-efficiency", type=float, default=None,
                         help="what-if: share of spec bandwidth for weights and KV (instead of calibrating)")
     parser.add_argument("--compute-efficiency", type=float, default=None,
@@ -61,16 +59,16 @@ def _build(args):
     from attnlab.analysis.text import parse_seq_len
 
     seq_lens = [parse_seq_len(s) for s in args.seq_lens.split(",") if s.strip()]
-    results, notes = None, []
+    results, environments, notes = None, None, []
     if args.results:
         from attnlab.analysis.load import load
         loaded = load(args.results)
-        results, notes = loaded.results, list(loaded.warnings)
+        results, environments, notes = loaded.results, loaded.environments, list(loaded.warnings)
     calibration = _what_if(args)
     gpu = args.gpu or infer_gpu(results) or "h100-sxm"
     document, more = build_claim(args.model, gpu, seq_lens=seq_lens, num_gpus=args.num_gpus,
-                                 decode_tokens=args.decode_tokens, mem_fraction=args.mem_fraction,
-                                 calibration=calibration, results=results)
+                                 decode_tokens=args.decode_tokens, calibration=calibration, results=results,
+                                 environments=environments)
     return document, notes + more
 
 
@@ -111,7 +109,8 @@ def render(document) -> str:
     lines = [f"{document['model']} on {document['num_gpus']} x {document['gpu_config']['name']}: "
              f"KV cache {document['kv_bytes_per_token'] / 1024:.0f} KiB per token\n",
              text.table(["context", "max batch", "tok/s max batch", "tok/s batch 1", "tok/s with prefill"], rows), "",
-             f"1k/128k: {text.ratio(document['ratio_max_batch'])} at the largest batch, "
+             f"{text.k(claim['short_ctx'])}/{text.k(claim['long_ctx'])}: {text.ratio(document['ratio_max_batch'])} "
+             f"at the largest batch, "
              f"{text.ratio(document['ratio_batch1'])} at batch 1, {text.ratio(document['ratio_with_prefill'])} "
              f"with prefill; the claim: {claim['short_tok_s']:,} -> {claim['long_tok_s']} tokens/s "
              f"({text.ratio(claim['short_tok_s'] / claim['long_tok_s'])})", ""]
