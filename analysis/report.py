@@ -17,6 +17,7 @@ from attnlab.analysis import text as fmt
 from attnlab.analysis.analyze import analyze
 from attnlab.analysis.charts import pick_baseline
 from attnlab.analysis.claim import CLAIM
+from attnlab.analysis.fits import MIN_LENGTHS, SELECTION, extrapolated_text, worst_miss
 from attnlab.analysis.roofline import roofline_summary
 
 
@@ -26,6 +27,8 @@ ENV_COLUMNS = (("run", ("run_id",)), ("device", ("gpu_name", "cpu", "device")), 
                ("power limit (W)", ("power_limit_w",)), ("clocks", ("clocks",)),
                ("commit", ("git_commit", "attnlab_commit")), ("host", ("host",)), ("time", ("time",)),
                ("command", ("argv", "command")))
+SELECTION_NOTE = (f"Selection: {SELECTION}. Records measured with a known fault are retracted in a retractions.jsonl "
+                  f"beside the data, with the reason.")
 CHART_ORDER = ("latency", "tflops", "gbps", "speedup", "memory", "power", "claim")
 
 
@@ -41,15 +44,15 @@ class Report:
 
 
 def build_report(paths, out_dir, *, baseline=None, model="llama3-8b", gpu=None, formats=("png", "svg"),
-                 n_boot: int = 2000) -> Report:
+                 n_boot: int = 2000, all_runs: bool = False) -> Report:
     """Analyse `paths` (run folders or files) as `analyze` does and write report.html and
     report.md beside its files in `out_dir`."""
     if "png" not in formats:
         formats = ("png", *formats)  # the HTML page embeds PNG
-    analysis = analyze(paths, out_dir, baseline=baseline, model=model, gpu=gpu, formats=formats, n_boot=n_boot)
+    analysis = analyze(paths, out_dir, baseline=baseline, model=model, gpu=gpu, formats=formats, n_boot=n_boot,
+                       all_runs=all_runs)
     out = Path(out_dir)
-    sections = _sections(analysis.loaded, analysis.fits, analysis.roof, analysis.claim, _ordered(analysis.charts),
-                         analysis.warnings, baseline)
+    sections = _sections(analysis, _ordered(analysis.charts), baseline)
     html_path, md_path = out / "report.html", out / "report.md"
     html_path.write_text(render_html(sections), encoding="utf-8")
     md_path.write_text(render_markdown(sections, out), encoding="utf-8")
@@ -64,10 +67,16 @@ def _ordered(drawn: list) -> list:
 # --- sections: (title, [blocks]); a block is ("p", text), ("list", items),
 # ("table", headers, rows) or ("chart", Chart) ----------------------------------------------------
 
-def _sections(loaded, fits, roof, claim, drawn, warnings, baseline=None) -> list:
+def _sections(analysis, drawn, baseline=None) -> list:
+    loaded, fits, roof, claim, warnings = (analysis.loaded, analysis.fits, analysis.roof, analysis.claim,
+                                           analysis.warnings)
     results, envs = loaded.results, loaded.environments
+    standing = results["excluded"] == ""
     intro = [("p", f"Read {len(loaded.files)} file(s): {', '.join(loaded.files)}. "
-                   f"{len(results)} result records, {int((results['status'] == 'ok').sum())} of them ok.")]
+                   f"{len(results)} result records: {int(standing.sum())} stand for their points "
+                   f"({int((standing & (results['status'] == 'ok')).sum())} of them ok), "
+                   f"{int((~standing).sum())} are left out (see 'Left out')."),
+             ("p", SELECTION_NOTE)]
     if "synthetic" in envs and envs["synthetic"].eq(True).any():
         intro.append(("p", "Warning: some runs are marked synthetic: their numbers are sample data, "
                            "not measurements."))
@@ -78,11 +87,12 @@ def _sections(loaded, fits, roof, claim, drawn, warnings, baseline=None) -> list
         ("Run conditions", _conditions(results, envs)),
         ("Records", [("table", *_record_counts(results))]),
         ("Head to head", _head_to_head_blocks(results, baseline)),
-        ("Fits: latency_ms(n) = a + b n + c n^2", _fit_blocks(fits)),
+        ("Fits: decode a + b n, prefill a + b n + c n^2", _fit_blocks(fits)),
         ("Charts", [("chart", c) for c in drawn if c.name != "claim"] or [("p", "No charts could be drawn.")]),
         ("Roofline", _roofline_blocks(roof)),
-        ("The claim: 10,000 tokens/s at 1k, 130 at 128k", _claim_blocks(claim, drawn)),
+        ("The claim: 10,000 tokens/s at 1k, 130 at 120k", _claim_blocks(claim, drawn)),
         ("Failed and out-of-memory points", _failure_blocks(results)),
+        ("Left out", _left_out_blocks(analysis.excluded)),
     ]
     return sections
 
@@ -104,15 +114,16 @@ def _first(env: dict, fields) -> object:
 
 
 def _record_counts(results):
-    counts = results.groupby(["mode", "kernel", "status"]).size().reset_index(name="records")
-    return ["mode", "kernel", "status", "records"], counts.values.tolist()
+    fate = results["excluded"].map(lambda reason: reason.split(":")[0].split(" by ")[0] if reason else "stands")
+    counts = results.assign(fate=fate).groupby(["mode", "kernel", "status", "fate"]).size().reset_index(name="records")
+    return ["mode", "kernel", "status", "record", "records"], counts.values.tolist()
 
 
 def _head_to_head_blocks(results, baseline=None) -> list:
     """Per run and workload, every kernel's median time at each length, its rate, and how many
     times faster it is than the baseline (sdpa-flash unless asked otherwise). Only kernels
     measured in the same run are set side by side: same card, same state, same code."""
-    ok = results[(results["status"] == "ok") & results["mode"].isin(("prefill", "decode"))]
+    ok = results[results["valid"] & (results["status"] == "ok") & results["mode"].isin(("prefill", "decode"))]
     blocks = []
     for (run_id, mode, workload, device, dtype), rows in ok.groupby(["run_id", "mode", "workload", "device",
                                                                        "dtype"]):
@@ -145,22 +156,31 @@ def _versus(cells, seq_len, kernel, base_ms, rate, unit, is_base) -> str:
 
 def _fit_blocks(fits) -> list:
     if not fits:
-        return [("p", "No group had ok records at three or more context lengths.")]
-    headers = ["kernel", "mode", "workload", "device", "dtype", "a (ms)", "b (ms/token)", "c (ms/token^2)",
-               "exponent [95% CI]", "R^2 (log)", "lengths", "c n^2 > b n beyond", "256k (ms) [95%]", "1M (ms) [95%]"]
+        return [("p", f"No curve had ok records at {MIN_LENGTHS} or more context lengths.")]
+    headers = ["kernel", "mode", "workload", "device", "dtype", "model", "a (ms)", "b (ms/token)", "c (ms/token^2)",
+               "exponent [95% CI]", "R^2 (log)", "worst miss", "lengths (runs)", "c n^2 > b n beyond",
+               "256k (ms) [95%]", "1M (ms) [95%]"]
     rows = []
     for f in fits:
         lo, hi = f.exponent_ci
-        extrapolated = [f"{fmt.num(p['latency_ms'])} [{fmt.num(p['lo_ms'])}, {fmt.num(p['hi_ms'])}]"
-                        for p in f.extrapolation]
-        rows.append([f.kernel, f.mode, f.workload, f.device, f.dtype, fmt.num(f.a_ms), fmt.num(f.b_ms_per_token),
-                     fmt.num(f.c_ms_per_token2), f"{f.exponent:.2f} [{lo:.2f}, {hi:.2f}]", f"{f.r2:.4f}",
-                     f"{f.n_points} ({fmt.k(f.seq_lens[0])} to {fmt.k(f.seq_lens[-1])})",
-                     "never" if f.crossover_seq_len is None else f"{f.crossover_seq_len:,} tokens", *extrapolated])
-    note = ("Coefficients are non-negative and fitted on relative error. The exponent is the log-log slope over "
-            "the longer half of the lengths; its interval and the extrapolation intervals come from a bootstrap "
-            "over the repetitions (measurement noise only: they assume the quadratic model holds beyond the data).")
-    return [("p", note), ("table", headers, rows)]
+        rows.append([f.kernel, f.mode, f.workload, f.device, f.dtype, f.model, fmt.num(f.a_ms),
+                     fmt.num(f.b_ms_per_token), fmt.num(f.c_ms_per_token2), f"{f.exponent:.2f} [{lo:.2f}, {hi:.2f}]",
+                     f"{f.r2:.4f}", fmt.pct(100 * worst_miss(f)), _lengths(f.points),
+                     "never" if f.crossover_seq_len is None else f"{f.crossover_seq_len:,} tokens",
+                     *[extrapolated_text(p) for p in f.extrapolation]])
+    note = ("Each curve is fitted to the one record that stands for each of its points. Decode reads the KV cache "
+            "once per call, so its model is linear; prefill is quadratic. Coefficients are non-negative and fitted "
+            "on relative error; 'worst miss' is the largest relative gap between the curve and a point. The "
+            "exponent is the log-log slope over the longer half of the lengths. Intervals come from a bootstrap: "
+            "over each record's repetitions, and, where several valid runs measured a length (the count in "
+            "brackets), over those runs too, so they cover the spread between runs; the extrapolations assume the "
+            "model holds beyond the data, and state no latency where the kernel does not fit in memory.")
+    reasons = [f"{f.kernel} {f.mode} ({f.workload}): {f.model_reason}; intervals: {f.ci_method}." for f in fits]
+    return [("p", note), ("table", headers, rows), ("list", reasons)]
+
+
+def _lengths(points) -> str:
+    return ", ".join(fmt.k(p["seq_len"]) + (f" ({p['runs']})" if p["runs"] > 1 else "") for p in points)
 
 
 def _roofline_blocks(roof) -> list:
@@ -190,15 +210,25 @@ def _claim_blocks(claim: dict, drawn) -> list:
     sources = claim["assumptions"]["calibration"]["sources"]
     if sources:
         blocks.append(("p", "Calibration: " + "; ".join(sources) + "."))
-    if claim["measured_ratios"]:
-        blocks.append(("list", [f"measured {m['mode']} with {m['kernel']}: {fmt.k(m['short_ctx'])} over "
-                                f"{fmt.k(m['long_ctx'])} = {m['ratio']:.1f}x" for m in claim["measured_ratios"]]))
+    blocks.append(("table", ["ratio", "kernel", "lengths", "drop", "how"],
+                   [[r["what"], r.get("kernel", "-"), f"{fmt.k(r['short_ctx'])} to {fmt.k(r['long_ctx'])}",
+                     fmt.ratio(r["ratio"]), r["how"]] for r in claim["ratios_side_by_side"]]))
+    if claim["measured"]:
+        blocks.append(("table", ["measured", "kernel", "context", "batch", "tok/s", "model tok/s", "measured / model",
+                                 "run"],
+                       [[m["mode"], m["kernel"], fmt.k(m["seq_len"]), m["batch"], fmt.num(m["tok_s"]),
+                         fmt.num(m["model_tok_s"]), _signed_pct(m["model_error"]), m["run_id"]]
+                        for m in claim["measured"]]))
     blocks += [("chart", c) for c in drawn if c.name == "claim"]
     return blocks
 
 
+def _signed_pct(error) -> str:
+    return "-" if fmt.missing(error) else f"{100 * error:+.1f}%"
+
+
 def _failure_blocks(results) -> list:
-    failed = results[results["status"] != "ok"]
+    failed = results[(results["status"] != "ok") & (results["excluded"] == "")]
     if failed.empty:
         return [("p", "Every point ran.")]
     headers = ["status", "kernel", "mode", "workload", "contexts", "reason", "run"]
@@ -210,6 +240,21 @@ def _failure_blocks(results) -> list:
         lengths = sorted(int(n) for n in group["seq_len"].dropna())
         rows.append([status, kernel, mode, workload, ", ".join(fmt.k(n) for n in lengths) or "-", reason, run_id])
     return [("p", "Kept out of the fits; out-of-memory points appear in the memory charts."), ("table", headers, rows)]
+
+
+def _left_out_blocks(excluded) -> list:
+    """Every record the analysis did not use, one row per reason, run and kernel."""
+    if not excluded:
+        return [("p", "Every record was used.")]
+    groups = {}
+    for e in excluded:
+        key = (e["reason"], e["run_id"], e["kernel"], e["mode"], e["file"])
+        groups.setdefault(key, []).append(e["seq_len"])
+    rows = [[reason, run_id, kernel, mode, ", ".join(fmt.k(n) for n in sorted(n for n in lengths if n is not None))
+             or "-", file] for (reason, run_id, kernel, mode, file), lengths in sorted(groups.items())]
+    return [("p", f"{len(excluded)} record(s) left out of the fits, charts and claim; fits.json lists each under "
+                  f"'excluded' with its file and line."),
+            ("table", ["reason", "run", "kernel", "mode", "contexts", "file"], rows)]
 
 
 # --- formatting ---------------------------------------------------------------------------------

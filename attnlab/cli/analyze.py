@@ -29,6 +29,9 @@ def add_common(parser) -> None:
     parser.add_argument("--formats", default="png,svg", help="chart formats, comma separated (default %(default)s)")
     parser.add_argument("--bootstrap", type=int, default=2000, metavar="N",
                         help="bootstrap samples behind the intervals (default %(default)s)")
+    parser.add_argument("--all-runs", action="store_true",
+                        help="charts overlay every valid run of a point, each as its own series, instead of the "
+                             "one record that stands for it (the latest valid run)")
 
 
 def formats(args) -> tuple:
@@ -40,7 +43,8 @@ def run(args) -> int:
     try:
         from attnlab.analysis.analyze import analyze
         analysis = analyze(args.results, args.out, baseline=args.baseline, model=args.model, gpu=args.gpu,
-                           formats=formats(args), charts=not args.no_charts, n_boot=args.bootstrap)
+                           formats=formats(args), charts=not args.no_charts, n_boot=args.bootstrap,
+                           all_runs=args.all_runs)
     except (MissingExtra, FileNotFoundError, ValueError) as exc:
         print(f"attnlab analyze: {exc}", file=sys.stderr)
         return 2
@@ -55,8 +59,9 @@ def print_summary(analysis, out) -> None:
     for warning in analysis.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     results = analysis.results
-    print(f"{len(results)} records from {len(analysis.loaded.files)} file(s), "
-          f"{int((results['status'] == 'ok').sum())} ok\n")
+    standing = results["excluded"] == ""
+    print(f"{len(results)} records from {len(analysis.loaded.files)} file(s): {int(standing.sum())} stand for their "
+          f"points, {int((standing & (results['status'] == 'ok')).sum())} of them ok\n")
     if analysis.fits:
         print(text.table(*_fit_rows(analysis.fits)) + "\n")
     if not analysis.roof.empty:
@@ -70,13 +75,16 @@ def print_summary(analysis, out) -> None:
 
 
 def _fit_rows(fits):
-    headers = ["kernel", "mode", "workload", "device", "exponent [95% CI]", "R^2", "c n^2 > b n beyond", "1M (ms)"]
+    from attnlab.analysis.fits import extrapolated_text
+
+    headers = ["kernel", "mode", "workload", "device", "model", "exponent [95% CI]", "R^2", "c n^2 > b n beyond",
+               "1M (ms)"]
     rows = []
     for f in fits:
         lo, hi = f.exponent_ci
         crossover = "never" if f.crossover_seq_len is None else f"{f.crossover_seq_len:,} tokens"
-        rows.append([f.kernel, f.mode, f.workload, f.device, f"{f.exponent:.2f} [{lo:.2f}, {hi:.2f}]",
-                     f"{f.r2:.4f}", crossover, text.num(f.extrapolation[-1]["latency_ms"])])
+        rows.append([f.kernel, f.mode, f.workload, f.device, f.model, f"{f.exponent:.2f} [{lo:.2f}, {hi:.2f}]",
+                     f"{f.r2:.4f}", crossover, extrapolated_text(f.extrapolation[-1], interval=False)])
     return headers, rows
 
 

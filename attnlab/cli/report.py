@@ -21,7 +21,7 @@ def run(args) -> int:
     try:
         from attnlab.analysis.report import build_report
         report = build_report(args.runs, args.out, baseline=args.baseline, model=args.model, gpu=args.gpu,
-                              formats=formats(args), n_boot=args.bootstrap)
+                              formats=formats(args), n_boot=args.bootstrap, all_runs=args.all_runs)
     except (MissingExtra, FileNotFoundError, ValueError) as exc:
         print(f"attnlab report: {exc}", file=sys.stderr)
         return 2
