@@ -83,12 +83,44 @@ def load(paths) -> Loaded:
         environments += got_envs
         warnings += got_warnings
     invalid = [select.invalid_reason(r) for r in records]
+    records = [_text_fields_as_text(r) for r in records]
+    environments = [_plain_environment(e) for e in environments]
+    warnings += _environment_conflicts(environments)
     results = _results_frame(pd, records, environments)
-    started = {e.get("run_id"): e.get("time") for e in environments if e.get("run_id")}
+    started = {e["run_id"]: e.get("time") for e in environments if e.get("run_id")}
     warnings += select.mark(results, invalid, retractions, started)
     envs = _environments_frame(pd, environments)
     return Loaded(results=results, environments=envs, warnings=warnings, files=[str(p) for p in files],
                   retractions=retractions)
+
+
+def _text_fields_as_text(record: dict) -> dict:
+    """The record with its key fields as text whatever the file held (a list for a run_id),
+    so that grouping by them works; `invalid_reason` has already named the record."""
+    odd = {k: json.dumps(record[k], default=str)[:200] for k in select.TEXT_FIELDS
+           if record.get(k) is not None and not isinstance(record[k], str)}
+    return {**record, **odd} if odd else record
+
+
+def _plain_environment(env: dict) -> dict:
+    """An environment whose run_id is text and whose start time is text or None, whatever the
+    file held, so that runs can be looked up and ordered."""
+    run_id, time = env.get("run_id"), env.get("time")
+    return {**env, "run_id": run_id if isinstance(run_id, str) or run_id is None else json.dumps(run_id),
+            "time": time if isinstance(time, str) else None}
+
+
+def _environment_conflicts(environments: list) -> list:
+    """One warning per run whose environment records disagree (two files, one run_id)."""
+    seen, warnings = {}, []
+    for env in environments:
+        facts = {k: v for k, v in env.items() if k not in ("source", "source_format")}
+        first = seen.setdefault(env.get("run_id"), (facts, env.get("source")))
+        if first[0] != facts and env.get("source") != first[1]:
+            differ = sorted(k for k in set(facts) | set(first[0]) if facts.get(k) != first[0].get(k))
+            warnings.append(f"run {env.get('run_id')!r}: the environments in {first[1]} and {env.get('source')} "
+                            f"differ ({', '.join(differ[:5])}); two runs may share this run_id")
+    return warnings
 
 
 def _retraction_files_beside(paths, files: list) -> list:
@@ -128,10 +160,9 @@ def read_file(path) -> tuple[list, list, list]:
     path = Path(path)
     text = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix == ".json":
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as exc:
-            return [], [], [f"{path}: skipped, not valid JSON ({exc.msg} at line {exc.lineno})"]
+        document, error = _parse(text)
+        if error:
+            return [], [], [f"{path}: skipped, not valid JSON ({error})"]
         if isinstance(document, dict) and isinstance(document.get("benchmarks"), list):
             return read_pytest_benchmark(document, path)
         if isinstance(document, dict) and ("fits" in document or "claim" in document):
@@ -142,20 +173,29 @@ def read_file(path) -> tuple[list, list, list]:
     return read_jsonl(text, path)
 
 
+def _parse(text: str):
+    """(object, None), or (None, why) for text that is not JSON, however it fails."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, f"{exc.msg} at line {exc.lineno}"
+    except (ValueError, RecursionError) as exc:   # numbers too long, arrays nested too deep
+        return None, f"{type(exc).__name__}: {str(exc)[:80]}"
+
+
 def read_jsonl(text: str, path="<text>") -> tuple[list, list, list]:
     """Parse sweep JSON Lines; see the module docstring for what is skipped."""
     lines = text.splitlines()
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    records, environments, warnings, unknown = [], [], [], Counter()
+    records, environments, warnings, unknown, not_json = [], [], [], Counter(), []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if i != last:
-                warnings.append(f"{path}:{i + 1}: skipped a line that is not JSON ({exc.msg})")
-            continue  # a truncated last line is what a killed run leaves; it is not an error
+        obj, error = _parse(line)
+        if error:
+            if i != last:   # a truncated last line is what a killed run leaves; it is not an error
+                not_json.append((i + 1, error))
+            continue
         schema = obj.get("schema") if isinstance(obj, dict) else None
         if schema == RESULT_SCHEMA:
             records.append(_with_source(obj, path, "sweep", i + 1))
@@ -166,39 +206,60 @@ def read_jsonl(text: str, path="<text>") -> tuple[list, list, list]:
         elif schema == ENVIRONMENT_SCHEMA:
             environments.append(_with_source(obj, path, "sweep"))
         else:
-            unknown[repr(schema)] += 1
+            unknown[repr(schema)[:60]] += 1
+    if not_json:
+        verb = "is" if len(not_json) == 1 else "are"
+        warnings.append(f"{path}:{not_json[0][0]}: skipped {_some_lines(not_json)} that {verb} not JSON "
+                        f"({not_json[0][1]})")
     for schema, count in unknown.items():
         warnings.append(f"{path}: skipped {count} line(s) with schema {schema}; this reader knows "
                         f"{RESULT_SCHEMA!r} and {ENVIRONMENT_SCHEMA!r}")
     return records, environments, warnings
 
 
+def _some_lines(found: list, shown: int = 5) -> str:
+    """'a line' or 'N lines (3, 5, 9 and 12 more)': repeated faults in one warning."""
+    if len(found) == 1:
+        return "a line"
+    numbers = ", ".join(str(n) for n, _ in found[:shown])
+    more = f" and {len(found) - shown} more" if len(found) > shown else ""
+    return f"{len(found)} lines ({numbers}{more})"
+
+
 def read_pytest_benchmark(document: dict, path="<json>") -> tuple[list, list, list]:
     """Result records from a pytest-benchmark --benchmark-json document: each benchmark's
     extra_info is an attnlab result record; times come from stats (seconds) when it has none."""
-    records, warnings = [], []
+    records, skipped = [], Counter()
     for bench in document["benchmarks"]:
-        extra = bench.get("extra_info") or {}
-        name = bench.get("name", "?")
+        bench = _mapping(bench)
+        extra, name = _mapping(bench.get("extra_info")), str(bench.get("name", "?"))
         if extra.get("schema") != RESULT_SCHEMA:
-            warnings.append(f"{path}: skipped benchmark {name!r}: its extra_info has schema "
-                            f"{extra.get('schema')!r}, expected {RESULT_SCHEMA!r}")
+            skipped[repr(extra.get("schema"))[:60]] += 1
             continue
         record = _with_source(dict(extra), path, "pytest-benchmark", f"benchmark {name}")
-        _fill_times_from_stats(record, bench.get("stats") or {})
+        _fill_times_from_stats(record, _mapping(bench.get("stats")))
         record.setdefault("run_id", f"pytest-benchmark:{Path(str(path)).stem}:{document.get('datetime', '')}")
         record["benchmark_name"] = name
         record["benchmark_group"] = bench.get("group")
         records.append(record)
-    run_ids = sorted({r["run_id"] for r in records}) or [f"pytest-benchmark:{Path(str(path)).stem}"]
+    warnings = [f"{path}: skipped {count} benchmark(s) whose extra_info has schema {schema}, expected "
+                f"{RESULT_SCHEMA!r}" for schema, count in skipped.items()]
+    run_ids = sorted({str(r["run_id"]) for r in records}) or [f"pytest-benchmark:{Path(str(path)).stem}"]
     environments = [_benchmark_environment(document, run_id, path) for run_id in run_ids]
     return records, environments, warnings
 
 
+def _mapping(value) -> dict:
+    """`value` where it is a JSON object, else an empty one: odd shapes read as missing."""
+    return value if isinstance(value, dict) else {}
+
+
 def _fill_times_from_stats(record: dict, stats: dict) -> None:
-    if not record.get("times_ms") and stats.get("data"):
-        record["times_ms"] = [t * 1e3 for t in stats["data"]]
-    times = record.get("times_ms") or []
+    data = stats.get("data")
+    if not record.get("times_ms") and isinstance(data, list) and all(_is_number(t) for t in data) and data:
+        record["times_ms"] = [t * 1e3 for t in data]
+    times = record.get("times_ms")
+    times = times if isinstance(times, list) and all(_is_number(t) for t in times) else []
     if record.get("median_ms") is None:
         record["median_ms"] = _percentile(times, 50) if times else _scaled(stats.get("median"))
     if record.get("p10_ms") is None and times:
@@ -207,11 +268,14 @@ def _fill_times_from_stats(record: dict, stats: dict) -> None:
         record["p90_ms"] = _percentile(times, 90)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _benchmark_environment(document: dict, run_id: str, path) -> dict:
-    machine = document.get("machine_info") or {}
-    commit = document.get("commit_info") or {}
+    machine, commit = _mapping(document.get("machine_info")), _mapping(document.get("commit_info"))
     env = {"schema": ENVIRONMENT_SCHEMA, "run_id": run_id, "host": machine.get("node"),
-           "cpu": (machine.get("cpu") or {}).get("brand_raw"), "python": machine.get("python_version"),
+           "cpu": _mapping(machine.get("cpu")).get("brand_raw"), "python": machine.get("python_version"),
            "git_commit": commit.get("id"), "time": document.get("datetime"),
            "pytest_benchmark": document.get("version")}
     # A conftest may add attnlab's environment fields to machine_info; take them where present.
@@ -241,7 +305,7 @@ def _percentile(values, q: float) -> float:
 
 
 def _scaled(seconds):
-    return None if seconds is None else seconds * 1e3
+    return seconds * 1e3 if _is_number(seconds) else None
 
 
 def _results_frame(pd, records: list, environments: list):

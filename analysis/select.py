@@ -25,6 +25,7 @@ POINT_KEY = ("device", "kernel", "mode", "workload", "dtype", "batch", "heads", 
 STATUSES = ("ok", "oom", "error", "unsupported", "skipped")
 CALIBRATION = "calibration"
 MODES = ("prefill", "decode", CALIBRATION, "e2e-decode", "e2e-prefill-decode")
+TEXT_FIELDS = ("run_id", "kernel", "mode", "workload", "device", "dtype", "status")
 MAX_MEDIAN_MS = 86_400_000.0        # a day: no sweep or benchmark times a single call for longer
 MAX_SEQ_LEN = 2**31 - 1             # lengths are int32 in every kernel
 # What a retraction may narrow its run down to; lengths are inclusive bounds.
@@ -42,8 +43,7 @@ def mark(frame, invalid: list, retractions: list, started: dict) -> list:
     frame["excluded"] = list(invalid)
     warnings = _retract(frame, retractions)
     frame["valid"] = frame["excluded"] == ""
-    _supersede(frame, started)
-    return warnings
+    return warnings + _supersede(frame, started)
 
 
 def with_selection(results):
@@ -65,6 +65,9 @@ def standing_ok(results):
 def invalid_reason(record: dict) -> str:
     """Why a record, as read from its file, cannot be a measurement; "" when it can."""
     status, mode, seq_len = record.get("status"), record.get("mode"), record.get("seq_len")
+    odd = next((k for k in TEXT_FIELDS if record.get(k) is not None and not isinstance(record[k], str)), None)
+    if odd:
+        return f"invalid: {odd} {str(record[odd])[:40]} is not text"
     if status is None:
         return "invalid: the record has no status"
     if status not in STATUSES:
@@ -148,12 +151,13 @@ def parse_retraction(obj: dict, where: str) -> tuple[dict | None, str | None]:
 
 # --- superseded -----------------------------------------------------------------------------
 
-def _supersede(frame, started: dict) -> None:
-    """Among the valid records of each point, keep the one of best status, then latest run."""
+def _supersede(frame, started: dict) -> list:
+    """Among the valid records of each point, keep the one of best status, then latest run.
+    Returns a warning per run that recorded one point more than once (a conflict)."""
     pd = __import__("pandas")
     candidates = frame[frame["valid"] & (frame["mode"] != CALIBRATION)]
     if candidates.empty:
-        return
+        return []
     order = candidates.assign(
         _rank=candidates["status"].map(STATUS_RANK).fillna(0),
         _when=pd.to_datetime(candidates["run_id"].map(lambda r: started.get(r) or _time_in_run_id(r)),
@@ -162,10 +166,20 @@ def _supersede(frame, started: dict) -> None:
     key = joined_key(order, POINT_KEY)
     order = order.assign(_key=key).sort_values(["_key", "_rank", "_when", "_read"])
     winner = order.groupby("_key").tail(1).set_index("_key")
+    conflicts = {}
     for index, row in order.iterrows():
         best = winner.loc[row["_key"]]
         if best["_read"] != row["_read"]:
             frame.at[index, "excluded"] = _superseded_reason(row, best)
+            if best["run_id"] == row["run_id"]:
+                conflicts.setdefault(row["run_id"], set()).update((row["source"], best["source"]))
+    return [f"run {run_id!r} recorded {_count(frame, run_id)} point(s) more than once ({', '.join(sorted(sources))}); "
+            f"the record read last stands" for run_id, sources in conflicts.items()]
+
+
+def _count(frame, run_id) -> int:
+    same_run = frame[(frame["run_id"] == run_id) & frame["excluded"].str.startswith("superseded by a later record")]
+    return len(same_run)
 
 
 def joined_key(rows, columns):
