@@ -259,3 +259,28 @@ def test_a_curve_that_misses_its_own_points_states_nothing_beyond_them(tmp_path)
     (fit,), _ = fit_all(load(write_jsonl(tmp_path / "r.jsonl", records)).results, n_boot=50)
     assert fit.r2 < 0.9
     assert all(p["latency_ms"] is None and "misses its own points" in p["refused"] for p in fit.extrapolation)
+
+
+@pytest.mark.parametrize("n", [3, 4, 7, 8, 25])
+def test_resampled_medians_follow_the_brute_force_bootstrap(n):
+    from attnlab.analysis.fits import resampled_medians
+    rng = np.random.default_rng(n)
+    times = rng.lognormal(0, 0.3, n)
+    brute = np.median(times[rng.integers(0, n, size=(40_000, n))], axis=1)
+    fast = resampled_medians(times, 40_000, np.random.default_rng(1))
+    for q in (2.5, 25, 50, 75, 97.5):
+        assert np.percentile(fast, q) == pytest.approx(np.percentile(brute, q), rel=0.02), q
+    assert fast.mean() == pytest.approx(brute.mean(), rel=0.005)
+    assert set(np.unique(fast)) <= set(np.unique(brute)) | {(a + b) / 2 for a in times for b in times}
+
+
+def test_a_record_of_200k_repetitions_fits_in_bounded_memory():
+    import tracemalloc
+    reps = noisy_reps(0.01, 1e-7, 2e-8, reps=200_000, lengths=LENGTHS[:3], noise=0.01)
+    tracemalloc.start()
+    fit = fit_group(LENGTHS[:3], reps, n_boot=2000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 200 * 2**20, peak          # the resample matrix alone would be 3.2 GB per length
+    lo, hi = fit["exponent_ci"]
+    assert lo <= fit["exponent"] <= hi and fit["ci_method"] == "bootstrap over repetitions"
