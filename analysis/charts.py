@@ -15,6 +15,7 @@ records: the one standing for each point, or with `all_runs` every valid one, a 
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import textwrap
 from dataclasses import dataclass, field
@@ -590,7 +591,14 @@ def _whole_numbers(frame):
 
 
 def _slug(*parts) -> str:
-    return "_".join(re.sub(r"[^A-Za-z0-9.]+", "-", str(p)).strip("-") for p in parts if p)
+    """A file name from parts: each kept as it is where it is already safe, else made safe and
+    tagged with a hash of the original, so that "w a" and "w-a" never share a file."""
+    return "_".join(_safe(str(p)) for p in parts if p)
+
+
+def _safe(text: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-.") or "x"
+    return safe if safe == text else f"{safe}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
 
 
 def pick_baseline(kernels, baseline=None) -> tuple:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -315,13 +316,22 @@ def render_markdown(sections, out_dir) -> str:
 def _md_block(block, out_dir: Path) -> list:
     kind = block[0]
     if kind == "p":
-        return [block[1]]
+        return [md_text(block[1])]
     if kind == "list":
-        return [f"- {item}" for item in block[1]]
+        return [f"- {md_text(item)}" for item in block[1]]
     if kind == "table":
         def row(cells):
-            return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
-        return [row(block[1]), row(["---"] * len(block[1]))] + [row(r) for r in block[2]]
+            return "| " + " | ".join(md_text(c) for c in cells) + " |"
+        return [row(block[1]), "| " + " | ".join(["---"] * len(block[1])) + " |"] + [row(r) for r in block[2]]
     chart = block[1]
     link = Path(chart.files["png"]).relative_to(out_dir).as_posix()
-    return [f"![{chart.title}]({link})", "", f"*{chart.caption}*"]
+    return [f"![{md_text(chart.title)}]({link})", "", f"*{md_text(chart.caption)}*"]
+
+
+MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~#])")
+
+
+def md_text(value) -> str:
+    """Text from records as Markdown shows it literally: its markup characters escaped and on
+    one line, as report.html escapes HTML (a kernel named <script> stays text)."""
+    return MD_SPECIAL.sub(r"\\\1", str(value)).replace("\n", " ")

@@ -97,3 +97,26 @@ def test_head_to_head_sets_each_kernel_against_the_baseline(tmp_path):
     assert rows[1] == ["8k", "-", "-", "3 ms, 800 TFLOP/s"]   # no baseline there: no ratio
     _, (_, _, against_cudnn) = _head_to_head_blocks(load([tmp_path]).results, baseline="sdpa-cudnn")
     assert against_cudnn[0][3].endswith("(0.80x)")
+
+
+def test_markup_in_records_stays_text_and_chart_names_stay_apart(tmp_path):
+    markdown_it = pytest.importorskip("markdown_it")
+    from attnlab.analysis.report import build_report
+
+    def record(kernel, workload, seq_len, ms, status="ok", reason=None):
+        return {"schema": "attnlab.result/1", "run_id": "r", "kernel": kernel, "mode": "prefill",
+                "workload": workload, "dtype": "bfloat16", "device": "cpu", "status": status, "reason": reason,
+                "seq_len": seq_len, "q_len": seq_len, "median_ms": ms, "times_ms": [ms] * 3 if ms else [],
+                "tflops": 1 / ms if ms else None}
+    hostile = "<script>alert(1)</script>"
+    records = [record(k, w, n, n / 1e3 * (1 + i)) for i, (k, w) in enumerate(
+        [(hostile, "w a"), ("plain", "w-a")]) for n in (1024, 2048, 4096)]
+    records.append(record("plain", "w-a", 8192, None, status="error", reason="**boom** [x](javascript:alert(1))"))
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = build_report([tmp_path], tmp_path / "out", formats=("png",), n_boot=50)
+    rendered = markdown_it.MarkdownIt().render(report.md_path.read_text())
+    assert "<script>" not in rendered and "javascript:" not in rendered.split("href=")[-1][:12]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in rendered and "**boom**" in rendered
+    assert "<script>" not in report.html_path.read_text()
+    latency = sorted(p.name for p in (tmp_path / "out" / "charts").glob("latency_*.png"))
+    assert len(latency) == 2 and "latency_prefill_w-a.png" in latency, latency
