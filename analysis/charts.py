@@ -33,6 +33,15 @@ FIGSIZE = (9.0, 5.4)
 DPI = 110
 GIB = 2**30
 GREY = "#555555"
+# Colour and marker per kernel, fixed: one family shares a hue, an ablation its lighter shade.
+KERNEL_STYLE = {
+    "triton": ("#1f77b4", "o"), "triton-ptr": ("#7fb2dc", "o"),
+    "triton-decode": ("#1f77b4", "D"), "triton-decode-nopdl": ("#7fb2dc", "D"),
+    "sdpa-flash": ("#ff7f0e", "s"), "flash-attn": ("#d62728", "s"), "sdpa-cudnn": ("#2ca02c", "^"),
+    "sdpa-efficient": ("#9467bd", "v"), "sdpa-math": ("#8c564b", "P"), "naive": ("#7f7f7f", "X"),
+}
+RATE_LABELS = {"tflops": ("Prefill compute rate", "TFLOP/s"), "gbps": ("Decode memory bandwidth", "GB/s")}
+OTHER_COLORS = ("#e377c2", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 # What may tell apart records of one kernel at one length, in the order a series label names it.
 LABEL_FIELDS = ("workload", "mode", "device", "dtype", "batch", "heads", "kv_heads", "head_dim", "causal", "q_len",
                 "run_id")
@@ -100,8 +109,9 @@ def _spaced(ticks: list, min_octaves: float = 0.25) -> list:
     """Ticks at least `min_octaves` apart, so labels such as 120k and 128k do not overlap."""
     kept = []
     for tick in ticks:
-        if not kept or np.log2(tick / kept[-1]) >= min_octaves:
-            kept.append(tick)
+        if kept and np.log2(tick / kept[-1]) < min_octaves:
+            kept.pop()       # the longer of two close lengths keeps the label
+        kept.append(tick)
     return kept
 
 
@@ -126,9 +136,18 @@ def _legend_outside(ax) -> None:
 
 
 def palette_for(kernels) -> dict:
-    """The same colour for a kernel in every chart."""
-    kernels = sorted(set(kernels))
-    return dict(zip(kernels, _sns().color_palette("tab10", max(len(kernels), 1))))
+    """The same colour for a kernel in every chart, in every report: fixed for the kernels this
+    package ships, from the kernel's name for any other."""
+    return {k: KERNEL_STYLE.get(k, (_by_name(k, OTHER_COLORS), ""))[0] for k in set(kernels)}
+
+
+def kernel_markers(kernels) -> dict:
+    """The same marker for a kernel in every chart."""
+    return {k: KERNEL_STYLE.get(k, ("", _by_name(k, MARKERS)))[1] for k in set(kernels)}
+
+
+def _by_name(name: str, choices):
+    return choices[int(hashlib.sha1(str(name).encode()).hexdigest(), 16) % len(choices)]
 
 
 def markers_for(values) -> dict:
@@ -192,9 +211,11 @@ def _series(records, by_run, palette, markers) -> tuple:
     look(row) gives a drawn row's (colour, marker): colour by kernel, marker by run where runs
     are told apart, else by device; note says so in the caption when runs are drawn apart."""
     labels, fields = series_labels(records, records["kernel"], by_run)
-    by = "run_id" if "run_id" in fields else "device"
     palette = palette or palette_for(records["kernel"])
-    markers = markers if markers and by == "device" else markers_for(records[by])
+    if "run_id" in fields:    # runs drawn apart: the marker tells the run
+        by, markers = "run_id", markers_for(records["run_id"])
+    else:
+        by, markers = "kernel", markers or kernel_markers(records["kernel"])
 
     def look(row):
         return palette.get(row["kernel"], GREY), markers.get(str(row[by]), "o")
@@ -264,10 +285,15 @@ def _plot_series(ax, points, look, legend: bool = True, **style) -> None:
                 label=label if legend else "_nolegend_")
 
 
-def _horizontal_lines(ax, lines, x0, text) -> None:
-    """Dashed reference lines (peaks, capacities) from drawn rows, each annotated with `text(row)`."""
-    for _, row in lines.iterrows():
+def _horizontal_lines(ax, lines, x0, text, apart: float = 0.04) -> None:
+    """Dashed reference lines (peaks, capacities) from drawn rows, each annotated with `text(row)`;
+    lines within `apart` of one already labelled (two runs' 731 and 732) share its label."""
+    labelled = []
+    for _, row in lines.sort_values("y").iterrows():
         ax.axhline(row["y"], color=GREY, ls="--", lw=1)
+        if any(abs(row["y"] / y - 1) < apart for y in labelled):
+            continue
+        labelled.append(row["y"])
         ax.annotate(text(row), (x0, row["y"]), textcoords="offset points", xytext=(2, 3), fontsize=7,
                     color="#333333")
 
@@ -346,14 +372,13 @@ def rate_chart(rows, roof, quantity: str, palette=None, markers=None, *, by_run:
     """TFLOP/s (prefill) or GB/s (decode) against context, with each device's peak as a line."""
     ok = _ok(rows)
     workload = _one(ok, "workload")
-    label = {"tflops": ("Prefill compute rate", "TFLOP/s"), "gbps": ("Decode memory bandwidth", "GB/s")}[quantity]
+    label = RATE_LABELS[quantity]
     labels, fields, look, runs_note = _series(ok, by_run, palette, markers)
     points = _record_points(ok, labels, quantity, label[1])
     peaks = _peak_points(roof, ok, label[1])
     drawn = _drawn(points, peaks)
-    peak_text = "; ".join(f"{r['device']}: {r['y']:,.0f} {label[1]}, {r['note']}" for _, r in peaks.iterrows())
     fig, (ax,) = _figure(f"{label[0]} against context ({workload})", caption_for(
-        ok, _joined(f"dashed lines: peak {peak_text or 'unknown for this device'}", runs_note)))
+        ok, _joined(f"dashed lines: peak {_peak_text(peaks, label[1])}", runs_note)))
     _plot_series(ax, points, look)
     _horizontal_lines(ax, peaks, ok["seq_len"].min(),
                       lambda r: f"peak {r['y']:,.0f} {label[1]} ({r['note'].split(':')[0]})")
@@ -362,6 +387,34 @@ def rate_chart(rows, roof, quantity: str, palette=None, markers=None, *, by_run:
     ax.set_ylabel(f"{'compute' if quantity == 'tflops' else 'bandwidth'} ({label[1]})")
     _legend_outside(ax)
     return _attach(fig, drawn)
+
+
+def rate_bars(rows, roof, quantity: str, palette=None, markers=None, *, by_run: bool = False):
+    """TFLOP/s or GB/s of each kernel at a workload's one context length, as bars beside the
+    peak: a line through one point would show no trend."""
+    ok = _ok(rows)
+    workload, length = _one(ok, "workload"), fmt.k(ok["seq_len"].iloc[0])
+    label = RATE_LABELS[quantity]
+    labels, fields, look, runs_note = _series(ok, by_run, palette, markers)
+    points = _record_points(ok, labels, quantity, label[1]).sort_values("series")
+    peaks = _peak_points(roof, ok, label[1])
+    drawn = _drawn(points, peaks)
+    fig, (ax,) = _figure(f"{label[0]} at {length} ({workload})", caption_for(
+        ok, _joined(f"one context length ({length}); dashed lines: peak {_peak_text(peaks, label[1])}", runs_note)),
+        legend_outside=False)
+    colors = [look(row)[0] for _, row in points.iterrows()]
+    bars = ax.bar(points["series"], points["y"], color=colors)
+    ax.bar_label(bars, labels=[f"{y:,.0f}" for y in points["y"]], fontsize=8, padding=2)
+    _horizontal_lines(ax, peaks, -0.45, lambda r: f"peak {r['y']:,.0f} {label[1]} ({r['note'].split(':')[0]})")
+    ax.set_ylim(0, max([points["y"].max()] + list(peaks["y"])) * 1.15)
+    ax.set_ylabel(f"{'compute' if quantity == 'tflops' else 'bandwidth'} ({label[1]})")
+    ax.set_xlabel("implementation")
+    return _attach(fig, drawn)
+
+
+def _peak_text(peaks, unit: str) -> str:
+    text = "; ".join(f"{r['device']}: {r['y']:,.0f} {unit}, {r['note']}" for _, r in peaks.iterrows())
+    return text or "unknown for this device"
 
 
 def speedup_chart(rows, baseline: str, palette=None, markers=None, chosen_automatically: bool = False, *,
@@ -484,34 +537,41 @@ def claim_chart(document: dict):
                f"claim: {document['claim_source']}. Ratios {fmt.k(claim['short_ctx'])}/{fmt.k(claim['long_ctx'])}: "
                f"max batch "
                f"{fmt.ratio(document['ratio_max_batch'])}, batch 1 {fmt.ratio(document['ratio_batch1'])}, "
-               f"with prefill {fmt.ratio(document['ratio_with_prefill'])}; numbers at the top line: largest batch.")
+               f"with prefill {fmt.ratio(document['ratio_with_prefill'])}; numbers above the plot: the model's "
+               f"largest batch at each context.")
     models = _claim_model_points(document, calibrated)
     claimed = _line_points("claim", [claim["short_ctx"], claim["long_ctx"]],
                            [claim["short_tok_s"], claim["long_tok_s"]], "tok/s", note=document["claim_source"])
     measured = _claim_measured_points(document["measured"])
     drawn = _drawn(models, claimed, measured)
-    fig, (ax,) = _figure("Output tokens/s against context: where the claimed drop comes from", caption,
-                         legend_outside=False)
+    fig, (ax,) = _figure("Output tokens/s against context: where the claimed drop comes from", caption)
     colors = _sns().color_palette("deep", 6)
     color_of = {label: colors[i] for i, (_, label) in enumerate(CLAIM_MODEL_SERIES)}
     for label, line in models.groupby("series", sort=False):
         ideal = label.startswith("ideal ")
         ax.plot(line["seq_len"], line["y"], color=color_of[label.removeprefix("ideal ")],
                 **(dict(lw=1, ls=":", label="_nolegend_") if ideal else dict(marker="o", ms=4, lw=1.8, label=label)))
-    for p in points:
-        if p["max_batch"]:
-            ax.annotate(str(p["max_batch"]), (p["seq_len"], p["tok_s_max_batch"]), textcoords="offset points",
-                        xytext=(0, 6), ha="center", fontsize=7, color=colors[0])
     ax.scatter(claimed["seq_len"], claimed["y"], marker="*", s=220, color="#d62728", zorder=5,
                label="claim (Cartridges, Fig. 3)")
     for (label, group), color in zip(measured.groupby("series", sort=True), colors[3:] * 4):
         ax.scatter(group["seq_len"], group["y"], marker="D", s=36, color=color, zorder=4, label=label)
     _context_axis(ax, n + [claim["short_ctx"], claim["long_ctx"]])
+    _batch_axis(ax, points)
     ax.set_ylabel("output tokens/s (all sequences)")
     if calibrated:
         ax.plot([], [], ls=":", color=GREY, label="ideal model (dotted)")
-    ax.legend(loc="lower left", fontsize="small", framealpha=0.9)
+    _legend_outside(ax)
     return _attach(fig, drawn)
+
+
+def _batch_axis(ax, points) -> None:
+    """The model's largest batch at each context, on a top axis where it overlaps no point."""
+    top = ax.secondary_xaxis("top")
+    ticks = _spaced([p["seq_len"] for p in points])
+    batch = {p["seq_len"]: p["max_batch"] for p in points}
+    top.set_xticks(ticks, [str(batch[n]) for n in ticks], fontsize=7)
+    from matplotlib.ticker import NullLocator
+    top.xaxis.set_minor_locator(NullLocator())
 
 
 def _claim_model_points(document: dict, calibrated: bool):
@@ -631,7 +691,7 @@ def render_all(results, out_dir, *, fits=(), roof=None, claim=None, baseline=Non
     measured in several dtypes gets a chart per dtype."""
     rows = records_to_draw(results, all_runs)
     renderer = _Renderer(Path(out_dir), formats, fits, roof, baseline, all_runs,
-                         palette_for(rows["kernel"]), markers_for(rows["device"]))
+                         palette_for(rows["kernel"]), kernel_markers(rows["kernel"]))
     charted = rows[rows["mode"].isin(("prefill", "decode"))]
     for (mode, workload), group in charted.groupby(["mode", "workload"]):
         several_dtypes = group["dtype"].nunique() > 1
@@ -671,11 +731,14 @@ class _Renderer:
             self.emit(name, fig, f"{mode} {what or kind}, {where.removeprefix(mode + ' ')}")
 
         ok = _ok(rows)
+        quantity = "tflops" if mode == "prefill" else "gbps"
+        if ok["seq_len"].nunique() == 1 and ok[quantity].notna().any():
+            draw(quantity, rate_bars(rows, self.roof, quantity, **style), named_by_mode=False)
+            return      # one length: no curve to draw; the head-to-head table holds the times
         if ok.empty:
             self.skipped.append(f"{where}: no ok records, so no latency or rate chart")
         else:
             draw("latency", latency_chart(rows, self.fits, **style))
-            quantity = "tflops" if mode == "prefill" else "gbps"
             if ok[quantity].notna().any():
                 draw(quantity, rate_chart(rows, self.roof, quantity, **style), named_by_mode=False)
             self.speedup(rows, ok, where, draw, style)

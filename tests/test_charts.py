@@ -279,3 +279,32 @@ def assert_claim_row(row, claim):
         point = next(p for p in claim["points"] if p["seq_len"] == int(row["seq_len"]))
         if not row["series"].startswith("ideal "):
             assert float(row["y"]) == pytest.approx(point[row["y_from"]], rel=1e-12)
+
+
+# --- charts a person can read ------------------------------------------------------------------
+
+def test_a_kernel_keeps_its_colour_and_marker_whatever_else_is_drawn():
+    alone, crowd = charts.palette_for(["triton"]), charts.palette_for(["naive", "sdpa-flash", "triton", "zzz"])
+    assert alone["triton"] == crowd["triton"] and crowd["triton"] != crowd["sdpa-flash"]
+    assert charts.kernel_markers(["triton"]) == {"triton": charts.kernel_markers(["triton", "naive"])["triton"]}
+    # A kernel from outside the package too: its colour comes from its name alone.
+    assert charts.palette_for(["my-kernel"])["my-kernel"] == charts.palette_for(["a", "my-kernel"])["my-kernel"]
+
+
+def test_a_workload_at_one_length_is_drawn_as_bars_not_as_lines(two_runs, tmp_path, monkeypatch):
+    one_length = two_runs[two_runs["seq_len"] == 16384]
+    drawn, figures, tables = render(one_length, tmp_path, monkeypatch)
+    assert [c.name for c in drawn] == ["tflops_llama3-8b"]
+    (ax,) = [a for a in figures["tflops_llama3-8b"].axes if a.patches]
+    assert sorted(round(p.get_height()) for p in ax.patches) == [342, 491]
+    assert list(at(tables["tflops_llama3-8b"], "triton", 16384)["y"]) == [491.0]
+
+
+def test_two_peaks_within_a_few_percent_share_one_label(tmp_path):
+    import pandas as pd
+    from matplotlib.figure import Figure
+    ax = Figure().subplots()
+    lines = pd.DataFrame({"y": [731.0, 732.0, 989.0], "note": ["measured", "measured", "spec"]})
+    charts._horizontal_lines(ax, lines, 1024, lambda r: f"peak {r['y']:.0f}")
+    assert sorted(t.get_text() for t in ax.texts) == ["peak 731", "peak 989"]
+    assert len(ax.get_lines()) == 3
