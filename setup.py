@@ -27,7 +27,7 @@ setup(
     extras_require={
         "nvml": ["nvidia-ml-py"],
         "analysis": ["pandas", "scipy", "seaborn", "rich"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "playwright"],
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["attnlab = attnlab.cli:main"]},

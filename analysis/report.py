@@ -14,20 +14,16 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attnlab.analysis import summary
 from attnlab.analysis import text as fmt
 from attnlab.analysis.analyze import analyze
+from attnlab.analysis.conditions import conditions_blocks
 from attnlab.analysis.charts import pick_baseline
 from attnlab.analysis.claim import CLAIM
 from attnlab.analysis.fits import MIN_LENGTHS, SELECTION, extrapolated_text, worst_miss
 from attnlab.analysis.roofline import roofline_summary
 
 
-# (column, environment fields to try in turn): older or CPU-only runs name some things differently.
-ENV_COLUMNS = (("run", ("run_id",)), ("device", ("gpu_name", "cpu", "device")), ("driver", ("driver",)),
-               ("CUDA", ("cuda",)), ("torch", ("torch",)), ("Triton", ("triton",)), ("flash-attn", ("flash_attn",)),
-               ("power limit (W)", ("power_limit_w",)), ("clocks", ("clocks",)),
-               ("commit", ("git_commit", "attnlab_commit")), ("host", ("host",)), ("time", ("time",)),
-               ("command", ("argv", "command")))
 SELECTION_NOTE = (f"Selection: {SELECTION}. Records measured with a known fault are retracted in a retractions.jsonl "
                   f"beside the data, with the reason.")
 CHART_ORDER = ("latency", "tflops", "gbps", "speedup", "memory", "power", "claim")
@@ -53,11 +49,43 @@ def build_report(paths, out_dir, *, baseline=None, model="llama3-8b", gpu=None, 
     analysis = analyze(paths, out_dir, baseline=baseline, model=model, gpu=gpu, formats=formats, n_boot=n_boot,
                        all_runs=all_runs)
     out = Path(out_dir)
-    sections = _sections(analysis, _ordered(analysis.charts), baseline)
+    sections = scrubbed(_sections(analysis, _ordered(analysis.charts), baseline), machine_paths(paths))
     html_path, md_path = out / "report.html", out / "report.md"
     html_path.write_text(render_html(sections), encoding="utf-8")
     md_path.write_text(render_markdown(sections, out), encoding="utf-8")
     return Report(html_path, md_path, analysis.files + [html_path, md_path], analysis.charts, analysis.warnings)
+
+
+def machine_paths(paths) -> list:
+    """(absolute prefix, name to show) for each input: the report names files by where they are
+    under what the user named, never by a path of this machine."""
+    pairs = []
+    for raw in [paths] if isinstance(paths, (str, Path)) else paths:
+        path = Path(raw)
+        shown = str(raw) if not path.is_absolute() else (path.name if path.is_dir() else "")
+        for absolute in {str(path.resolve()), str(path.absolute())}:
+            folder = absolute if path.is_dir() else str(Path(absolute).parent)
+            pairs.append((folder, shown if path.is_dir() else ""))
+    return sorted(pairs, key=lambda pair: -len(pair[0]))    # the longest prefix first
+
+
+def scrubbed(sections: list, prefixes: list) -> list:
+    """`sections` with every input's absolute prefix replaced by the name the user gave it."""
+    def text(value):
+        value = str(value)
+        for prefix, shown in prefixes:
+            value = value.replace(prefix + "/", f"{shown}/" if shown else "").replace(prefix, shown or ".")
+        return value
+
+    def block(b):
+        if b[0] == "p":
+            return ("p", text(b[1]))
+        if b[0] == "list":
+            return ("list", [text(item) for item in b[1]])
+        if b[0] == "table":
+            return ("table", [text(h) for h in b[1]], [[text(c) for c in row] for row in b[2]])
+        return b
+    return [(title, [block(b) for b in blocks]) for title, blocks in sections]
 
 
 def _ordered(drawn: list) -> list:
@@ -69,49 +97,48 @@ def _ordered(drawn: list) -> list:
 # ("table", headers, rows) or ("chart", Chart) ----------------------------------------------------
 
 def _sections(analysis, drawn, baseline=None) -> list:
-    loaded, fits, roof, claim, warnings = (analysis.loaded, analysis.fits, analysis.roof, analysis.claim,
-                                           analysis.warnings)
+    """The answer first (summary), then the evidence, then what was left out and the
+    conditions and provenance of every run."""
+    loaded, claim = analysis.loaded, analysis.claim
     results, envs = loaded.results, loaded.environments
-    standing = results["excluded"] == ""
-    intro = [("p", f"Read {len(loaded.files)} file(s): {', '.join(loaded.files)}. "
-                   f"{len(results)} result records: {int(standing.sum())} stand for their points "
-                   f"({int((standing & (results['status'] == 'ok')).sum())} of them ok), "
-                   f"{int((~standing).sum())} are left out (see 'Left out')."),
-             ("p", SELECTION_NOTE)]
+    title = []
     if "synthetic" in envs and envs["synthetic"].eq(True).any():
-        intro.append(("p", "Warning: some runs are marked synthetic: their numbers are sample data, "
+        title.append(("p", "Warning: some runs are marked synthetic: their numbers are sample data, "
                            "not measurements."))
-    sections = [("attnlab report", intro)]
-    if warnings:
-        sections.append(("What was skipped", [("list", warnings)]))
-    sections += [
-        ("Run conditions", _conditions(results, envs)),
-        ("Records", [("table", *_record_counts(results))]),
-        ("Head to head", _head_to_head_blocks(results, baseline)),
-        ("Fits: decode a + b n, prefill a + b n + c n^2", _fit_blocks(fits)),
+    return [
+        ("attnlab report", title),
+        ("Summary", _summary_blocks(analysis, drawn)),
         ("Charts", [("chart", c) for c in drawn if c.name != "claim"] or [("p", "No charts could be drawn.")]),
-        ("Roofline", _roofline_blocks(roof)),
-        ("The claim: 10,000 tokens/s at 1k, 130 at 120k", _claim_blocks(claim, drawn)),
+        ("Head to head", _head_to_head_blocks(results, baseline)),
+        ("Fits: decode a + b n, prefill a + b n + c n^2", _fit_blocks(analysis.fits)),
+        ("Roofline", _roofline_blocks(analysis.roof)),
+        ("The claim: 10,000 tokens/s at 1k, 130 at 120k", _claim_blocks(claim)),
         ("Failed and out-of-memory points", _failure_blocks(results)),
+        ("What was skipped", [("list", analysis.warnings)] if analysis.warnings else [("p", "Nothing.")]),
         ("Left out", _left_out_blocks(analysis.excluded)),
+        ("Run conditions", conditions_blocks(results, envs)),
+        ("Records", _record_blocks(loaded)),
     ]
-    return sections
 
 
-def _conditions(results, envs) -> list:
-    rows = [[_cell(_first(env, fields)) for _, fields in ENV_COLUMNS] for env in envs.to_dict("records")]
-    shown = [i for i in range(len(ENV_COLUMNS)) if any(row[i] != "-" for row in rows)]
-    blocks = [("table", [ENV_COLUMNS[i][0] for i in shown], [[row[i] for i in shown] for row in rows])] if rows else []
-    missing = sorted(set(results["run_id"]) - set(envs["run_id"].dropna()))
-    if missing:
-        blocks.append(("p", f"No environment record for run(s) {', '.join(missing)}: their conditions are unknown."))
-    devices = sorted(results["device"].unique())
-    blocks.append(("p", f"Devices in the records: {', '.join(devices)}."))
-    return blocks
+def _summary_blocks(analysis, drawn) -> list:
+    claim = analysis.claim
+    blocks = summary.headline_blocks(analysis.results)
+    blocks += [("chart", c) for c in drawn if c.name == "claim"]
+    if claim:
+        blocks.append(("p", _ratios_text(claim)))
+    said = summary.sentences(analysis.results, analysis.roof, claim, analysis.excluded)
+    return blocks + ([("list", said)] if said else [])
 
 
-def _first(env: dict, fields) -> object:
-    return next((env[f] for f in fields if not fmt.missing(env.get(f))), None)
+def _record_blocks(loaded) -> list:
+    results = loaded.results
+    standing = results["excluded"] == ""
+    return [("p", f"Read {len(loaded.files)} file(s): {', '.join(loaded.files)}. {len(results)} result records: "
+                  f"{int(standing.sum())} stand for their points "
+                  f"({int((standing & (results['status'] == 'ok')).sum())} of them ok), "
+                  f"{int((~standing).sum())} are left out (see 'Left out')."),
+            ("p", SELECTION_NOTE), ("table", *_record_counts(results))]
 
 
 def _record_counts(results):
@@ -133,7 +160,7 @@ def _head_to_head_blocks(results, baseline=None) -> list:
             continue
         chosen = baseline if baseline in kernels else pick_baseline(kernels)[0]
         rate, unit = ("tflops", "TFLOP/s") if mode == "prefill" else ("gbps", "GB/s")
-        cells = rows.groupby(["seq_len", "kernel"])[["median_ms", rate]].median()
+        cells = rows.groupby(["seq_len", "kernel"])[["median_ms", rate]].last()   # one record each
         table = []
         for seq_len in sorted(set(rows["seq_len"])):
             base = cells["median_ms"].get((seq_len, chosen))
@@ -199,15 +226,19 @@ def _roofline_blocks(roof) -> list:
     return [("p", note), ("table", headers, rows)]
 
 
-def _claim_blocks(claim: dict, drawn) -> list:
+def _ratios_text(claim: dict) -> str:
+    claimed = CLAIM["short_tok_s"] / CLAIM["long_tok_s"]
+    return (f"The claim's drop and the model's three ratios, {fmt.k(CLAIM['short_ctx'])} over "
+            f"{fmt.k(CLAIM['long_ctx'])}: at the largest batch {fmt.ratio(claim['ratio_max_batch'])}, at batch 1 "
+            f"{fmt.ratio(claim['ratio_batch1'])}, with prefill {fmt.ratio(claim['ratio_with_prefill'])}; the claim: "
+            f"{claimed:.0f}x ({claim['claim_source']}).")
+
+
+def _claim_blocks(claim: dict) -> list:
     headers = ["context", "largest batch", "tok/s at largest batch", "tok/s at batch 1", "tok/s with prefill"]
     rows = [[fmt.k(p["seq_len"]), p["max_batch"], fmt.num(p["tok_s_max_batch"]), fmt.num(p["tok_s_batch1"]),
              fmt.num(p["tok_s_with_prefill"])] for p in claim["points"]]
-    claimed = CLAIM["short_tok_s"] / CLAIM["long_tok_s"]
-    ratios = (f"Ratios, {fmt.k(CLAIM['short_ctx'])} over {fmt.k(CLAIM['long_ctx'])}: at the largest batch "
-              f"{fmt.ratio(claim['ratio_max_batch'])}, at batch 1 {fmt.ratio(claim['ratio_batch1'])}, with prefill "
-              f"{fmt.ratio(claim['ratio_with_prefill'])}; the claim: {claimed:.0f}x ({claim['claim_source']}).")
-    blocks = [("p", claim["explanation"]), ("p", ratios), ("table", headers, rows)]
+    blocks = [("p", claim["explanation"]), ("p", _ratios_text(claim)), ("table", headers, rows)]
     sources = claim["assumptions"]["calibration"]["sources"]
     if sources:
         blocks.append(("p", "Calibration: " + "; ".join(sources) + "."))
@@ -220,8 +251,7 @@ def _claim_blocks(claim: dict, drawn) -> list:
                        [[m["mode"], m["kernel"], fmt.k(m["seq_len"]), m["batch"], fmt.num(m["tok_s"]),
                          fmt.num(m["model_tok_s"]), _signed_pct(m["model_error"]), m["run_id"]]
                         for m in claim["measured"]]))
-    blocks += [("chart", c) for c in drawn if c.name == "claim"]
-    return blocks
+    return blocks + [("p", "The chart of this model and the measured points is in the summary.")]
 
 
 def _signed_pct(error) -> str:

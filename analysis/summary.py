@@ -1,0 +1,147 @@
+"""The report's first section: the answer before the evidence.
+
+One headline table per workload: each kernel's time and rate at a few context lengths, beside
+the best peer measured in the same run (same card, same state), with the ratio; and a few
+plain sentences on what the data say, each computed from the records, the fits and the claim.
+"""
+from __future__ import annotations
+
+from attnlab.analysis import text as fmt
+from attnlab.analysis.select import standing_ok
+
+RATE = {"prefill": ("tflops", "TFLOP/s", "matmul"), "decode": ("gbps", "GB/s", "copy")}
+HEADLINE_LENGTHS = 3
+MAX_SENTENCES = 5
+GROUP = ["mode", "workload", "device", "dtype"]
+PEER_KEY = ["run_id", "mode", "workload", "device", "dtype", "batch", "heads", "kv_heads", "head_dim", "causal",
+            "seq_len"]
+
+
+def headline_blocks(results) -> list:
+    """A note and one table per (mode, workload, device, dtype) of standing ok records."""
+    ok = standing_ok(results)
+    ok = ok[ok["mode"].isin(RATE)]
+    peers = _valid_ok(results)
+    blocks = []
+    for key in _workloads(results):
+        mode, workload, device, dtype = key
+        rows = ok[(ok[GROUP].astype(str) == [str(v) for v in key]).all(axis=1)]
+        rate, unit, _ = RATE[mode]
+        lengths = _some(sorted(set(rows["seq_len"])))
+        table = [[kernel] + [_cell(rows, peers, kernel, n, rate, unit) for n in lengths]
+                 for kernel in sorted(set(rows["kernel"]))]
+        table = [row for row in table if any(cell != "-" for cell in row[1:])]
+        blocks.append(("p", f"{workload} {mode}, {dtype}, {device}: median ms per call and {unit}; in brackets the "
+                            f"best other kernel of the same run over this one (above 1: this one is faster)."))
+        blocks.append(("table", ["kernel", *(fmt.k(n) for n in lengths)], table))
+    return blocks or [("p", "No ok prefill or decode records.")]
+
+
+def _valid_ok(results):
+    return results[results["valid"] & (results["status"] == "ok") & results["mode"].isin(RATE)]
+
+
+def _some(lengths: list) -> list:
+    """The shortest, the longest and one between: where fixed costs, the middle and the
+    asymptote show."""
+    if len(lengths) <= HEADLINE_LENGTHS:
+        return lengths
+    return [lengths[0], lengths[len(lengths) // 2], lengths[-1]]
+
+
+def _cell(rows, peers, kernel: str, seq_len, rate: str, unit: str) -> str:
+    mine = rows[(rows["kernel"] == kernel) & (rows["seq_len"] == seq_len)]
+    if mine.empty:
+        return "-"
+    record = mine.iloc[0]
+    text = f"{fmt.num(record['median_ms'])} ms, {fmt.num(record[rate])} {unit}"
+    peer = best_peer(peers, record)
+    return text if peer is None else f"{text} ({peer['median_ms'] / record['median_ms']:.2f}x {peer['kernel']})"
+
+
+def best_peer(peers, record):
+    """The fastest other kernel's record of the same point in the same run, or None."""
+    same = peers
+    for column in PEER_KEY:
+        same = same[same[column].astype(str) == str(record[column])]
+    same = same[same["kernel"] != record["kernel"]]
+    return None if same.empty else same.loc[same["median_ms"].idxmin()]
+
+
+# --- sentences ---------------------------------------------------------------------------------
+
+def sentences(results, roof, claim: dict, excluded: list) -> list:
+    """Three to five sentences: the fastest kernel of each workload at its longest length, the
+    claim, and what was left out."""
+    said = [s for s in (_fastest(results, roof, key) for key in _workloads(results)) if s]
+    said = said[:MAX_SENTENCES - 2]
+    if claim and claim.get("ratio_max_batch"):
+        said.append(_claim_sentence(claim))
+    if excluded:
+        said.append(_left_out_sentence(results, excluded))
+    return said
+
+
+def _workloads(results) -> list:
+    ok = standing_ok(results)
+    ok = ok[ok["mode"].isin(RATE)]
+    # The workloads measured at the most lengths first, prefill before decode: they say the most.
+    sizes = ok.groupby(GROUP)["seq_len"].nunique()
+    return sorted(sizes.index, key=lambda key: (-sizes[key], key[0] != "prefill", key))
+
+
+def _fastest(results, roof, key) -> str | None:
+    """'<workload> <mode> at <n> on <device>: <kernel> is fastest, ...; others take Nx its time.'"""
+    mode, workload, device, dtype = key
+    ok = standing_ok(results)
+    rows = ok[(ok[GROUP].astype(str) == [str(v) for v in key]).all(axis=1)]
+    longest = rows[rows["seq_len"] == rows["seq_len"].max()]
+    best = longest.loc[longest["median_ms"].idxmin()]
+    rate, unit, peak_kind = RATE[mode]
+    same_run = _valid_ok(results)
+    same_run = same_run[(same_run["run_id"] == best["run_id"]) & (same_run["seq_len"] == best["seq_len"])
+                        & (same_run[GROUP].astype(str) == [str(v) for v in key]).all(axis=1)]
+    others = same_run[same_run["kernel"] != best["kernel"]].sort_values("median_ms")
+    text = (f"{workload} {mode} at {fmt.k(best['seq_len'])} on {device}: {best['kernel']} is fastest, "
+            f"{fmt.num(best['median_ms'])} ms ({fmt.num(best[rate])} {unit}{_share(roof, best, peak_kind)})")
+    if not others.empty:
+        slower = ", ".join(f"{r['kernel']} {r['median_ms'] / best['median_ms']:.2f}x" for _, r in others.iterrows())
+        text += f"; in the same run the others take {slower} its time"
+    return text + "."
+
+
+def _share(roof, record, peak_kind: str) -> str:
+    """', 77% of the measured matmul' where the roofline has the record's share of its peak."""
+    if roof is None or roof.empty:
+        return ""
+    row = roof[(roof["run_id"] == record["run_id"]) & (roof["kernel"] == record["kernel"])
+               & (roof["seq_len"] == record["seq_len"]) & (roof["workload"] == record["workload"])]
+    if row.empty or fmt.missing(row.iloc[0]["pct_of_peak"]):
+        return ""
+    source = str(row.iloc[0]["peak_source"])
+    where = f"the measured {peak_kind}" if source.startswith("measured") else "the spec peak"
+    return f", {row.iloc[0]['pct_of_peak']:.0f}% of {where}"
+
+
+def _claim_sentence(claim: dict) -> str:
+    c, f = claim["claim"], claim["factors"]
+    text = (f"The claim ({c['short_tok_s']:,} output tokens/s at {fmt.k(c['short_ctx'])}, {c['long_tok_s']} at "
+            f"{fmt.k(c['long_ctx'])}, {c['short_tok_s'] / c['long_tok_s']:.0f}x): the model gives "
+            f"{claim['ratio_max_batch']:.0f}x, because the largest batch falls {f['batch_falls']:.0f}x as the KV "
+            f"cache fills memory while a step's time changes {f['step_time_grows']:.2f}x")
+    measured = [r for r in claim.get("ratios_side_by_side", []) if r["what"] == "attnlab measured"]
+    if measured:
+        text += "; attnlab measured " + ", ".join(
+            f"{r['ratio']:.0f}x with {r['kernel']} ({fmt.k(r['short_ctx'])} to {fmt.k(r['long_ctx'])})"
+            for r in measured)
+    return text + "."
+
+
+def _left_out_sentence(results, excluded: list) -> str:
+    kinds = {}
+    for entry in excluded:
+        kind = entry["reason"].split(":")[0].split(" by ")[0].split(",")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    parts = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    return (f"{len(excluded)} of {len(results)} records are left out of the fits ({parts}); the last sections "
+            f"list each with its reason.")
