@@ -24,7 +24,8 @@ def attention(q, k, v, *, causal=False, scale=None, impl="auto"):
     heads % kv_heads == 0 (MHA, GQA, MQA). `scale` defaults to 1/sqrt(head_dim).
     `causal` is bottom-right aligned: query i sees key j iff j <= i + seqlen_k - seqlen_q;
     a query row that sees no key returns zeros. Returns (batch, seqlen_q, heads, head_dim)
-    in q's dtype. `impl` names a registered implementation or "auto" (the fastest here).
+    in q's dtype. `impl` names a registered implementation or "auto" (the fastest here that
+    takes these inputs).
     """
     return prepare_attention(q, k, v, causal=causal, scale=scale, impl=impl)()
 
@@ -49,7 +50,7 @@ def prepare_attention(q, k, v, *, causal=False, scale=None, impl="auto") -> Call
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     scale = _check_scale(scale, q.shape[-1])
-    chosen = resolve(impl, PREFILL, q)
+    chosen = resolve(impl, PREFILL, q, k, v, causal=causal, scale=scale)
     if q.shape[1] == 0 or k.shape[1] == 0 or q.shape[0] == 0:
         return lambda: q.new_zeros(q.shape)
     return lambda: chosen.prefill(q, k, v, causal, scale)
@@ -65,7 +66,7 @@ def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, scale=None, impl="auto
         raise ValueError(f"q: decode takes q_len from 1 to {MAX_DECODE_Q_LEN}, got q_len={q_len}")
     _check_cache_seqlens(cache_seqlens, q.shape[0], k_cache.shape[1], q.device)
     scale = _check_scale(scale, q.shape[-1])
-    chosen = resolve(impl, DECODE, q)
+    chosen = resolve(impl, DECODE, q, k_cache, v_cache, scale=scale)
     if q.shape[0] == 0 or k_cache.shape[1] == 0:
         return lambda: q.new_zeros(q.shape)
     if chosen.prepare_decode is not None:
@@ -73,27 +74,57 @@ def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, scale=None, impl="auto
     return lambda: chosen.decode(q, k_cache, v_cache, cache_seqlens, scale)
 
 
-def resolve(impl: str, mode: str, q: torch.Tensor) -> registry.Implementation:
-    """The implementation that runs `mode` on q's device, dtype and head_dim."""
+def resolve(impl: str, mode: str, q: torch.Tensor, k=None, v=None, *, causal=False,
+            scale=None) -> registry.Implementation:
+    """The implementation that runs `mode` on these inputs: `impl` by name, or for "auto" the
+    fastest whose checks accept them.
+
+    Tensors in the (batch, seqlen, heads, head_dim) layout; in decode k and v are the caches,
+    and decode is causal. With q alone (a probe, as planners pass) only q's device, dtype and
+    head_dim are checked; with k and v, each implementation's input rules too (layout, scale).
+    """
     if not isinstance(impl, str):
         raise TypeError(f"impl: expected a name or 'auto', got {type(impl).__name__}")
-    device_type, dtype, head_dim = q.device.type, q.dtype, q.shape[-1]
-    usable = [i for i in registry.implementations()
-              if i.available(device_type) and i.supports(mode, dtype, head_dim, device_type)]
+    inputs = (q, k, v, causal or mode == DECODE, _check_scale(scale, q.shape[-1]))
     if impl == "auto":
-        candidates = [i for i in usable if not i.ablation_of]
-        if not candidates:
-            raise ValueError(f"impl: no implementation runs {mode} for {_describe(q)} on {device_type}")
-        return min(candidates, key=lambda i: i.speed_rank.get(device_type, 100))
+        return _fastest(mode, inputs)
     chosen = registry.get(impl)
-    why_not = chosen.available(device_type)
-    if why_not:
-        why_not = chosen.supports(mode, dtype, head_dim, device_type)
-    if not why_not:
-        names = ", ".join(i.name for i in usable) or "none"
-        raise ValueError(f"impl: {impl!r} cannot run {mode} for {_describe(q)} on {device_type} "
-                         f"({why_not.reason}); available here: {names}")
+    status = chosen.serves(mode, *inputs)
+    if status.argument:
+        raise ValueError(f"{_refusal(chosen, status, mode)}; these inputs run on: {_serving(mode, inputs)}")
+    if not status:
+        raise ValueError(f"impl: {impl!r} cannot run {mode} for {_describe(q)} on {q.device.type} "
+                         f"({status.reason}); available here: {_serving(mode, inputs)}")
     return chosen
+
+
+def _fastest(mode: str, inputs: tuple) -> registry.Implementation:
+    """The first implementation, in speed order, that serves these inputs; ablations run only
+    when named."""
+    q, device_type = inputs[0], inputs[0].device.type
+    ranked = sorted((i for i in registry.implementations() if not i.ablation_of),
+                    key=lambda i: i.speed_rank.get(device_type, 100))
+    refused = []
+    for candidate in ranked:
+        status = candidate.serves(mode, *inputs)
+        if status:
+            return candidate
+        if status.argument:
+            refused.append(_refusal(candidate, status, mode))
+    because = f" ({'; '.join(refused)})" if refused else ""
+    raise ValueError(f"impl: no implementation runs {mode} for {_describe(q)} on {device_type}{because}")
+
+
+def _serving(mode: str, inputs: tuple) -> str:
+    return ", ".join(i.name for i in registry.implementations() if i.serves(mode, *inputs)) or "none"
+
+
+def _refusal(impl: registry.Implementation, status: registry.Availability, mode: str) -> str:
+    """A refused input as the API's errors say it: the argument first, named as the API names
+    it (in decode, k and v are the caches)."""
+    role = status.argument
+    argument = f"{role}_cache" if mode == DECODE and role in ("k", "v") else role
+    return f"{argument}: {impl.name!r} {status.reason}"
 
 
 def _check_qkv(q, k, v, k_name: str, v_name: str, k_len_name: str) -> None:

@@ -9,7 +9,7 @@ import importlib
 
 import torch
 
-from attnlab.kernels.registry import YES, Implementation, no, register
+from attnlab.kernels.registry import YES, Implementation, contiguous_head_dim, no, register
 
 
 def _flash_attn():
@@ -47,4 +47,5 @@ register(Implementation(
     probe=_probe,
     prefill=prefill, decode=decode,
     speed_rank={"cuda": 10},
+    input_rules=contiguous_head_dim,  # flash_attn_with_kvcache asserts it; flash_attn_func would copy
 ))

@@ -23,9 +23,12 @@ def _attend(q, k, v, mask, scale):
     vh = v.transpose(1, 2).repeat_interleave(groups, dim=1)
     softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 input
     scores = (qh @ kh.transpose(-1, -2)).to(softmax_dtype) * scale  # the (B, H, Sq, Sk) matrix
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)    # rows that see nothing -> 0
-    return (probs.to(q.dtype) @ vh).transpose(1, 2).contiguous()
+    scores = scores.masked_fill(~mask, float("-inf"))       # a select: a hidden NaN key is gone
+    out = torch.softmax(scores, dim=-1).to(q.dtype) @ vh
+    # A row that sees no key is all -inf, whose softmax is NaN: by contract it is zeros. Only
+    # those rows are zeroed, so a NaN in q or in a key or value a row sees stays NaN.
+    out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    return out.transpose(1, 2).contiguous()
 
 
 def prefill(q, k, v, causal, scale):

@@ -20,10 +20,12 @@ MODES = (PREFILL, DECODE)
 
 @dataclass(frozen=True)
 class Availability:
-    """Whether an implementation can run on a device type; `reason` says why not."""
+    """Whether an implementation can run; `reason` says why not, and `argument`, where one of
+    the call's own inputs is at fault ("q", "k", "v", "causal" or "scale"), which one."""
 
     ok: bool
     reason: str = ""
+    argument: str = ""
 
     def __bool__(self) -> bool:
         return self.ok
@@ -32,8 +34,17 @@ class Availability:
 YES = Availability(True)
 
 
-def no(reason: str) -> Availability:
-    return Availability(False, reason)
+def no(reason: str, argument: str = "") -> Availability:
+    return Availability(False, reason, argument)
+
+
+def contiguous_head_dim(q, k, v, causal=None, scale=None) -> Availability:
+    """An input rule of fused kernels that read head_dim as contiguous vectors (torch's fused
+    SDPA backends refuse anything else; flash-attn asserts it of a KV cache)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            return no(f"needs a contiguous head_dim (stride 1), got stride {t.stride(-1)}", name)
+    return YES
 
 
 @dataclass(frozen=True)
@@ -43,7 +54,12 @@ class Implementation:
     `prefill(q, k, v, causal, scale)` and `decode(q, k_cache, v_cache, cache_seqlens, scale)`
     take validated tensors in the (batch, seqlen, heads, head_dim) layout.
     `probe(device_type)` answers availability; `speed_rank` orders `impl="auto"` (lower is faster);
-    `limits(device_type, dtype, head_dim)`, where given, adds rules that differ by device.
+    `limits(device_type, dtype, head_dim)`, where given, adds rules that differ by device: known
+    before any tensor exists, so planners ask them too.
+    `input_rules(q, k, v, causal, scale)`, where given, refuses one call's inputs that the
+    kernel cannot take or would get wrong (a layout, a scale), as `no(reason, argument)`;
+    `impl="auto"` then moves on to the next fastest. Decode passes the caches as k and v, and
+    causal=True.
     `prepare_decode(q, k_cache, v_cache, cache_seqlens, scale)`, where given, does host-side
     work once and returns the call (the SDPA adapters read the lengths there, not per call).
     `emulated_on` names device types where it runs only in an emulator: right, but its
@@ -66,6 +82,7 @@ class Implementation:
     decode: Optional[Callable] = None
     speed_rank: dict = field(default_factory=dict)
     limits: Optional[Callable[[str, torch.dtype, int], Availability]] = None
+    input_rules: Optional[Callable[..., Availability]] = None
     prepare_decode: Optional[Callable] = None
     emulated_on: tuple = ()
     ablation_of: str = ""
@@ -101,6 +118,18 @@ class Implementation:
         if not self.head_dims(head_dim):
             return no(f"head_dim {self.head_dims_text}, not {head_dim}")
         return self.limits(device_type, dtype, head_dim) if self.limits else YES
+
+    def serves(self, mode: str, q: torch.Tensor, k=None, v=None, causal: bool = False,
+               scale: float = 1.0) -> Availability:
+        """Can this implementation run `mode` for these (batch, seqlen, heads, head_dim) tensors:
+        on q's device, dtype and head_dim, and, where k and v are given, by its input rules?"""
+        device_type = q.device.type
+        status = self.available(device_type)
+        if status:
+            status = self.supports(mode, q.dtype, q.shape[-1], device_type)
+        if status and k is not None and self.input_rules:
+            status = self.input_rules(q, k, v, causal, scale)
+        return status
 
 
 _REGISTRY: dict[str, Implementation] = {}

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attnlab.kernels.registry import YES, Availability, Implementation, no, register
+from attnlab.kernels.registry import YES, Availability, Implementation, contiguous_head_dim, no, register
 from attnlab.models import AttentionMemory
 
 HALF = (torch.float16, torch.bfloat16)
@@ -124,12 +124,30 @@ def _cuda_limits(dtypes, max_head_dim):
     return limits
 
 
+def _flash_input_rules(q, k, v, causal, scale) -> Availability:
+    """The fused backends' layout rule, and a scale torch's CPU flash kernel gets wrong.
+
+    That kernel fills the causal mask's scores with -inf and only then multiplies by the scale:
+    0 x -inf is NaN and a negative scale turns -inf into +inf. Measured on torch 2.13 CPU
+    against float64: causal attention with scale 0 or below is NaN or wrong wherever torch's
+    causal mask hides a key (square and seqlen_q > seqlen_k prefill, decode with q_len > 1);
+    non-causal attention and positive scales are right. Causal calls are refused whole, a
+    single query row included, so the rule needs neither shapes nor lengths. The GPU backends
+    are held to the same check by test_kernels_gpu.py.
+    """
+    status = contiguous_head_dim(q, k, v)
+    if status and causal and scale <= 0 and q.device.type == "cpu":
+        return no(f"is wrong on the CPU for causal attention with scale <= 0 (got {scale:g}): torch's CPU "
+                  "flash kernel multiplies the causal mask's -inf by the scale", "scale")
+    return status
+
+
 def _shape_text(q, k, causal):
     return (f"q {tuple(q.shape)}, k {tuple(k.shape)}, {str(q.dtype).removeprefix('torch.')}, "
             f"causal={causal}")
 
 
-def _register(name, backend, description, dtypes, devices, limits, speed_rank):
+def _register(name, backend, description, dtypes, devices, limits, speed_rank, input_rules=contiguous_head_dim):
     register(Implementation(
         name=name, description=description, dtypes=dtypes,
         head_dims=lambda d: d >= 1, head_dims_text="any", devices=devices,
@@ -137,17 +155,17 @@ def _register(name, backend, description, dtypes, devices, limits, speed_rank):
         prefill=functools.partial(_prefill, backend),
         decode=functools.partial(_decode, backend),
         prepare_decode=functools.partial(_prepare_decode, backend),
-        speed_rank=speed_rank, limits=limits, memory=_memory(backend),
+        speed_rank=speed_rank, limits=limits, input_rules=input_rules, memory=_memory(backend),
     ))
 
 
 ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _register("sdpa-flash", SDPBackend.FLASH_ATTENTION, "torch SDPA, FlashAttention-2 backend",
-          ALL, ("cpu", "cuda"), _cuda_limits(HALF, 256), {"cpu": 10, "cuda": 40})
+          ALL, ("cpu", "cuda"), _cuda_limits(HALF, 256), {"cpu": 10, "cuda": 40}, _flash_input_rules)
 _register("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, "torch SDPA, cuDNN backend",
           HALF, ("cuda",), _cuda_limits(HALF, 256), {"cuda": 20})
 _register("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, "torch SDPA, memory-efficient backend",
           (torch.float16, torch.bfloat16, torch.float32), ("cuda",),
           _cuda_limits((torch.float16, torch.bfloat16, torch.float32), 512), {"cuda": 50})
 _register("sdpa-math", SDPBackend.MATH, "torch SDPA, math backend (unfused)",
-          ALL, ("cpu", "cuda"), None, {"cpu": 20, "cuda": 80})
+          ALL, ("cpu", "cuda"), None, {"cpu": 20, "cuda": 80}, input_rules=None)  # takes any layout

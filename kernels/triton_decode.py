@@ -16,8 +16,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from attnlab.kernels.registry import triton_interpreting
-from attnlab.kernels.triton_prefill import (LOG2E, _attend_keys, _load_tile, block_d, capability_major, dot_precision,
-                                            positive_scale, upcast_dot)
+from attnlab.kernels.triton_prefill import (LOG2E, _attend_keys, _load_tile, _normalise, block_d, capability_major,
+                                            dot_precision, positive_scale, upcast_dot)
 
 
 @triton.jit
@@ -68,9 +68,10 @@ def _decode_split(
                                  offs_n, offs_d, key_limit, acc, m_i, l_i, qk_scale,
                                  HEAD_DIM, BLOCK_N, BLOCK_D, True, False, UPCAST_DOT, DOT_PRECISION)
 
-    # Partial result of this split: normalised output and log2-sum-exp2 (-inf: saw no key).
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    # Partial result of this split: normalised output and log2-sum-exp2. A row that saw no key
+    # here contributes nothing (output 0, lse -inf); a row that met a NaN has lse NaN, and the
+    # merge's exp2(lse - m) makes its result NaN.
+    out, seen = _normalise(acc, l_i)
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     part = b * stride_pb + kv_h * stride_ph + split * stride_ps
     tl.store(Opart + part * BLOCK_D + rows[:, None] * BLOCK_D + offs_d[None, :], out)
@@ -104,7 +105,7 @@ def _decode_merge(
         lse = tl.load(Lpart + part, mask=splits < num_splits, other=float("-inf"))
         o = tl.load(Opart + part[:, None] * BLOCK_D + offs_d[None, :], mask=(splits < num_splits)[:, None],
                     other=0.0)
-        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_new = tl.maximum(m, tl.max(lse, 0))  # ignores a NaN lse; its weight below is NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_safe)
         weight = tl.math.exp2(lse - m_safe)

@@ -60,6 +60,11 @@ def _attend_tile(q, k, v, offs_n, key_limit, acc, m_i, l_i, qk_scale,
     Scores are kept in log2 units (scale * log2 e folded into qk_scale) so exp2 does the work.
     With MASKED, key n of the tile is visible to row r iff n < key_limit[r]; rows that have
     seen nothing keep m = -inf, handled by the safe maximum below.
+
+    NaN needs no extra work: a NaN in q or in a key the row sees makes its score NaN, exp2
+    keeps it in p, so l and acc turn NaN for good (the running maximum ignores it: tl.max and
+    tl.maximum drop NaN, as the GPU's max does). A key the row cannot see is replaced by -inf
+    with a select, never multiplied, so a NaN there never reaches p.
     """
     if UPCAST_DOT:  # Triton's interpreter multiplies bf16 wrongly; fp32 operands are exact there
         k = k.to(tl.float32)
@@ -97,6 +102,15 @@ def _attend_keys(q, k_base, v_base, b, kv_h, lo, hi, n_end, stride_kn, stride_vn
         acc, m_i, l_i = _attend_tile(q, k, v, offs_n, key_limit - start_n, acc, m_i, l_i, qk_scale,
                                      MASKED, UPCAST_DOT, DOT_PRECISION)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _normalise(acc, l_i):
+    """(acc / l per row, whether the row saw a key). A row that saw no key (l = 0) is zeros by
+    contract, even where 0 x V gave NaN (a NaN value in a tile it shared); any other l, NaN
+    included (`!=`, not `>`: NaN > 0 is false), divides, so a row that met a NaN stays NaN."""
+    seen = l_i != 0.0
+    return tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0), seen
 
 
 @triton.jit
@@ -154,7 +168,7 @@ def _attention_fwd(
                                  offs_n, offs_d, key_limit, acc, m_i, l_i, qk_scale,
                                  HEAD_DIM, BLOCK_N, BLOCK_D, True, TMA, UPCAST_DOT, DOT_PRECISION)
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that saw no key stays 0
+    out, _ = _normalise(acc, l_i)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     o_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)

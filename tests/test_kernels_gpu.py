@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import attnlab.kernels as K
+import nan_rules
 from attnlab.kernels import triton_decode, triton_prefill
 from reference import assert_close_as_naive, decode_mask, random_qkv, reference, usable, visible_keys
 
@@ -16,12 +17,15 @@ def cuda_impls(mode, dtype, head_dim):
     return [n for n in usable(mode, "cuda", dtype, head_dim) if n != "naive"] if torch.cuda.is_available() else []
 
 
-def checked_or_refused(impl, run):
-    """The output, or None where torch's own backend refuses the shape (cuDNN takes no
-    seqlen_k of 1, for one): a clear ValueError naming impl, never a wrong answer."""
+def checked_or_refused(impl, run, argument=None):
+    """The output, or None where the input is refused by a clear ValueError, never a wrong
+    answer: torch's own backend refusing the shape (cuDNN takes no seqlen_k of 1, for one),
+    or, where `argument` is named, an implementation's input rule on that argument."""
     try:
         return run()
     except ValueError as exc:
+        if argument and str(exc).startswith(f"{argument}:"):
+            return None
         assert impl.startswith("sdpa-") and str(exc).startswith("impl:") and "refused" in str(exc), exc
         return None
 
@@ -126,3 +130,42 @@ def test_autotuning_times_every_tile_and_keeps_the_fastest(tmp_path):
         assert case["status"] == "ok" and len(case["tiles"]) >= 2, case
         fastest = min(case["tiles"], key=lambda tile: tile["median_ms"])
         assert {k: fastest[k] for k in case["chosen"]} == case["chosen"]
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0])
+@pytest.mark.parametrize("causal", [False, True])
+def test_prefill_is_right_or_refuses_a_scale_of_zero_or_below(causal, scale):
+    # torch's CPU flash kernel is wrong here (kernels/sdpa.py): every GPU kernel is right or says so.
+    q, k, v = random_qkv(2, 1024, 1024, 8, 2, 128, BF16, device="cuda")  # square: torch's own causal mask
+    ref = reference(q, k, v, visible_keys(1024, 1024, causal)[None], scale=scale)
+    naive = K.attention(q, k, v, causal=causal, scale=scale, impl="naive")
+    for impl in cuda_impls("prefill", BF16, 128):
+        out = checked_or_refused(impl, lambda: K.attention(q, k, v, causal=causal, scale=scale, impl=impl), "scale")
+        if out is not None:
+            assert_close_as_naive(out, naive, ref, f"{impl} causal={causal} scale={scale}")
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0])
+def test_decode_is_right_or_refuses_a_scale_of_zero_or_below(scale):
+    lens = torch.tensor([3, 2, 2000, 4096], dtype=torch.int32, device="cuda")
+    q, k, v = random_qkv(4, 3, 4096, 32, 8, 128, BF16, device="cuda")
+    ref = reference(q, k, v, decode_mask(lens.cpu(), 3, 4096), scale=scale)
+    naive = K.decode_attention(q, k, v, lens, scale=scale, impl="naive")
+    for impl in cuda_impls("decode", BF16, 128):
+        out = checked_or_refused(impl, lambda: K.decode_attention(q, k, v, lens, scale=scale, impl=impl), "scale")
+        if out is not None:
+            assert_close_as_naive(out, naive, ref, f"{impl} decode scale={scale}")
+
+
+@pytest.mark.parametrize("impl", ["naive", "triton", "triton-ptr"])
+def test_prefill_nan_rules(impl):
+    # On Hopper "triton" reads K and V through TMA, "triton-ptr" by pointers; several tiles a row.
+    nan_rules.check_prefill(lambda q, k, v: K.attention(q, k, v, causal=True, impl=impl),
+                            device="cuda", dtype=BF16, seqlen_q=1000, seqlen_k=990)
+
+
+@pytest.mark.parametrize("impl", ["naive", "triton-decode", "triton-decode-nopdl"])
+def test_decode_nan_rules(impl):
+    # Many splits a sequence, merged with and without programmatic dependent launch.
+    nan_rules.check_decode(lambda q, k, v, lens: K.decode_attention(q, k, v, lens, impl=impl),
+                           device="cuda", dtype=BF16, lengths=(4000, 0, 1700, 2), max_seqlen=4096)
