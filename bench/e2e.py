@@ -22,6 +22,7 @@ from attnlab import kernels, models
 from attnlab.bench.model import Decoder, StaticDecoder, resolve_prefill, why_not_captured
 from attnlab.bench.nvml import NvmlSampler
 from attnlab.bench.records import device_name, new_record, new_run_id
+from attnlab.bench.sweep import check_device
 from attnlab.bench.timer import Timing
 from attnlab.bench.workloads import CPU_SEQ_LENS, LONG_SEQ_LENS
 
@@ -55,7 +56,7 @@ class E2EOptions:
     def resolved(self) -> "E2EOptions":
         """A copy with every None filled in for the device, and the arguments checked."""
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        cpu = torch.device(device).type == "cpu"
+        cpu = check_device(device).type == "cpu"
         out = E2EOptions(**{**vars(self), "device": device})
         out.preset = self.preset or ("tiny" if cpu else "llama3-8b")
         out.seq_lens = tuple(self.seq_lens or (CPU_SEQ_LENS if cpu else DEFAULT_SEQ_LENS))
@@ -78,8 +79,6 @@ def _check(o: E2EOptions) -> None:
         raise ValueError(f"decode_tokens: expected at least 1, got {o.decode_tokens}")
     if o.warmup_steps < 0:
         raise ValueError(f"warmup_steps: expected 0 or more, got {o.warmup_steps}")
-    if torch.device(o.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {o.device!r} asked for, but torch sees no CUDA device")
 
 
 def run(options: E2EOptions, *, clock: Callable[[], float] = time.monotonic) -> Iterator[dict]:

@@ -9,7 +9,9 @@ after its memory is released; any other exception as `error`. Once `budget_s` is
 the remaining points are `skipped`. With `resume` the points already settled in the file
 (FINAL_STATUSES, same device) are not measured again. Ctrl-C ends the sweep after the
 records already written; the point in flight is dropped and a resume measures it.
-Raw NVML samples go to `nvml_csv_path(out)`, beside the JSONL.
+Raw NVML samples go to `nvml_csv_path(out)`, beside the JSONL. The sweep writes only to a
+new file or an attnlab one, and holds it (and its samples) for the run, so that two sweeps
+never measure into one file.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from attnlab.bench import records as rec
-from attnlab.bench.nvml import NvmlSampler, nvml_reason
+from attnlab.bench.nvml import CSV_COLUMNS, NvmlSampler, nvml_reason
 from attnlab.bench.timer import Timer, Timing
 from attnlab.bench.workloads import (DECODE, MODES, Point, Workload, bytes_moved, flops, point_key,
                                      predicted_peak_bytes, seq_len_label)
@@ -104,12 +106,36 @@ def plan(config: SweepConfig) -> list[Point]:
 
 
 def check_device(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device} requested but torch {torch.__version__} sees no CUDA device")
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"device: expected cpu or cuda[:N], got {device}")
+    """`device` (cpu, cuda or cuda:N) as a torch.device this machine has; ValueError naming
+    `device` and what torch sees where it has not."""
+    text = rec.parse_device(str(device))
+    device = torch.device(text)
+    if device.type == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"device: {text!r} asked for, but torch sees no CUDA device")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        here = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise ValueError(f"device: {text!r} asked for, but torch sees {count} CUDA device"
+                         f"{'s' if count > 1 else ''} ({here})")
     return device
+
+
+def check_nvml_csv(path) -> None:
+    """Refuse to append NVML samples to a file that is not an NVML samples file (an empty or
+    missing one is new); ValueError naming `out`, whose samples go there."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise rec.OutputError(f"out: its NVML samples go to {path}, which is not a regular file; "
+                              f"move it or choose another file")
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        first = f.readline(1 << 16).strip()
+    if first and first != ",".join(CSV_COLUMNS).encode():
+        raise rec.OutputError(f"out: its NVML samples go to {path}, which holds something else; "
+                              f"move it or choose another file")
 
 
 class _Quiet:
@@ -133,40 +159,51 @@ def run_sweep(config: SweepConfig, progress=None) -> SweepResult:
 
     `progress` is told of the work: start(total points), update(point) before each point,
     advance(record) after it, close() at the end (the command line draws a bar from these).
+    The file is held for the whole run (`records.RecordWriter`); a record that cannot be
+    written (a full disk) stops the run with `records.WriteFailed`, the file whole.
     """
     device = check_device(config.device)
     out = Path(config.out)
     points = plan(config)
-    if config.resume:
-        done = _settled(out, rec.device_name(device))
-    elif out.exists() and rec.read_lines(out):
+    with rec.RecordWriter(out) as writer:
+        # Decided under the lock, so no other run can write the file between reading and appending.
+        done = _already_done(out, config.resume, device)
+        todo = [p for p in points if p.key() not in done]
+        result = SweepResult(out=out, nvml_csv=nvml_csv_path(out), run_id=rec.new_run_id(), planned=len(points),
+                             already_done=len(points) - len(todo), nvml_reason=nvml_reason(device) or None)
+        if result.nvml_reason is None:
+            check_nvml_csv(result.nvml_csv)
+        _measure(writer, result, todo, config, device, progress or _Quiet())
+    return result
+
+
+def _already_done(out: Path, resume: bool, device: torch.device) -> set:
+    if resume:
+        return _settled(out, rec.device_name(device))
+    if rec.read_lines(out):
         raise ValueError(f"out: {out} already holds records; resume it (--resume) or choose another file")
-    else:
-        done = set()
-    todo = [p for p in points if p.key() not in done]
-    result = SweepResult(out=out, nvml_csv=nvml_csv_path(out), run_id=rec.new_run_id(), planned=len(points),
-                         already_done=len(points) - len(todo), nvml_reason=nvml_reason(device) or None)
-    progress = progress or _Quiet()
+    return set()
+
+
+def _measure(writer, result: SweepResult, todo: list, config: SweepConfig, device, progress) -> None:
     progress.start(len(todo))
     start_s = time.perf_counter()
-    with rec.RecordWriter(out) as writer:
+    try:
         env = rec.environment(config.argv, device=device, run_id=result.run_id)
         env["workload_config"] = dataclasses.asdict(config.workload)
         writer.write(env)
         runner = PointRunner(device, result.run_id, config, result.nvml_csv)
-        try:
-            if device.type == "cuda" and config.calibrate:
-                for record in calibrate(device, result.run_id, runner.timer):
-                    _keep(writer, result, record)
-            for point in todo:
-                progress.update(point)
-                _keep(writer, result, _point_or_skip(runner, point, config.budget_s, start_s))
-                progress.advance(result.records[-1])
-        except KeyboardInterrupt:
-            result.interrupted = True
-        finally:
-            progress.close()
-    return result
+        if device.type == "cuda" and config.calibrate:
+            for record in calibrate(device, result.run_id, runner.timer):
+                _keep(writer, result, record)
+        for point in todo:
+            progress.update(point)
+            _keep(writer, result, _point_or_skip(runner, point, config.budget_s, start_s))
+            progress.advance(result.records[-1])
+    except KeyboardInterrupt:
+        result.interrupted = True
+    finally:
+        progress.close()
 
 
 def _point_or_skip(runner: "PointRunner", point: Point, budget_s: Optional[float], start_s: float) -> dict:
@@ -182,8 +219,6 @@ def _keep(writer, result: SweepResult, record: dict) -> None:
 
 
 def _settled(out: Path, device_name: str) -> set:
-    if not out.exists():
-        return set()
     return {point_key(r) for r in rec.read_records(out)
             if r.get("status") in rec.FINAL_STATUSES and r.get("device") == device_name
             and r.get("mode") != CALIBRATION}

@@ -167,4 +167,4 @@ def test_cli_writes_the_json_contract(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "128k" in printed and "1k/120k" in printed and "at the largest batch" in printed
     assert main(["claim", "--seq-lens", "1k,zero"]) == 2
-    assert "seq_lens: 'zero'" in capsys.readouterr().err
+    assert "--seq-lens: 'zero'" in capsys.readouterr().err

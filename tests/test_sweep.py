@@ -169,6 +169,22 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_go_on(tmp_path):
     assert 2 <= len(records) < len(PLANNED) and all(r["status"] == "ok" for r in records)
 
 
+@pytest.mark.parametrize("resume", [False, True], ids=["new", "resume"])
+def test_two_sweeps_on_one_file_one_runs_and_the_other_is_told_who(tmp_path, resume):
+    out = tmp_path / "shared.jsonl"
+    extra = ("--resume",) if resume else ()
+    procs = [_start_sweep(out, *extra) for _ in range(2)]     # started together: they race for the file
+    errs = {proc.pid: proc.communicate(timeout=180)[1] for proc in procs}
+    assert sorted(proc.returncode for proc in procs) == [0, 2], errs
+    winner = next(proc for proc in procs if proc.returncode == 0)
+    refused = errs[next(proc for proc in procs if proc.returncode == 2).pid]
+    assert refused.strip().splitlines() == [refused.strip()] and "Traceback" not in refused
+    assert f"--out: {out} is being written by" in refused and f"pid {winner.pid} " in refused
+    seen = Counter((r["kernel"], r["mode"], r["seq_len"]) for r in rec.read_records(out))
+    assert set(seen) == PLANNED and max(seen.values()) == 1
+    assert len(rec.read_environments(out)) == 1 and not list(tmp_path.glob("*.lock"))
+
+
 # --- out of memory, errors and the budget -------------------------------------------------------
 
 def test_predicted_oom_is_recorded_without_launching(tmp_path, register):

@@ -1,7 +1,12 @@
 """attnlab tune's bookkeeping on a CPU, with autotuning itself replaced by a stand-in (the
 real one needs a GPU; tests/test_kernels_gpu.py runs it there)."""
+import errno
 import json
+import os
 
+import pytest
+
+from attnlab.bench import records, tuning
 from attnlab.bench.tuning import TUNING_SCHEMA, tune
 from attnlab.bench.workloads import Workload
 from attnlab.kernels import triton_prefill
@@ -35,3 +40,54 @@ def test_unaligned_inputs_are_tuned_on_the_pointer_path_only(tmp_path, monkeypat
     monkeypatch.setattr(triton_prefill, "autotune", lambda *args: paths.append(args[-1]) or {"tiles": [], "chosen": {}})
     tune(TINY.override(head_dim=59, dtype="float16"), [64], "cpu", tmp_path / "t.json")
     assert paths == [False]
+
+
+def _stand_in(monkeypatch):
+    monkeypatch.setattr(triton_prefill, "autotune", lambda *args: {"tiles": [], "chosen": {}})
+
+
+@pytest.mark.parametrize("content", [b"buy milk", b'{"lr": 0.1}\n', b'{"schema": "attnlab.result/1"}\n'])
+def test_a_file_that_is_no_tuning_document_is_left_as_it_is(tmp_path, monkeypatch, content):
+    _stand_in(monkeypatch)
+    out = tmp_path / "tuning.json"
+    out.write_bytes(content)
+    with pytest.raises(records.OutputError, match="not an attnlab tuning document"):
+        tune(TINY, [64], "cpu", out)
+    assert out.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tuning.json"]
+
+
+def test_an_earlier_tuning_document_is_replaced(tmp_path, monkeypatch):
+    _stand_in(monkeypatch)
+    out = tmp_path / "tuning.json"
+    tune(TINY, [64], "cpu", out)
+    tune(TINY, [128], "cpu", out)
+    assert {c["seq_len"] for c in json.loads(out.read_text())["cases"]} == {128}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tuning.json"]     # no lock or partial file left
+
+
+def test_a_second_tune_on_one_document_is_refused(tmp_path, monkeypatch):
+    _stand_in(monkeypatch)
+    out = tmp_path / "tuning.json"
+    with records.OutputLock(out, command="attnlab tune"):
+        with pytest.raises(records.OutputError, match=f"being written by .*pid {os.getpid()}"):
+            tune(TINY, [64], "cpu", out)
+    assert not out.exists()
+
+
+def test_a_full_disk_keeps_the_document_before(tmp_path, monkeypatch):
+    _stand_in(monkeypatch)
+    out = tmp_path / "tuning.json"
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(tuning.os, "replace", replace)
+    with pytest.raises(records.WriteFailed, match="No space left on device.*1 of this run's cases"):
+        tune(TINY.override(head_dim=59, dtype="float16"), [64, 128], "cpu", out)
+    assert [c["seq_len"] for c in json.loads(out.read_text())["cases"]] == [64]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tuning.json"]

@@ -34,9 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    _use_interpreter_without_gpu()
+    # Building the parser and reading the flags import torch (seconds): Ctrl-C there is as
+    # welcome as during the command itself.
     try:
+        args = build_parser().parse_args(argv)
+        _use_interpreter_without_gpu()
         return args.run(args) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

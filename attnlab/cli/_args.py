@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+from pathlib import Path
 
 
 def checked(parse):
@@ -56,3 +59,118 @@ def device_or_default(device) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_device(text: str) -> str:
+    """cpu, cuda or cuda:N, as given; whether this machine has it is checked when the command runs."""
+    from attnlab.bench.records import parse_device as parse
+
+    return checked(parse)(text)
+
+
+def parse_workload(text: str) -> str:
+    """The name of a sweep workload preset (llama3-8b, fa-paper, cpu-small)."""
+    from attnlab.bench.workloads import preset
+
+    return checked(lambda name: preset(name).name)(text)
+
+
+def error_line(command: str, exc: BaseException, args) -> str:
+    """`attnlab COMMAND: error: MESSAGE` on one line, where a MESSAGE that starts with an
+    argument's name (`out: ...`, as the library names it) names the flag (`--out: ...`)."""
+    message = " ".join(str(exc).split())
+    name, colon, rest = message.partition(": ")
+    if colon and name in vars(args):
+        message = f"--{name.replace('_', '-')}: {rest}"
+    return f"attnlab {command}: error: {message}"
+
+
+# --- checks that turn a bad flag into argparse's one-line error, naming the flag ---------------
+
+CHART_FORMATS = ("png", "svg", "pdf")
+MIN_BOOTSTRAP, MAX_BOOTSTRAP = 50, 100_000   # fewer draws leave a 95% interval's tails to a draw or two
+
+
+def bounded_number(expected: str, low: float, high: float = math.inf, *, above_low: bool = False):
+    """An argparse type for a finite number in [low, high] (or (low, high] with `above_low`):
+    inf and nan never pass, whatever the bounds."""
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        above = value > low if above_low else value >= low
+        if not (math.isfinite(value) and above and value <= high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return convert
+
+
+fraction = bounded_number("a fraction in (0, 1]", 0.0, 1.0, above_low=True)
+finite_seconds = bounded_number("a finite number of seconds >= 0", 0.0)
+finite_ms = bounded_number("a finite number of milliseconds >= 0", 0.0)
+
+
+def bootstrap_draws(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not MIN_BOOTSTRAP <= value <= MAX_BOOTSTRAP:
+        raise argparse.ArgumentTypeError(f"expected an integer from {MIN_BOOTSTRAP} to {MAX_BOOTSTRAP:,}, "
+                                         f"got {text!r}")
+    return value
+
+
+def chart_formats(text: str) -> tuple:
+    """'png,SVG' -> ('png', 'svg'): formats every chart is written in, each once."""
+    found = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
+    unknown = [f for f in found if f not in CHART_FORMATS]
+    if unknown or not found:
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(CHART_FORMATS)}, got {text!r}")
+    return found
+
+
+def output_folder(text: str) -> str:
+    """A folder to write into: an existing folder, or one that can be made where the nearest
+    existing parent is a writable folder."""
+    path = Path(text)
+    if not text.strip() or (path.exists() and not path.is_dir()):
+        raise argparse.ArgumentTypeError(f"expected a folder, got {text!r}, which is not one")
+    _writable_parent(path, text)
+    return text
+
+
+def output_file(text: str) -> str:
+    """A file to write: not a folder; missing parent folders are created where the nearest
+    existing one is a writable folder. '-' (standard output) passes as it is."""
+    if text == "-":
+        return text
+    if not text.strip() or Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"expected a file path, got {text!r}, which is not one")
+    _writable_parent(Path(text).parent, text)
+    return text
+
+
+def _writable_parent(path: Path, text: str) -> None:
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be made: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be written: the folder {str(existing)!r} is not "
+                                         f"writable")
+
+
+def present_device(text: str) -> str:
+    """A `parse_device` name this machine has: cuda only where torch sees that GPU."""
+    import torch
+
+    name = parse_device(text)
+    if name != "cpu":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            here = f" or cuda:0 to cuda:{count - 1}" if count else ""
+            raise argparse.ArgumentTypeError(f"{text!r} is not here: torch sees {count} CUDA device(s); "
+                                             f"expected cpu{here}")
+    return name

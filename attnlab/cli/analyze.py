@@ -4,52 +4,74 @@ from __future__ import annotations
 import sys
 
 from attnlab.analysis import text
+from attnlab.cli._args import bootstrap_draws, chart_formats, error_line, output_folder
 
 HELP = "fit latency against context, compare with the GPU's peaks and draw the charts"
+OWNERSHIP = ("DIR must be new, empty, or hold only files attnlab wrote there (listed in its .attnlab-outputs); "
+             "a run replaces those and removes the ones it no longer writes, and never writes where its inputs are")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("results", nargs="+", metavar="RESULTS",
                         help="sweep JSONL, pytest-benchmark JSON, or folders holding them")
-    parser.add_argument("--out", default="out/analysis", metavar="DIR",
+    parser.add_argument("--out", default="out/analysis", type=output_folder, metavar="DIR",
                         help="folder for fits.json, fits.csv, roofline.csv, claim.json and charts/ "
-                             "(default %(default)s)")
+                             f"(default %(default)s); {OWNERSHIP}")
     add_common(parser)
     parser.add_argument("--no-charts", action="store_true", help="write the data files only")
 
 
 def add_common(parser) -> None:
     """Options `attnlab report` shares."""
+    from attnlab.analysis.claim import MODEL_PRESETS
+
     parser.add_argument("--baseline", default=None,
                         help="kernel the speedup charts divide by (default: sdpa-flash, flash-attn, sdpa-math "
                              "or naive, the first present)")
-    parser.add_argument("--model", default="llama3-8b", help="model preset of the claim (default %(default)s)")
+    parser.add_argument("--model", default="llama3-8b", choices=sorted(MODEL_PRESETS),
+                        help="model preset of the claim (default %(default)s)")
     parser.add_argument("--gpu", default=None,
                         help="GPU of the claim model (default: the one the records name, else h100-sxm)")
-    parser.add_argument("--formats", default="png,svg", help="chart formats, comma separated (default %(default)s)")
-    parser.add_argument("--bootstrap", type=int, default=2000, metavar="N",
-                        help="bootstrap samples behind the intervals (default %(default)s)")
+    parser.add_argument("--formats", default="png,svg", type=chart_formats,
+                        help="chart formats, comma separated: png, svg, pdf (default %(default)s)")
+    parser.add_argument("--bootstrap", type=bootstrap_draws, default=2000, metavar="N",
+                        help="bootstrap samples behind the intervals, 50 to 100,000 (default %(default)s)")
     parser.add_argument("--all-runs", action="store_true",
                         help="charts overlay every valid run of a point, each as its own series, instead of the "
                              "one record that stands for it (the latest valid run)")
-
-
-def formats(args) -> tuple:
-    return tuple(f.strip().lower() for f in args.formats.split(",") if f.strip())
+    parser.add_argument("--force", action="store_true",
+                        help="write into --out even where it holds files attnlab did not write (those it does not "
+                             "write stay; it still never writes where its inputs are)")
 
 
 def run(args) -> int:
-    from attnlab.analysis import MissingExtra
-    try:
+    def build():
         from attnlab.analysis.analyze import analyze
-        analysis = analyze(args.results, args.out, baseline=args.baseline, model=args.model, gpu=args.gpu,
-                           formats=formats(args), charts=not args.no_charts, n_boot=args.bootstrap,
-                           all_runs=args.all_runs)
-    except (MissingExtra, FileNotFoundError, ValueError) as exc:
-        print(f"attnlab analyze: {exc}", file=sys.stderr)
+        return analyze(args.results, args.out, baseline=args.baseline, model=args.model, gpu=args.gpu,
+                       formats=args.formats, charts=not args.no_charts, n_boot=args.bootstrap, all_runs=args.all_runs)
+
+    analysis = write_into_out(args, "analyze", args.results, build)
+    if analysis is None:
         return 2
     print_summary(analysis, args.out)
     return 0
+
+
+def write_into_out(args, command: str, inputs, build):
+    """What `build()` returns (an object whose `files` lists what it wrote into `args.out`), run
+    under the rules of analysis.outputs; None, after one line on stderr, for an error the user
+    can put right (a flag, a missing input or extra, a folder that is not the run's to write)."""
+    from attnlab.analysis import MissingExtra
+    from attnlab.analysis.outputs import owned_folder
+
+    try:
+        with owned_folder(args.out, flag="--out", inputs=inputs, command=command, force=args.force) as written:
+            result = build()
+            written += result.files
+        return result
+    except (MissingExtra, OSError, ValueError) as exc:
+        print(error_line(command, exc, args), file=sys.stderr)
+        return None
 
 
 def print_summary(analysis, out) -> None:

@@ -1,13 +1,14 @@
 """`attnlab check`: every implementation that runs here, against float64, on awkward shapes."""
 from __future__ import annotations
 
-from attnlab.cli._args import device_or_default
+from attnlab.cli._args import device_or_default, present_device
 
 HELP = "check every available implementation against a float64 reference on this machine"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    parser.add_argument("--device", default=None, type=present_device,
+                        help="cpu, cuda or cuda:N, one this machine has (default: cuda if present)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
 
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+from attnlab.cli._args import error_line, finite_ms, fraction, output_file, positive_int
 
 HELP = "explain the drop in output tokens/s from 1k to 128k of context with a serving model"
 
@@ -18,40 +21,76 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gpu", default=None,
                         help=f"GPU preset ({', '.join(GPU_SPECS)}) or device name (default: the one the "
                              f"results name, else h100-sxm)")
-    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs serving one model, ideal tensor parallel")
+    parser.add_argument("--num-gpus", type=positive_int, default=1,
+                        help="GPUs serving one model, ideal tensor parallel")
     parser.add_argument("--seq-lens", default="1k,2k,4k,8k,16k,32k,64k,120k,128k",
                         help="context lengths, comma separated; 1k means 1024 (default %(default)s)")
-    parser.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded per sequence (default 128)")
-    parser.add_argument("--bw-efficiency", type=float, default=None,
-                        help="what-if: share of spec bandwidth for weights and KV (instead of calibrating)")
-    parser.add_argument("--compute-efficiency", type=float, default=None,
-                        help="what-if: share of spec bf16 FLOP/s (instead of calibrating)")
-    parser.add_argument("--overhead-ms", type=float, default=None, help="what-if: fixed cost per decode step")
-    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                        help="write the result as JSON to PATH (or to stdout without PATH, instead of the table)")
-    parser.add_argument("--chart", default=None, metavar="PATH",
-                        help="draw the claim chart to PATH (.png; an .svg is written beside it)")
+    parser.add_argument("--decode-tokens", type=positive_int, default=128,
+                        help="tokens decoded per sequence (default 128)")
+    parser.add_argument("--bw-efficiency", type=fraction, default=None,
+                        help="what-if: share of spec bandwidth for weights and KV, in (0, 1] (instead of calibrating)")
+    parser.add_argument("--compute-efficiency", type=fraction, default=None,
+                        help="what-if: share of spec bf16 FLOP/s, in (0, 1] (instead of calibrating)")
+    parser.add_argument("--overhead-ms", type=finite_ms, default=None, help="what-if: fixed cost per decode step")
+    parser.add_argument("--json", nargs="?", const="-", default=None, type=output_file, metavar="PATH",
+                        help="write the result as JSON to PATH (or to stdout without PATH, instead of the table); "
+                             "missing folders are created; an existing PATH is replaced only if it is a claim "
+                             "document or attnlab wrote it")
+    parser.add_argument("--chart", default=None, type=output_file, metavar="PATH",
+                        help="draw the claim chart to PATH (.png; an .svg and a .csv of what it draws are written "
+                             "beside it); missing folders are created; an existing file is replaced only if "
+                             "attnlab wrote it")
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing files at --json and --chart whoever wrote them (never an input)")
 
 
 def run(args) -> int:
     from attnlab.analysis import MissingExtra
     try:
+        _check_outputs(args)
         document, notes = _build(args)
-        if args.chart:
-            _chart(document, args.chart)
-    except (MissingExtra, FileNotFoundError, ValueError) as exc:
-        print(f"attnlab claim: {exc}", file=sys.stderr)
+        _write(args, document)
+    except (MissingExtra, OSError, ValueError) as exc:
+        print(error_line("claim", exc, args), file=sys.stderr)
         return 2
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    if args.json == "-":
-        print(json.dumps(document, indent=2))
-        return 0
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(document, indent=2) + "\n")
-    print(render(document))
+    print(json.dumps(document, indent=2) if args.json == "-" else render(document))
     return 0
+
+
+def _check_outputs(args) -> None:
+    """Before any work: refuse outputs over the inputs, or over files attnlab did not write."""
+    from attnlab.analysis.outputs import check_output_file
+
+    if args.json and args.json != "-":
+        check_output_file(args.json, flag="--json", inputs=args.results, force=args.force,
+                          is_own=is_claim_document)
+    for path in _chart_files(args.chart) if args.chart else ():
+        check_output_file(path, flag="--chart", inputs=args.results, force=args.force)
+
+
+def _write(args, document: dict) -> None:
+    from attnlab.analysis.outputs import record_files
+
+    written = []
+    try:   # list what was written even if the second file fails, so that a rerun may replace it
+        if args.chart:
+            written += _chart(document, args.chart)
+        if args.json and args.json != "-":
+            Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+            written.append(Path(args.json))
+    finally:
+        record_files(written, "claim")
+
+
+def is_claim_document(path: Path) -> bool:
+    """Whether `path` holds what `claim --json` writes: a JSON object with "claim" and "points"."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and {"claim", "points"} <= set(document)
 
 
 def _build(args):
@@ -73,7 +112,8 @@ def _build(args):
 
 
 def _what_if(args):
-    """A calibration from the what-if flags, or None to calibrate on results (or stay ideal)."""
+    """A calibration from the what-if flags (their types have checked the ranges), or None to
+    calibrate on results (or stay ideal)."""
     from attnlab.analysis.claim import Calibration
 
     given = {name: value for name, value in (("bw_efficiency", args.bw_efficiency),
@@ -81,23 +121,22 @@ def _what_if(args):
                                              ("overhead_ms", args.overhead_ms)) if value is not None}
     if not given:
         return None
-    for name in ("bw_efficiency", "compute_efficiency"):
-        if name in given and not 0 < given[name] <= 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected a fraction in (0, 1], got {given[name]}")
-    if given.get("overhead_ms", 0) < 0:
-        raise ValueError(f"--overhead-ms: expected 0 or more, got {given['overhead_ms']}")
     bw = given.get("bw_efficiency", 1.0)
     return Calibration(weights_bw_efficiency=bw, kv_bw_efficiency=bw,
                        compute_efficiency=given.get("compute_efficiency", 1.0),
                        overhead_ms=given.get("overhead_ms", 0.0), sources=("set on the command line",))
 
 
-def _chart(document, path) -> None:
-    from pathlib import Path
+def _chart_files(path) -> list:
+    """The files `--chart PATH` writes: the chart as PNG and SVG, and the CSV of what it draws."""
+    stem = Path(path).with_suffix("")
+    return [stem.parent / f"{stem.name}.{kind}" for kind in ("png", "svg", "csv")]
 
+
+def _chart(document, path) -> list:
     from attnlab.analysis.charts import claim_chart, save
-    stem = Path(path)
-    save(claim_chart(document), stem.with_suffix(""), ("png", "svg"))
+
+    return list(save(claim_chart(document), Path(path).with_suffix(""), ("png", "svg")).values())
 
 
 def render(document) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from attnlab.cli._args import parse_seq_lens, positive_int, seconds
+from attnlab.cli._args import error_line, parse_device, parse_seq_lens, positive_int, seconds
 from attnlab.models import PRESETS
 
 HELP = "end-to-end decode throughput of a Llama-shaped decoder against context length"
@@ -28,10 +28,13 @@ def add_arguments(parser) -> None:
                         help="also time the prefill of the context and report tokens/s including it")
     parser.add_argument("--decode-tokens", type=positive_int, default=128, help="tokens decoded per sequence (default 128)")
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps first (default 3)")
-    parser.add_argument("--out", default=None, help="JSONL file to append to (default: e2e-PRESET-ATTENTION.jsonl)")
+    parser.add_argument("--out", default=None,
+                        help="JSONL file to append to, new or an attnlab one (its folder is created if missing; "
+                             "default: e2e-PRESET-ATTENTION.jsonl)")
     parser.add_argument("--budget-s", type=seconds, default=None,
                         help="stop starting new lengths after this many seconds; the rest are recorded skipped")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    parser.add_argument("--device", type=parse_device, default=None,
+                        help="cuda, cuda:N or cpu (default: cuda if present)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="weights and cache (default: bfloat16 on CUDA, float32 on a CPU)")
     parser.add_argument("--mem-budget-gib", type=float, default=None,
@@ -42,28 +45,44 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from attnlab.bench import e2e
-    from attnlab.bench.records import RecordWriter, environment
-    from attnlab.bench.sweep import nvml_csv_path
+    from attnlab.bench.records import RecordWriter, WriteFailed
 
+    rows = []
     try:
         options = _options(args, e2e)
         decode_name, _ = e2e.implementation_names(options)
-    except ValueError as exc:    # a bad name or value: say which, without a traceback
-        print(f"attnlab e2e: error: {exc}", file=sys.stderr)
+        out = Path(args.out or f"e2e-{options.preset}-{decode_name}.jsonl")
+        with RecordWriter(out) as writer:
+            _measure(writer, options, e2e, rows)
+    except WriteFailed as exc:
+        rest = ",".join(str(n) for n in options.seq_lens[len(rows):])
+        print(error_line("e2e", exc, args) + f"; free space and run the same command with --seq-lens {rest} "
+              "to measure the rest", file=sys.stderr)
         return 2
-    out = Path(args.out or f"e2e-{options.preset}-{decode_name}.jsonl")
-    options.nvml_csv = str(nvml_csv_path(out))
-    rows = []
-    with RecordWriter(out) as writer, _Progress(len(options.seq_lens)) as progress:
+    except ValueError as exc:    # a bad name or value: say which, without a traceback
+        print(error_line("e2e", exc, args), file=sys.stderr)
+        return 2
+    _print_table(rows)
+    print(f"wrote {len(rows)} records to {out}")
+    return 0 if all(r["status"] in ("ok", "oom", "skipped") for r in rows) else 1
+
+
+def _measure(writer, options, e2e, rows: list) -> None:
+    """Each length's record into `writer` and `rows` as it ends; NVML samples beside the file."""
+    from attnlab.bench.nvml import nvml_reason
+    from attnlab.bench.records import environment
+    from attnlab.bench.sweep import check_nvml_csv, nvml_csv_path
+
+    options.nvml_csv = str(nvml_csv_path(writer.path))
+    if not nvml_reason(options.device):
+        check_nvml_csv(options.nvml_csv)
+    with _Progress(len(options.seq_lens)) as progress:
         writer.write(environment(sys.argv, device=options.device, run_id=options.run_id))
         progress.show(options.seq_lens[0])
         for i, record in enumerate(e2e.run(options)):
             writer.write(record)
             rows.append(record)
             progress.advance(options.seq_lens[i + 1] if i + 1 < len(options.seq_lens) else None)
-    _print_table(rows)
-    print(f"wrote {len(rows)} records to {out}")
-    return 0 if all(r["status"] in ("ok", "oom", "skipped") for r in rows) else 1
 
 
 def _options(args, e2e):

@@ -1,13 +1,15 @@
 """`attnlab kernels`: the registry as a table, with why each unavailable one cannot run."""
 from __future__ import annotations
 
-from attnlab.cli._args import device_or_default
+from attnlab.cli._args import device_or_default, parse_device
 
 HELP = "list attention implementations and whether they run here"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--device", default=None, help="device type to check (default: cuda if present, else cpu)")
+    parser.add_argument("--device", default=None, type=parse_device,
+                        help="cpu, cuda or cuda:N: where to check each implementation, whether or not this machine "
+                             "has it (default: cuda if present, else cpu)")
 
 
 def run(args) -> int:

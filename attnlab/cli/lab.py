@@ -5,13 +5,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from attnlab.cli._args import finite_seconds, output_folder
+
 HELP = "the main job: sweep this GPU if there is one, then write the report (profiles/ without a GPU)"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="out", metavar="DIR", help="folder for the run and the report (default %(default)s)")
-    parser.add_argument("--profiles", default="profiles", metavar="DIR", help="committed measurements (default %(default)s)")
-    parser.add_argument("--budget-s", type=float, default=600.0, help="sweep time budget on a GPU (default %(default)s)")
+    parser.add_argument("--out", default="out", type=output_folder, metavar="DIR",
+                        help="folder for the run (sweep.jsonl, resumed if there) and the report (report/, as "
+                             "`attnlab report --out` writes it) (default %(default)s)")
+    parser.add_argument("--profiles", default="profiles", metavar="DIR",
+                        help="committed measurements (default %(default)s)")
+    parser.add_argument("--budget-s", type=finite_seconds, default=600.0,
+                        help="sweep time budget on a GPU (default %(default)s)")
+    parser.add_argument("--force", action="store_true", help="passed to `attnlab report`: write into DIR/report "
+                                                             "even where it holds files attnlab did not write")
 
 
 def run(args) -> int:
@@ -37,5 +45,6 @@ def run(args) -> int:
         return 2
     from attnlab.cli import build_parser
 
-    report = build_parser().parse_args(["report", *map(str, runs), "--out", str(out / "report")])
+    force = ["--force"] if args.force else []
+    report = build_parser().parse_args(["report", *map(str, runs), "--out", str(out / "report"), *force])
     return report.run(report)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from attnlab.cli.analyze import add_common, formats
+from attnlab.cli._args import output_folder
+from attnlab.cli.analyze import OWNERSHIP, add_common, write_into_out
 
 HELP = "write report.html (self-contained) and report.md from run folders or result files"
 
@@ -11,19 +12,20 @@ HELP = "write report.html (self-contained) and report.md from run folders or res
 def add_arguments(parser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
                         help="run folders or result files (on a machine without a GPU: profiles/)")
-    parser.add_argument("--out", default="out/report", metavar="DIR",
-                        help="folder for report.html, report.md, charts/ and the data files (default %(default)s)")
+    parser.add_argument("--out", default="out/report", type=output_folder, metavar="DIR",
+                        help=f"folder for report.html, report.md, charts/ and the data files (default %(default)s); "
+                             f"{OWNERSHIP}")
     add_common(parser)
 
 
 def run(args) -> int:
-    from attnlab.analysis import MissingExtra
-    try:
+    def build():
         from attnlab.analysis.report import build_report
-        report = build_report(args.runs, args.out, baseline=args.baseline, model=args.model, gpu=args.gpu,
-                              formats=formats(args), n_boot=args.bootstrap, all_runs=args.all_runs)
-    except (MissingExtra, FileNotFoundError, ValueError) as exc:
-        print(f"attnlab report: {exc}", file=sys.stderr)
+        return build_report(args.runs, args.out, baseline=args.baseline, model=args.model, gpu=args.gpu,
+                            formats=args.formats, n_boot=args.bootstrap, all_runs=args.all_runs)
+
+    report = write_into_out(args, "report", args.runs, build)
+    if report is None:
         return 2
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from attnlab.cli._args import checked, device_or_default, parse_names, parse_seq_lens, positive_int, seconds
+from attnlab.cli._args import (checked, device_or_default, error_line, parse_device, parse_names, parse_seq_lens,
+                               parse_workload, positive_int, seconds)
 
 HELP = "measure kernels from short to long context (time, memory, power) into JSONL records"
 
@@ -15,12 +16,6 @@ def _dtype(text):
     return checked(dtype_name)(text)
 
 
-def _workload(text):
-    from attnlab.bench.workloads import preset
-
-    return checked(lambda name: preset(name).name)(text)
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--kernels", type=parse_names, default=None,
                         help="comma list of implementations (default: all available on the device)")
@@ -28,7 +23,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seq-lens", type=parse_seq_lens, default=None,
                         help="comma list of context lengths in tokens, 1k = 1024 "
                              "(default: 1k,2k,...,128k; the cpu-small preset has its own)")
-    parser.add_argument("--workload", type=_workload, default=None,
+    parser.add_argument("--workload", type=parse_workload, default=None,
                         help="preset: llama3-8b (default on CUDA), fa-paper, cpu-small (default on CPU)")
     parser.add_argument("--batch", type=positive_int, default=None, help="sequences per call")
     parser.add_argument("--heads", type=positive_int, default=None, help="query heads")
@@ -37,9 +32,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", type=_dtype, default=None, help="bfloat16, float16, float32 or float64 (bf16, fp16, fp32)")
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None,
                         help="causal masking for prefill (default: the preset's)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
+    parser.add_argument("--device", type=parse_device, default=None,
+                        help="cuda, cuda:N or cpu (default: cuda if present)")
     parser.add_argument("--out", default="attnlab-sweep.jsonl",
-                        help="JSONL file for the records; NVML samples go beside it as .nvml.csv")
+                        help="JSONL file for the records, new or an attnlab one (its folder is created if "
+                             "missing); NVML samples go beside it as .nvml.csv")
     parser.add_argument("--resume", action="store_true",
                         help="continue --out: measure only points it does not already settle")
     parser.add_argument("--budget-s", type=seconds, default=None,
@@ -67,14 +64,19 @@ def build_config(args):
 
 
 def run(args) -> int:
+    from attnlab.bench.records import WriteFailed
     from attnlab.bench.sweep import run_sweep
     from attnlab.cli._progress import make_progress
 
     try:
         config = build_config(args)
         result = run_sweep(config, progress=make_progress())
+    except WriteFailed as exc:
+        print(error_line("sweep", exc, args) + "; free space and run the same command with --resume "
+              "to measure the rest", file=sys.stderr)
+        return 2
     except ValueError as exc:
-        print(f"attnlab sweep: error: {exc}", file=sys.stderr)
+        print(error_line("sweep", exc, args), file=sys.stderr)
         return 2
     _report(result)
     if result.interrupted:

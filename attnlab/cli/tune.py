@@ -3,32 +3,36 @@ from __future__ import annotations
 
 import sys
 
-from attnlab.cli._args import parse_seq_lens
+from attnlab.cli._args import error_line, parse_device, parse_seq_lens, parse_workload
 
 HELP = "time every tile the Triton prefill's autotuning tries on this GPU, and the one it picks"
 
 
 def add_arguments(parser) -> None:
-    from attnlab.bench.workloads import PRESETS
-
-    parser.add_argument("--workload", default="llama3-8b", choices=sorted(PRESETS),
-                        help="shape preset (default %(default)s)")
+    parser.add_argument("--workload", default="llama3-8b", type=parse_workload,
+                        help="shape preset: llama3-8b, fa-paper or cpu-small (default %(default)s)")
     parser.add_argument("--seq-lens", type=parse_seq_lens, default=[16384, 131072],
                         help="comma list of context lengths, 1k = 1024 (default 16k,128k)")
-    parser.add_argument("--device", default="cuda", help="cuda or cuda:N (default cuda)")
-    parser.add_argument("--out", default="tuning.json", help="JSON document, rewritten after each case")
+    parser.add_argument("--device", type=parse_device, default="cuda", help="cuda or cuda:N (default cuda)")
+    parser.add_argument("--out", default="tuning.json",
+                        help="JSON document, new or an earlier tuning document, rewritten after each case "
+                             "(its folder is created if missing)")
 
 
 def run(args) -> int:
+    from attnlab.bench.records import WriteFailed
     from attnlab.bench.tuning import tune
     from attnlab.bench.workloads import preset
 
     try:
         if not args.device.startswith("cuda"):
-            raise ValueError(f"device: autotuning times tiles on a GPU, got {args.device}")
+            raise ValueError(f"device: autotuning times tiles on a GPU, got {args.device!r}")
         document = tune(preset(args.workload), args.seq_lens, args.device, args.out, argv=sys.argv)
+    except WriteFailed as exc:
+        print(error_line("tune", exc, args) + "; free space and run it again", file=sys.stderr)
+        return 2
     except ValueError as exc:
-        print(f"attnlab tune: error: {exc}", file=sys.stderr)
+        print(error_line("tune", exc, args), file=sys.stderr)
         return 2
     for case in document["cases"]:
         path = "tma" if case.get("tma") else "pointers"
