@@ -15,7 +15,7 @@ from attnlab.analysis.claim import build_claim, infer_gpu
 from collections import Counter
 
 from attnlab.analysis.fits import fit_all, left_out, write_fits
-from attnlab.analysis.load import load
+from attnlab.analysis.load import label_this_machine, load
 from attnlab.analysis.roofline import roofline
 
 ROOFLINE_COLUMNS = ["run_id", "kernel", "mode", "workload", "device", "dtype", "seq_len", "achieved", "peak",
@@ -41,12 +41,14 @@ class Analysis:
 
 
 def analyze(paths, out_dir, *, baseline=None, model="llama3-8b", gpu=None, formats=("png", "svg"),
-            charts: bool = True, n_boot: int = 2000, all_runs: bool = False) -> Analysis:
+            charts: bool = True, n_boot: int = 2000, all_runs: bool = False, this_machine=()) -> Analysis:
     """Load `paths` (files or folders), analyse and write into `out_dir`. `gpu` is the claim
     model's GPU (preset or device name); by default the one the records name, else h100-sxm.
     Charts draw the one record that stands for each point; `all_runs` overlays every valid
-    run instead, each as its own series. ValueError if the paths hold no result records."""
+    run instead, each as its own series. Runs read from the files in `this_machine` are
+    labelled as this machine's. ValueError if the paths hold no result records."""
     loaded = load(paths)
+    label_this_machine(loaded, this_machine)
     results = loaded.results
     if results.empty:
         raise ValueError(f"paths: no attnlab result records in {', '.join(map(str, paths))}")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from attnlab.analysis import _deps
 from attnlab.analysis import select
+from attnlab.analysis import text as fmt
 from attnlab.analysis.select import CALIBRATION, POINT_KEY, RETRACTION_SCHEMA, STATUSES, standing_ok  # noqa: F401
 
 RESULT_SCHEMA = "attnlab.result/1"
@@ -129,6 +130,34 @@ def _retraction_files_beside(paths, files: list) -> list:
     read = {f.resolve() for f in files}
     beside = {(p.parent / RETRACTIONS_FILE).resolve() for p in named if p.is_file()}
     return sorted(p for p in beside if p.is_file() and p not in read)
+
+
+THIS_MACHINE = "this machine"
+
+
+def label_this_machine(loaded: Loaded, files) -> None:
+    """Name the device of the runs read from `files` as this machine's ("Intel Xeon, 2 cores
+    (this machine)"), in the records and their environments, so a report sets a run made here
+    apart from the committed profiles beside it."""
+    mine = {Path(f).resolve() for f in files}
+    from_here = loaded.results["source"].map(lambda source: Path(str(source)).resolve() in mine)
+    runs = set(loaded.results.loc[from_here, "run_id"])
+    envs = loaded.environments
+    names = {}
+    for index, env in envs[envs["run_id"].isin(runs)].iterrows():
+        names[env["run_id"]] = _machine_name(env)
+        envs.at[index, "gpu_name" if not fmt.missing(env.get("gpu_name")) else "cpu"] = names[env["run_id"]]
+    loaded.results.loc[from_here, "device"] = [names.get(run, f"{device} ({THIS_MACHINE})") for run, device in
+                                               zip(loaded.results.loc[from_here, "run_id"],
+                                                   loaded.results.loc[from_here, "device"])]
+
+
+def _machine_name(env) -> str:
+    if not fmt.missing(env.get("gpu_name")):
+        return f"{env['gpu_name']} ({THIS_MACHINE})"
+    cores = env.get("cpu_count")
+    cores = "" if fmt.missing(cores) else f", {int(cores)} cores"
+    return f"{env.get('cpu') or 'CPU'}{cores} ({THIS_MACHINE})"
 
 
 def expand_paths(paths) -> list[Path]:

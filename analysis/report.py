@@ -41,13 +41,13 @@ class Report:
 
 
 def build_report(paths, out_dir, *, baseline=None, model="llama3-8b", gpu=None, formats=("png", "svg"),
-                 n_boot: int = 2000, all_runs: bool = False) -> Report:
+                 n_boot: int = 2000, all_runs: bool = False, this_machine=()) -> Report:
     """Analyse `paths` (run folders or files) as `analyze` does and write report.html and
     report.md beside its files in `out_dir`."""
     if "png" not in formats:
         formats = ("png", *formats)  # the HTML page embeds PNG
     analysis = analyze(paths, out_dir, baseline=baseline, model=model, gpu=gpu, formats=formats, n_boot=n_boot,
-                       all_runs=all_runs)
+                       all_runs=all_runs, this_machine=this_machine)
     out = Path(out_dir)
     sections = scrubbed(_sections(analysis, _ordered(analysis.charts), baseline), machine_paths(paths))
     html_path, md_path = out / "report.html", out / "report.md"

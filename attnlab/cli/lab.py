@@ -1,13 +1,16 @@
-"""`attnlab lab`: the main job. On a GPU, sweep it (llama3-8b, 1k to 128k) and report the run
-beside the committed profiles; without one, report the committed profiles alone."""
+"""`attnlab lab`: the main job. Measure this machine, then report that run beside the committed
+profiles: on a GPU, the llama3-8b sweep from 1k to 128k; without one, the CPU workload with the
+implementations that run natively (Triton's interpreter says nothing of speed), 256 to 8k."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from attnlab.cli._args import finite_seconds, output_folder
+from attnlab.cli._args import error_line, finite_seconds, output_folder, parse_seq_lens
 
-HELP = "the main job: sweep this GPU if there is one, then write the report (profiles/ without a GPU)"
+HELP = "the main job: measure this machine (a GPU sweep, or a CPU one), then report it beside profiles/"
+WORKLOAD = {"cuda": "llama3-8b", "cpu": "cpu-small"}
+CPU_SEQ_LENS = (256, 512, 1024, 2048, 4096, 8192)     # about two minutes on two cores
 
 
 def add_arguments(parser) -> None:
@@ -15,36 +18,54 @@ def add_arguments(parser) -> None:
                         help="folder for the run (sweep.jsonl, resumed if there) and the report (report/, as "
                              "`attnlab report --out` writes it) (default %(default)s)")
     parser.add_argument("--profiles", default="profiles", metavar="DIR",
-                        help="committed measurements (default %(default)s)")
+                        help="committed measurements to report beside this machine's (default %(default)s)")
+    parser.add_argument("--seq-lens", type=parse_seq_lens, default=None, metavar="LIST",
+                        help="context lengths (default: 1k to 128k on a GPU, 256 to 8k on a CPU)")
     parser.add_argument("--budget-s", type=finite_seconds, default=600.0,
-                        help="sweep time budget on a GPU (default %(default)s)")
+                        help="sweep time budget; points past it are recorded skipped (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="passed to `attnlab report`: write into DIR/report "
                                                              "even where it holds files attnlab did not write")
 
 
 def run(args) -> int:
-    import torch
-
-    out = Path(args.out)
+    sweep_out = Path(args.out) / "sweep.jsonl"
+    status = measure(args, sweep_out)
+    if status:
+        return status
     profiles = Path(args.profiles)
-    runs = [profiles] if profiles.exists() else []
-    if torch.cuda.is_available():
-        from attnlab.bench.sweep import SweepConfig, run_sweep
-        from attnlab.bench.workloads import preset
-        from attnlab.cli._progress import make_progress
-
-        sweep_out = out / "sweep.jsonl"
-        out.mkdir(parents=True, exist_ok=True)
-        config = SweepConfig(workload=preset("llama3-8b"), device="cuda", out=sweep_out, budget_s=args.budget_s,
-                             resume=sweep_out.exists(), argv=sys.argv)
-        result = run_sweep(config, progress=make_progress())
-        print(f"sweep: {result.out} ({', '.join(f'{n} {s}' for s, n in sorted(result.counts.items()))})")
-        runs.append(sweep_out)
-    if not runs:
-        print(f"attnlab lab: nothing to report: no GPU here and no {args.profiles}/", file=sys.stderr)
-        return 2
+    runs = ([profiles] if profiles.exists() else []) + [sweep_out]
     from attnlab.cli import build_parser
 
-    force = ["--force"] if args.force else []
-    report = build_parser().parse_args(["report", *map(str, runs), "--out", str(out / "report"), *force])
+    report_args = ["report", *map(str, runs), "--out", str(Path(args.out) / "report"),
+                   "--this-machine", str(sweep_out), *(["--force"] if args.force else [])]
+    report = build_parser().parse_args(report_args)
     return report.run(report)
+
+
+def measure(args, sweep_out: Path) -> int:
+    """Sweep this machine into sweep_out (resuming it); 0, or the exit status to end with."""
+    import torch
+
+    from attnlab.bench.records import WriteFailed
+    from attnlab.bench.sweep import SweepConfig, run_sweep
+    from attnlab.bench.workloads import preset
+    from attnlab.cli._progress import make_progress
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    seq_lens = args.seq_lens or (None if device == "cuda" else CPU_SEQ_LENS)
+    config = SweepConfig(workload=preset(WORKLOAD[device]), device=device, out=sweep_out, seq_lens=seq_lens,
+                         budget_s=args.budget_s, resume=sweep_out.exists(), argv=sys.argv)
+    try:
+        result = run_sweep(config, progress=make_progress())
+    except WriteFailed as exc:
+        print(error_line("lab", exc, args) + "; free space and run the same command again", file=sys.stderr)
+        return 2
+    except ValueError as exc:      # a foreign or busy out/sweep.jsonl
+        print(error_line("lab", exc, args), file=sys.stderr)
+        return 2
+    print(f"sweep of this machine ({device}, {WORKLOAD[device]}): {result.out} "
+          f"({', '.join(f'{n} {s}' for s, n in sorted(result.counts.items())) or 'nothing new'})")
+    if result.interrupted:
+        print("interrupted: run the same command again to finish", file=sys.stderr)
+        return 130
+    return 0

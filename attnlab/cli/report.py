@@ -16,13 +16,16 @@ def add_arguments(parser) -> None:
                         help=f"folder for report.html, report.md, charts/ and the data files (default %(default)s); "
                              f"{OWNERSHIP}")
     add_common(parser)
+    parser.add_argument("--this-machine", action="append", default=[], metavar="FILE",
+                        help="label the runs in FILE (one of RUN_DIR's) as this machine's; repeatable")
 
 
 def run(args) -> int:
     def build():
         from attnlab.analysis.report import build_report
         return build_report(args.runs, args.out, baseline=args.baseline, model=args.model, gpu=args.gpu,
-                            formats=args.formats, n_boot=args.bootstrap, all_runs=args.all_runs)
+                            formats=args.formats, n_boot=args.bootstrap, all_runs=args.all_runs,
+                            this_machine=args.this_machine)
 
     report = write_into_out(args, "report", args.runs, build)
     if report is None:
