@@ -25,7 +25,7 @@ import numpy as np
 
 from attnlab.analysis import _deps
 from attnlab.analysis import text as fmt
-from attnlab.analysis.load import POINT_KEY
+from attnlab.analysis.select import POINT_KEY
 from attnlab.analysis.roofline import match_gpu
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")

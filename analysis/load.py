@@ -21,7 +21,7 @@ from pathlib import Path
 from attnlab.analysis import _deps
 from attnlab.analysis import select
 from attnlab.analysis import text as fmt
-from attnlab.analysis.select import CALIBRATION, POINT_KEY, RETRACTION_SCHEMA, STATUSES, standing_ok  # noqa: F401
+from attnlab.analysis.select import RETRACTION_SCHEMA, standing_ok
 
 RESULT_SCHEMA = "attnlab.result/1"
 TUNING_SCHEMA = "attnlab.tuning/1"   # attnlab tune's per-tile times: read as they are, not fitted

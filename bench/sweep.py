@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from attnlab.bench import records as rec
+from attnlab.bench.output_file import OutputError
 from attnlab.bench.nvml import CSV_COLUMNS, NvmlSampler, nvml_reason
 from attnlab.bench.timer import Timer, Timing
 from attnlab.bench.workloads import (DECODE, MODES, Point, Workload, bytes_moved, flops, point_key,
@@ -127,14 +128,14 @@ def check_nvml_csv(path) -> None:
     missing one is new); ValueError naming `out`, whose samples go there."""
     path = Path(path)
     if path.exists() and not path.is_file():
-        raise rec.OutputError(f"out: its NVML samples go to {path}, which is not a regular file; "
+        raise OutputError(f"out: its NVML samples go to {path}, which is not a regular file; "
                               f"move it or choose another file")
     if not path.exists():
         return
     with open(path, "rb") as f:
         first = f.readline(1 << 16).strip()
     if first and first != ",".join(CSV_COLUMNS).encode():
-        raise rec.OutputError(f"out: its NVML samples go to {path}, which holds something else; "
+        raise OutputError(f"out: its NVML samples go to {path}, which holds something else; "
                               f"move it or choose another file")
 
 
@@ -160,7 +161,7 @@ def run_sweep(config: SweepConfig, progress=None) -> SweepResult:
     `progress` is told of the work: start(total points), update(point) before each point,
     advance(record) after it, close() at the end (the command line draws a bar from these).
     The file is held for the whole run (`records.RecordWriter`); a record that cannot be
-    written (a full disk) stops the run with `records.WriteFailed`, the file whole.
+    written (a full disk) stops the run with `output_file.WriteFailed`, the file whole.
     """
     device = check_device(config.device)
     out = Path(config.out)

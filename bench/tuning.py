@@ -11,7 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from attnlab.bench.records import OutputError, OutputLock, WriteFailed, check_output_path, environment, jsonable
+from attnlab.bench.output_file import OutputError, OutputLock, WriteFailed, check_output_path
+from attnlab.bench.records import environment, jsonable
 from attnlab.bench.sweep import check_device, classify, describe, random_inputs
 from attnlab.bench.workloads import PREFILL, Workload
 
@@ -21,9 +22,9 @@ _SCHEMA_FAMILY = TUNING_SCHEMA.split("/")[0] + "/"
 
 def tune(workload: Workload, seq_lens, device, out, argv=None) -> dict:
     """Autotune the workload's prefill at each length, on each load path the inputs allow;
-    returns the document written to `out`, which is held for the run (`records.OutputLock`)
+    returns the document written to `out`, which is held for the run (`output_file.OutputLock`)
     and must be new or an earlier tuning document. A document that cannot be written (a full
-    disk) stops the run with `records.WriteFailed`; the one before it stays."""
+    disk) stops the run with `output_file.WriteFailed`; the one before it stays."""
     device = check_device(device)
     out = check_output_path(out)
     with OutputLock(out):

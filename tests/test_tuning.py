@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from attnlab.bench import records, tuning
+from attnlab.bench import output_file, tuning
 from attnlab.bench.tuning import TUNING_SCHEMA, tune
 from attnlab.bench.workloads import Workload
 from attnlab.kernels import triton_prefill
@@ -51,7 +51,7 @@ def test_a_file_that_is_no_tuning_document_is_left_as_it_is(tmp_path, monkeypatc
     _stand_in(monkeypatch)
     out = tmp_path / "tuning.json"
     out.write_bytes(content)
-    with pytest.raises(records.OutputError, match="not an attnlab tuning document"):
+    with pytest.raises(output_file.OutputError, match="not an attnlab tuning document"):
         tune(TINY, [64], "cpu", out)
     assert out.read_bytes() == content
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tuning.json"]
@@ -69,8 +69,8 @@ def test_an_earlier_tuning_document_is_replaced(tmp_path, monkeypatch):
 def test_a_second_tune_on_one_document_is_refused(tmp_path, monkeypatch):
     _stand_in(monkeypatch)
     out = tmp_path / "tuning.json"
-    with records.OutputLock(out, command="attnlab tune"):
-        with pytest.raises(records.OutputError, match=f"being written by .*pid {os.getpid()}"):
+    with output_file.OutputLock(out, command="attnlab tune"):
+        with pytest.raises(output_file.OutputError, match=f"being written by .*pid {os.getpid()}"):
             tune(TINY, [64], "cpu", out)
     assert not out.exists()
 
@@ -87,7 +87,7 @@ def test_a_full_disk_keeps_the_document_before(tmp_path, monkeypatch):
         real_replace(src, dst)
 
     monkeypatch.setattr(tuning.os, "replace", replace)
-    with pytest.raises(records.WriteFailed, match="No space left on device.*1 of this run's cases"):
+    with pytest.raises(output_file.WriteFailed, match="No space left on device.*1 of this run's cases"):
         tune(TINY.override(head_dim=59, dtype="float16"), [64, 128], "cpu", out)
     assert [c["seq_len"] for c in json.loads(out.read_text())["cases"]] == [64]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tuning.json"]

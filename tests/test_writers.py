@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from attnlab.bench import output_file
 from attnlab.bench import records as rec
 from attnlab.bench.nvml import CSV_COLUMNS
 from attnlab.bench.sweep import check_nvml_csv
@@ -61,7 +62,7 @@ def _refused(capsys, argv, *expected):
 
 
 def _no_lock_left(folder: Path) -> bool:
-    return not list(folder.glob("*" + rec.LOCK_SUFFIX))
+    return not list(folder.glob("*" + output_file.LOCK_SUFFIX))
 
 
 # --- another program's file is left as it is ------------------------------------------------
@@ -148,10 +149,10 @@ def test_a_sweep_refused_for_holding_records_leaves_its_partial_tail(tmp_path, c
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     path = tmp_path / "run.jsonl"
     with rec.RecordWriter(path, command="attnlab sweep --out run.jsonl"):
-        lock = json.loads(rec.lock_path(path).read_text())
+        lock = json.loads(output_file.lock_path(path).read_text())
         assert lock["pid"] == os.getpid() and lock["command"] == "attnlab sweep --out run.jsonl"
         for other in (path, tmp_path / "run", tmp_path / "." / "run.jsonl"):   # run.nvml.csv is shared too
-            with pytest.raises(rec.OutputError, match=rf"^out: .* is being written by .*pid {os.getpid()} .*"
+            with pytest.raises(output_file.OutputError, match=rf"^out: .* is being written by .*pid {os.getpid()} .*"
                                                       r"attnlab sweep --out run.jsonl"):
                 rec.RecordWriter(other)
     assert _no_lock_left(tmp_path)
@@ -162,22 +163,22 @@ def test_a_link_to_a_held_file_is_held_too(tmp_path):
     path = tmp_path / "run.jsonl"
     (tmp_path / "link.jsonl").symlink_to(path)
     with rec.RecordWriter(path):
-        with pytest.raises(rec.OutputError, match="being written"):
+        with pytest.raises(output_file.OutputError, match="being written"):
             rec.RecordWriter(tmp_path / "link.jsonl")
 
 
 def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path):
     path = tmp_path / "run.jsonl"
-    stale = {"schema": rec.LOCK_SCHEMA, "pid": 999999999, "command": "attnlab sweep", "started": "then"}
-    rec.lock_path(path).write_text(json.dumps(stale))
+    stale = {"schema": output_file.LOCK_SCHEMA, "pid": 999999999, "command": "attnlab sweep", "started": "then"}
+    output_file.lock_path(path).write_text(json.dumps(stale))
     _write_one(path)
     assert [r["kernel"] for r in rec.read_records(path)] == ["k2"] and _no_lock_left(tmp_path)
 
 
 def test_a_foreign_file_where_the_lock_goes_is_refused_untouched(tmp_path):
-    lock = tmp_path / ("run" + rec.LOCK_SUFFIX)
+    lock = tmp_path / ("run" + output_file.LOCK_SUFFIX)
     lock.write_text("mine")
-    with pytest.raises(rec.OutputError, match="holds something else"):
+    with pytest.raises(output_file.OutputError, match="holds something else"):
         rec.RecordWriter(tmp_path / "run.jsonl")
     assert lock.read_text() == "mine"
 
@@ -188,7 +189,7 @@ def test_samples_go_only_to_an_nvml_samples_file(tmp_path):
     csv.write_text(",".join(CSV_COLUMNS) + "\r\n" + "r,p" + "," * (len(CSV_COLUMNS) - 2) + "\r\n")
     check_nvml_csv(csv)                                  # an earlier run's samples
     csv.write_text(ENV_LINE)
-    with pytest.raises(rec.OutputError, match="NVML samples go to .*holds something else"):
+    with pytest.raises(output_file.OutputError, match="NVML samples go to .*holds something else"):
         check_nvml_csv(csv)
 
 
@@ -226,7 +227,7 @@ def _bad_outs(tmp_path):
         "folder": (tmp_path, "is a folder"),
         "device": ("/dev/null", "is a character device"),
         "under-a-file": (tmp_path / "a-file" / "run.jsonl", "a-file is a file, not a folder"),
-        "lock-name": (tmp_path / ("run" + rec.LOCK_SUFFIX), "attnlab keeps for its side files"),
+        "lock-name": (tmp_path / ("run" + output_file.LOCK_SUFFIX), "attnlab keeps for its side files"),
         "samples-name": (tmp_path / "run.nvml.csv", "attnlab keeps for its side files"),
     }
 
@@ -305,7 +306,7 @@ def test_a_record_cut_short_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(rec.os, "write", half_then_full)
-    with rec.RecordWriter(path) as writer, pytest.raises(rec.WriteFailed, match="No space left"):
+    with rec.RecordWriter(path) as writer, pytest.raises(output_file.WriteFailed, match="No space left"):
         writer.write(rec.new_record(run_id="r2", kernel="k2"))
     monkeypatch.undo()
     assert path.read_text() == ENV_LINE

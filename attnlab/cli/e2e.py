@@ -45,7 +45,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from attnlab.bench import e2e
-    from attnlab.bench.records import RecordWriter, WriteFailed
+    from attnlab.bench.output_file import WriteFailed
+    from attnlab.bench.records import RecordWriter
 
     rows = []
     try:

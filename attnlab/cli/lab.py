@@ -46,7 +46,7 @@ def measure(args, sweep_out: Path) -> int:
     """Sweep this machine into sweep_out (resuming it); 0, or the exit status to end with."""
     import torch
 
-    from attnlab.bench.records import WriteFailed
+    from attnlab.bench.output_file import WriteFailed
     from attnlab.bench.sweep import SweepConfig, run_sweep
     from attnlab.bench.workloads import preset
     from attnlab.cli._progress import make_progress

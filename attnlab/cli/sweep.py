@@ -64,7 +64,7 @@ def build_config(args):
 
 
 def run(args) -> int:
-    from attnlab.bench.records import WriteFailed
+    from attnlab.bench.output_file import WriteFailed
     from attnlab.bench.sweep import run_sweep
     from attnlab.cli._progress import make_progress
 

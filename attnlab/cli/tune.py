@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from attnlab.bench.records import WriteFailed
+    from attnlab.bench.output_file import WriteFailed
     from attnlab.bench.tuning import tune
     from attnlab.bench.workloads import preset
 
