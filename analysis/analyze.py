@@ -17,6 +17,7 @@ from collections import Counter
 from attnlab.analysis.fits import fit_all, left_out, write_fits
 from attnlab.analysis.load import label_this_machine, load
 from attnlab.analysis.roofline import roofline
+from attnlab.analysis.select import exclusion_kind
 
 ROOFLINE_COLUMNS = ["run_id", "kernel", "mode", "workload", "device", "dtype", "seq_len", "achieved", "peak",
                     "peak_unit", "pct_of_peak", "peak_source"]
@@ -83,7 +84,7 @@ def _write_data(out: Path, roof, claim: dict) -> list:
 
 def _left_out_summary(excluded: list) -> list:
     """One line for the records left out at loading, by kind: each is listed in fits.json."""
-    kinds = Counter(e["reason"].split(":")[0].split(" by ")[0] for e in excluded if _at_loading(e["reason"]))
+    kinds = Counter(exclusion_kind(e["reason"]) for e in excluded if _at_loading(e["reason"]))
     if not kinds:
         return []
     counts = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))

@@ -23,7 +23,7 @@ from attnlab import models
 from attnlab.analysis import _deps
 from attnlab.analysis import text as fmt
 from attnlab.analysis.roofline import GPU_SPECS, GpuSpec, gpu_spec, match_gpu
-from attnlab.analysis.select import standing_ok
+from attnlab.analysis.select import recorded_memory, standing_ok
 from attnlab.models import AttentionMemory, ModelConfig
 
 CLAIM = {"short_ctx": 1024, "short_tok_s": 10000, "long_ctx": 122880, "long_tok_s": 130}
@@ -535,16 +535,6 @@ def _prefill_attention(fits, model: ModelConfig):
             f"layer and sequence at {fmt.k(longest)}")
 
 
-def device_memory(results, environments, gpu: GpuSpec):
-    """Bytes of memory the records' runs on this GPU saw (their environments), else None."""
-    if environments is None or not len(environments) or "gpu_memory_bytes" not in environments:
-        return None
-    on_gpu = set(results.loc[_gpu_keys(results) == gpu.key, "run_id"])
-    recorded = environments[environments["run_id"].isin(on_gpu)]["gpu_memory_bytes"]
-    recorded = _deps.pandas().to_numeric(recorded, errors="coerce").dropna()
-    return float(recorded.min()) if len(recorded) else None
-
-
 def build_claim(model="llama3-8b", gpu="h100-sxm", *, seq_lens=DEFAULT_SEQ_LENS, num_gpus: int = 1,
                 decode_tokens: int = 128, calibration: Calibration | None = None, results=None, fits=None,
                 environments=None) -> tuple[dict, list]:
@@ -560,7 +550,8 @@ def build_claim(model="llama3-8b", gpu="h100-sxm", *, seq_lens=DEFAULT_SEQ_LENS,
         if fits is None:
             from attnlab.analysis.fits import fit_all
             fits, _ = fit_all(results, environments=environments, n_boot=50)
-        ideal = replace(ideal, memory_bytes=device_memory(results, environments, spec))
+        on_gpu = results.loc[_gpu_keys(results) == spec.key, "run_id"]
+        ideal = replace(ideal, memory_bytes=recorded_memory(environments, on_gpu))
         points, notes = measured_points(results, ideal)
         calibration, kv_by_kernel, cal_notes = calibrate(results, ideal, points, fits)
         notes += cal_notes

@@ -30,7 +30,7 @@ import numpy as np
 from attnlab.analysis import _deps
 from attnlab.analysis import text as fmt
 from attnlab.analysis.roofline import match_gpu
-from attnlab.analysis.select import joined_key, with_selection
+from attnlab.analysis.select import joined_key, recorded_memory, with_selection
 
 FIT_MODES = ("prefill", "decode")
 MODELS = {"linear": 2, "quadratic": 3}                     # name -> number of coefficients
@@ -270,11 +270,9 @@ def memory_wall(rows, capacity_bytes):
 
 def device_capacity(rows, environments=None) -> float | None:
     """Bytes of device memory: as the runs' environments recorded it, else the spec sheet's."""
-    if environments is not None and len(environments) and "gpu_memory_bytes" in environments:
-        recorded = environments[environments["run_id"].isin(set(rows["run_id"]))]["gpu_memory_bytes"]
-        recorded = _deps.pandas().to_numeric(recorded, errors="coerce").dropna()
-        if len(recorded):
-            return float(recorded.min())
+    recorded = recorded_memory(environments, rows["run_id"])
+    if recorded:
+        return recorded
     spec = match_gpu(rows["device"].iloc[0]) if len(rows) else None
     return spec.memory_bytes if spec else None
 

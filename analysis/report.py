@@ -22,6 +22,7 @@ from attnlab.analysis.charts import pick_baseline
 from attnlab.analysis.claim import CLAIM
 from attnlab.analysis.fits import MIN_LENGTHS, SELECTION, extrapolated_text, worst_miss
 from attnlab.analysis.roofline import roofline_summary
+from attnlab.analysis.select import exclusion_kind
 
 
 SELECTION_NOTE = (f"Selection: {SELECTION}. Records measured with a known fault are retracted in a retractions.jsonl "
@@ -142,7 +143,7 @@ def _record_blocks(loaded) -> list:
 
 
 def _record_counts(results):
-    fate = results["excluded"].map(lambda reason: reason.split(":")[0].split(" by ")[0] if reason else "stands")
+    fate = results["excluded"].map(lambda reason: exclusion_kind(reason) if reason else "stands")
     counts = results.assign(fate=fate).groupby(["mode", "kernel", "status", "fate"]).size().reset_index(name="records")
     return ["mode", "kernel", "status", "record", "records"], counts.values.tolist()
 

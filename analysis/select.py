@@ -46,6 +46,22 @@ def mark(frame, invalid: list, retractions: list, started: dict) -> list:
     return warnings + _supersede(frame, started)
 
 
+def exclusion_kind(reason: str) -> str:
+    """The kind of a reason a record was left out, for counts: 'retracted', 'superseded',
+    'status oom', ..., without the details that follow it."""
+    return reason.split(":")[0].split(" by ")[0].split(",")[0]
+
+
+def recorded_memory(environments, run_ids) -> float | None:
+    """Bytes of device memory the environments of `run_ids` recorded (the least, where they
+    differ), or None where none did."""
+    if environments is None or not len(environments) or "gpu_memory_bytes" not in environments:
+        return None
+    recorded = environments.loc[environments["run_id"].isin(set(run_ids)), "gpu_memory_bytes"]
+    recorded = __import__("pandas").to_numeric(recorded, errors="coerce").dropna()
+    return float(recorded.min()) if len(recorded) else None
+
+
 def with_selection(results):
     """`results` with `excluded` and `valid`; a frame built by hand (a test, a notebook) has
     neither, and then every record stands and is valid."""
@@ -166,20 +182,16 @@ def _supersede(frame, started: dict) -> list:
     key = joined_key(order, POINT_KEY)
     order = order.assign(_key=key).sort_values(["_key", "_rank", "_when", "_read"])
     winner = order.groupby("_key").tail(1).set_index("_key")
-    conflicts = {}
+    conflicts = {}      # run_id -> (points recorded again, files)
     for index, row in order.iterrows():
         best = winner.loc[row["_key"]]
         if best["_read"] != row["_read"]:
             frame.at[index, "excluded"] = _superseded_reason(row, best)
             if best["run_id"] == row["run_id"]:
-                conflicts.setdefault(row["run_id"], set()).update((row["source"], best["source"]))
-    return [f"run {run_id!r} recorded {_count(frame, run_id)} point(s) more than once ({', '.join(sorted(sources))}); "
-            f"the record read last stands" for run_id, sources in conflicts.items()]
-
-
-def _count(frame, run_id) -> int:
-    same_run = frame[(frame["run_id"] == run_id) & frame["excluded"].str.startswith("superseded by a later record")]
-    return len(same_run)
+                count, sources = conflicts.get(row["run_id"], (0, set()))
+                conflicts[row["run_id"]] = (count + 1, sources | {row["source"], best["source"]})
+    return [f"run {run_id!r} recorded {count} point(s) more than once ({', '.join(sorted(sources))}); "
+            f"the record read last stands" for run_id, (count, sources) in conflicts.items()]
 
 
 def joined_key(rows, columns):

@@ -6,8 +6,10 @@ plain sentences on what the data say, each computed from the records, the fits a
 """
 from __future__ import annotations
 
+from collections import Counter
+
 from attnlab.analysis import text as fmt
-from attnlab.analysis.select import standing_ok
+from attnlab.analysis.select import exclusion_kind, standing_ok
 
 RATE = {"prefill": ("tflops", "TFLOP/s", "matmul"), "decode": ("gbps", "GB/s", "copy")}
 HEADLINE_LENGTHS = 3
@@ -25,7 +27,7 @@ def headline_blocks(results) -> list:
     blocks = []
     for key in _workloads(results):
         mode, workload, device, dtype = key
-        rows = ok[(ok[GROUP].astype(str) == [str(v) for v in key]).all(axis=1)]
+        rows = _of(ok, key)
         rate, unit, _ = RATE[mode]
         lengths = _some(sorted(set(rows["seq_len"])))
         table = [[kernel] + [_cell(rows, peers, kernel, n, rate, unit) for n in lengths]
@@ -35,6 +37,11 @@ def headline_blocks(results) -> list:
                             f"best other kernel of the same run over this one (above 1: this one is faster)."))
         blocks.append(("table", ["kernel", *(fmt.k(n) for n in lengths)], table))
     return blocks or [("p", "No ok prefill or decode records.")]
+
+
+def _of(rows, key):
+    """The rows of one (mode, workload, device, dtype) group."""
+    return rows[(rows[GROUP].astype(str) == [str(v) for v in key]).all(axis=1)]
 
 
 def _valid_ok(results):
@@ -94,13 +101,13 @@ def _fastest(results, roof, key) -> str | None:
     """'<workload> <mode> at <n> on <device>: <kernel> is fastest, ...; others take Nx its time.'"""
     mode, workload, device, dtype = key
     ok = standing_ok(results)
-    rows = ok[(ok[GROUP].astype(str) == [str(v) for v in key]).all(axis=1)]
+    rows = _of(ok, key)
     longest = rows[rows["seq_len"] == rows["seq_len"].max()]
     best = longest.loc[longest["median_ms"].idxmin()]
     rate, unit, peak_kind = RATE[mode]
     same_run = _valid_ok(results)
-    same_run = same_run[(same_run["run_id"] == best["run_id"]) & (same_run["seq_len"] == best["seq_len"])
-                        & (same_run[GROUP].astype(str) == [str(v) for v in key]).all(axis=1)]
+    same_run = _of(same_run, key)
+    same_run = same_run[(same_run["run_id"] == best["run_id"]) & (same_run["seq_len"] == best["seq_len"])]
     others = same_run[same_run["kernel"] != best["kernel"]].sort_values("median_ms")
     text = (f"{workload} {mode} at {fmt.k(best['seq_len'])} on {device}: {best['kernel']} is fastest, "
             f"{fmt.num(best['median_ms'])} ms ({fmt.num(best[rate])} {unit}{_share(roof, best, peak_kind)})")
@@ -138,10 +145,7 @@ def _claim_sentence(claim: dict) -> str:
 
 
 def _left_out_sentence(results, excluded: list) -> str:
-    kinds = {}
-    for entry in excluded:
-        kind = entry["reason"].split(":")[0].split(" by ")[0].split(",")[0]
-        kinds[kind] = kinds.get(kind, 0) + 1
-    parts = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    kinds = Counter(exclusion_kind(entry["reason"]) for entry in excluded)
+    parts = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
     return (f"{len(excluded)} of {len(results)} records are left out of the fits ({parts}); the last sections "
             f"list each with its reason.")
