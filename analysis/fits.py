@@ -89,7 +89,8 @@ class Fit:
         out = {name: getattr(self, name) for name in CONTRACT_FIELDS}
         out["exponent_ci"] = list(self.exponent_ci)
         out.update(dtype=self.dtype, shape=self.shape, model=self.model, model_reason=self.model_reason,
-                   aicc=self.aicc, worst_miss=worst_miss(self), exponent_seq_lens=list(self.exponent_seq_lens), ci_method=self.ci_method,
+                   aicc=self.aicc, worst_miss=worst_miss(self), exponent_seq_lens=list(self.exponent_seq_lens),
+                   ci_method=self.ci_method,
                    points=self.points, extrapolation=self.extrapolation)
         return _json_safe(out)
 

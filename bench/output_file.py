@@ -212,8 +212,9 @@ def claim_tail(fd: int, path: Path, schemas: tuple) -> Tail:
     is not attnlab's.
 
     An empty file (or one of blank lines) is new. Otherwise its first line must be an attnlab
-    record (a schema starting with one of `schemas`); its last line, where no newline ends it, a whole attnlab record (kept: it gets its
-    newline) or a partial one a killed run left (cut off). Anything else is another program's.
+    record (a schema starting with one of `schemas`); its last line, where no newline ends
+    it, a whole attnlab record (kept: it gets its newline) or a partial one a killed run left
+    (cut off). Anything else is another program's.
     """
     size = os.fstat(fd).st_size
     first, first_ends = _first_line(fd, size)

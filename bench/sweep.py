@@ -27,8 +27,8 @@ from typing import Callable, Optional
 import torch
 
 from attnlab.bench import records as rec
-from attnlab.bench.output_file import OutputError
 from attnlab.bench.nvml import CSV_COLUMNS, NvmlSampler, nvml_reason
+from attnlab.bench.output_file import OutputError
 from attnlab.bench.timer import Timer, Timing
 from attnlab.bench.workloads import (DECODE, MODES, Point, Workload, bytes_moved, flops, point_key,
                                      predicted_peak_bytes, seq_len_label)

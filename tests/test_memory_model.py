@@ -73,8 +73,9 @@ def test_the_committed_profiles_hold_both_kinds_of_run():
 def test_every_committed_e2e_record_is_predicted_within_tolerance(name, environment, record):
     predicted = _predicted(record, _attention(record, environment), graph=record["cuda_graph"])
     error = predicted / record["peak_mem_bytes"] - 1
-    assert abs(error) <= TOLERANCE, (f"{name} {record['kernel']} at {record['seq_len']}, batch {record['batch']}: "
-                                     f"predicted {predicted / 1e9:.2f} GB, peak {record['peak_mem_bytes'] / 1e9:.2f} GB")
+    assert abs(error) <= TOLERANCE, (
+        f"{name} {record['kernel']} at {record['seq_len']}, batch {record['batch']}: "
+        f"predicted {predicted / 1e9:.2f} GB, peak {record['peak_mem_bytes'] / 1e9:.2f} GB")
 
 
 def test_expanded_kv_and_a_graph_pool_overpredict_the_eager_sdpa_run():
