@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from attnlab import text as fmt
 from attnlab.analysis import _deps
-from attnlab.analysis import text as fmt
 from attnlab.analysis.select import POINT_KEY
 from attnlab.analysis.roofline import match_gpu
 

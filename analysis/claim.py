@@ -20,8 +20,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
 from attnlab import models
+from attnlab import text as fmt
 from attnlab.analysis import _deps
-from attnlab.analysis import text as fmt
 from attnlab.analysis.roofline import GPU_SPECS, GpuSpec, gpu_spec, match_gpu
 from attnlab.analysis.select import recorded_memory, standing_ok
 from attnlab.models import AttentionMemory, ModelConfig

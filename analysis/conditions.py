@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import posixpath
 
-from attnlab.analysis import text as fmt
+from attnlab import text as fmt
 
 COLUMNS = ("run", "device", "clocks", "power limit", "driver", "CUDA", "torch", "Triton", "commit", "started",
            "command")

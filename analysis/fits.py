@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from attnlab import text as fmt
 from attnlab.analysis import _deps
-from attnlab.analysis import text as fmt
 from attnlab.analysis.roofline import match_gpu
 from attnlab.analysis.select import joined_key, recorded_memory, with_selection
 

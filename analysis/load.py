@@ -2,7 +2,7 @@
 and folders, into one DataFrame of result records and one of run environments, with every
 record marked as standing for its point or left out, and why (see `select`).
 
-Retractions (`attnlab.retraction/1` lines, by convention in a `retractions.jsonl` beside the
+Retractions (RETRACTION_SCHEMA lines, by convention in a `retractions.jsonl` beside the
 data) are read from named folders and from the folder of every named file.
 
 Nothing here raises on odd content: unknown schemas, lines that are not JSON and files that
@@ -18,22 +18,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attnlab import text as fmt
 from attnlab.analysis import _deps
 from attnlab.analysis import select
-from attnlab.analysis import text as fmt
-from attnlab.analysis.select import RETRACTION_SCHEMA, standing_ok
+from attnlab.analysis.select import standing_ok
+from attnlab.schema import ENVIRONMENT_SCHEMA, FIELDS, RESULT_SCHEMA, RETRACTION_SCHEMA, TUNING_SCHEMA
 
-RESULT_SCHEMA = "attnlab.result/1"
-TUNING_SCHEMA = "attnlab.tuning/1"   # attnlab tune's per-tile times: read as they are, not fitted
-ENVIRONMENT_SCHEMA = "attnlab.environment/1"
 RETRACTIONS_FILE = "retractions.jsonl"
 
-RESULT_FIELDS = (
-    "schema", "run_id", "kernel", "mode", "workload", "batch", "heads", "kv_heads", "head_dim", "dtype",
-    "causal", "seq_len", "q_len", "status", "reason", "times_ms", "median_ms", "p10_ms", "p90_ms", "flops",
-    "bytes", "tflops", "gbps", "tokens_per_s", "peak_mem_bytes", "predicted_mem_bytes", "power_w_mean",
-    "power_w_max", "energy_j", "joules_per_token", "device",
-)
 NUMERIC_FIELDS = (
     "batch", "heads", "kv_heads", "head_dim", "seq_len", "q_len", "median_ms", "p10_ms", "p90_ms", "flops",
     "bytes", "tflops", "gbps", "tokens_per_s", "peak_mem_bytes", "predicted_mem_bytes", "power_w_mean",
@@ -197,7 +189,7 @@ def read_file(path) -> tuple[list, list, list]:
         if isinstance(document, dict) and ("fits" in document or "claim" in document):
             return [], [], []   # fits.json or claim.json: this package's own output, not a measurement
         if isinstance(document, dict) and document.get("schema") == TUNING_SCHEMA:
-            return [], [], []
+            return [], [], []   # attnlab tune's per-tile times: a tuning document, not measurements to fit
         return [], [], [f"{path}: skipped, a JSON file without a 'benchmarks' list is not pytest-benchmark output"]
     return read_jsonl(text, path)
 
@@ -339,7 +331,7 @@ def _scaled(seconds):
 
 def _results_frame(pd, records: list, environments: list):
     frame = pd.DataFrame.from_records(records) if records else pd.DataFrame()
-    for column in (*RESULT_FIELDS, "source", "source_line", "source_format"):
+    for column in (*FIELDS, "source", "source_line", "source_format"):
         if column not in frame.columns:
             frame[column] = None
     for column in NUMERIC_FIELDS:

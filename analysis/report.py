@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attnlab import text as fmt
 from attnlab.analysis import summary
-from attnlab.analysis import text as fmt
 from attnlab.analysis.analyze import analyze
 from attnlab.analysis.conditions import conditions_blocks
 from attnlab.analysis.charts import pick_baseline

@@ -19,20 +19,16 @@ from __future__ import annotations
 
 import math
 
-RETRACTION_SCHEMA = "attnlab.retraction/1"
+from attnlab.schema import CALIBRATION, MODES, STATUS_RANK, STATUSES
+
 POINT_KEY = ("device", "kernel", "mode", "workload", "dtype", "batch", "heads", "kv_heads", "head_dim",
              "causal", "seq_len", "q_len")
-STATUSES = ("ok", "oom", "error", "unsupported", "skipped")
-CALIBRATION = "calibration"
-MODES = ("prefill", "decode", CALIBRATION, "e2e-decode", "e2e-prefill-decode")
 TEXT_FIELDS = ("run_id", "kernel", "mode", "workload", "device", "dtype", "status")
 MAX_MEDIAN_MS = 86_400_000.0        # a day: no sweep or benchmark times a single call for longer
 MAX_SEQ_LEN = 2**31 - 1             # lengths are int32 in every kernel
 # What a retraction may narrow its run down to; lengths are inclusive bounds.
 RETRACTION_FILTERS = ("kernel", "mode", "workload", "status", "source_format")
 RETRACTION_BOUNDS = ("min_seq_len", "max_seq_len")
-# Which record of a point stands: the best status first, then the latest run.
-STATUS_RANK = {"ok": 2, "oom": 1, "error": 1, "unsupported": 1, "skipped": 0}
 
 
 def mark(frame, invalid: list, retractions: list, started: dict) -> list:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from attnlab.analysis import text as fmt
+from attnlab import text as fmt
 from attnlab.analysis.select import exclusion_kind, standing_ok
 
 RATE = {"prefill": ("tflops", "TFLOP/s", "matmul"), "decode": ("gbps", "GB/s", "copy")}

@@ -27,22 +27,16 @@ from typing import Iterable, Optional
 
 from attnlab.bench.output_file import (OutputLock, Tail, WriteFailed, check_output_path, claim_tail, open_regular,
                                        truncate_quietly, write_all)
+from attnlab.schema import (ENVIRONMENT_SCHEMA, FIELDS, FINAL_STATUSES, RESULT_SCHEMA, STATUSES, family,
+                            read_environments, read_lines, read_records)
 
-SCHEMA = "attnlab.result/1"
-ENV_SCHEMA = "attnlab.environment/1"
+# The record vocabulary and reader live in attnlab.schema; writers and readers of record files
+# import them from here as well.
+SCHEMA, ENV_SCHEMA = RESULT_SCHEMA, ENVIRONMENT_SCHEMA
 
-# The contract: every result record has these keys, in this order; more may follow.
-FIELDS = (
-    "schema", "run_id", "kernel", "mode", "workload", "batch", "heads", "kv_heads", "head_dim",
-    "dtype", "causal", "seq_len", "q_len", "status", "reason", "times_ms", "median_ms", "p10_ms",
-    "p90_ms", "flops", "bytes", "tflops", "gbps", "tokens_per_s", "peak_mem_bytes",
-    "predicted_mem_bytes", "power_w_mean", "power_w_max", "energy_j", "joules_per_token", "device",
-)
-STATUSES = ("ok", "oom", "error", "unsupported", "skipped")
-# Statuses that settle a point: a resumed run does not measure it again.
-FINAL_STATUSES = ("ok", "oom", "error", "unsupported")
-
-_SCHEMA_RE = re.compile(r"attnlab\.result/(\d+)$")
+__all__ = ["SCHEMA", "ENV_SCHEMA", "FIELDS", "STATUSES", "FINAL_STATUSES", "RECORD_SCHEMAS", "new_run_id",
+           "new_record", "jsonable", "dumps", "RecordWriter", "read_lines", "read_records", "read_environments",
+           "latest_per_point", "environment", "parse_device", "device_name"]
 
 
 def new_run_id() -> str:
@@ -87,7 +81,7 @@ def dumps(record: dict) -> str:
 
 
 # Schemas of the lines a record file holds: what makes a file attnlab's to append to.
-RECORD_SCHEMAS = (SCHEMA.rsplit("/", 1)[0] + "/", ENV_SCHEMA.rsplit("/", 1)[0] + "/")
+RECORD_SCHEMAS = (family(SCHEMA), family(ENV_SCHEMA))
 
 
 class RecordWriter:
@@ -137,54 +131,6 @@ class RecordWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-def read_lines(path) -> list[dict]:
-    """Every JSON object in a JSONL file, of any schema.
-
-    A last line that does not parse (a run killed mid-write) is ignored; a bad line
-    anywhere else is an error that names the file and line.
-    """
-    path = Path(path)
-    with open(path, encoding="utf-8", errors="replace") as f:   # a cut may split a character
-        lines = f.read().split("\n")
-    objects = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):   # no newline after it: the line in flight when killed
-                break
-            raise ValueError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
-        if isinstance(obj, dict):
-            objects.append(obj)
-    return objects
-
-
-def read_records(path) -> list[dict]:
-    """The result records of a JSONL file, in file order; other schemas are skipped.
-
-    Records of an older result schema are returned as they are; a newer one is an error
-    saying which version this reader knows.
-    """
-    records = []
-    known = int(_SCHEMA_RE.match(SCHEMA).group(1))
-    for obj in read_lines(path):
-        match = _SCHEMA_RE.match(str(obj.get("schema", "")))
-        if not match:
-            continue
-        if int(match.group(1)) > known:
-            raise ValueError(f"{path}: record schema {obj['schema']} is newer than this reader's "
-                             f"{SCHEMA}; upgrade attnlab to read it")
-        records.append(obj)
-    return records
-
-
-def read_environments(path) -> list[dict]:
-    """The environment lines of a JSONL file, one per run."""
-    return [obj for obj in read_lines(path) if obj.get("schema") == ENV_SCHEMA]
 
 
 def latest_per_point(records: Iterable[dict], key) -> list[dict]:

@@ -32,8 +32,8 @@ from attnlab.bench.output_file import OutputError
 from attnlab.bench.timer import Timer, Timing
 from attnlab.bench.workloads import (DECODE, MODES, Point, Workload, bytes_moved, flops, point_key,
                                      predicted_peak_bytes, seq_len_label)
+from attnlab.schema import CALIBRATION
 
-CALIBRATION = "calibration"
 MATMUL_N = 8192
 COPY_BYTES = 1 << 30
 

@@ -9,16 +9,16 @@ Tensors are in the flash-attn layout (batch, seqlen, heads, head_dim).
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from attnlab import text as fmt
+from attnlab import models
 from attnlab.models import AttentionMemory, attention_workspace_bytes
+from attnlab.schema import DECODE, PREFILL, KERNEL_MODES as MODES  # MODES here: the kernel modes only
 
-PREFILL, DECODE = "prefill", "decode"
-MODES = (PREFILL, DECODE)
 DECODE_Q_LEN = 1
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -107,10 +107,16 @@ class Workload:
                      q_len=DECODE_Q_LEN if mode == DECODE else seq_len)
 
 
+def model_attention(model: str, batch: int = 1) -> Workload:
+    """The attention of a served-model preset (attnlab.models) as a workload of the same name."""
+    config = models.preset(model)
+    return Workload(config.name, batch=batch, heads=config.heads, kv_heads=config.kv_heads,
+                    head_dim=config.head_dim, dtype="bfloat16", causal=True)
+
+
 PRESETS = {
-    # Llama-3 8B's attention: 32 query heads sharing 8 kv heads (GQA), head_dim 128.
-    "llama3-8b": Workload("llama3-8b", batch=1, heads=32, kv_heads=8, head_dim=128,
-                          dtype="bfloat16", causal=True),
+    # Llama-3 8B's attention, from its model shape: 32 query heads sharing 8 kv heads (GQA), head_dim 128.
+    "llama3-8b": model_attention("llama3-8b"),
     # The FlashAttention papers' benchmark: batch x seqlen = 16k tokens, 16 heads of 128, non-causal.
     "fa-paper": Workload("fa-paper", batch=None, heads=16, kv_heads=16, head_dim=128,
                          dtype="bfloat16", causal=False, tokens_per_batch=16384),
@@ -246,27 +252,6 @@ def dtype_name(dtype) -> str:
     return text
 
 
-def parse_seq_len(text: str) -> int:
-    """Tokens from "4096", "4k" (4 x 1024) or "1m" (1024 x 1024)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", str(text))
-    if not match or int(match.group(1)) == 0:
-        raise ValueError(f"seq_len: expected a positive token count such as 4096, 4k or 1m, got {text!r}")
-    scale = {"": 1, "k": 1024, "m": 1024 * 1024}[match.group(2).lower()]
-    return int(match.group(1)) * scale
-
-
-def parse_seq_lens(text: str) -> list[int]:
-    """A comma list of lengths ("1k,2k,4096"), in the order given, duplicates dropped."""
-    lengths = [parse_seq_len(part) for part in str(text).split(",") if part.strip()]
-    if not lengths:
-        raise ValueError(f"seq_lens: expected a comma list of token counts, got {text!r}")
-    return list(dict.fromkeys(lengths))
-
-
-def seq_len_label(seq_len: int) -> str:
-    """4096 -> "4k", 1000 -> "1000": the short form used in test ids and tables."""
-    if seq_len % (1024 * 1024) == 0:
-        return f"{seq_len // (1024 * 1024)}m"
-    if seq_len % 1024 == 0:
-        return f"{seq_len // 1024}k"
-    return str(seq_len)
+# Names bench/sweep.py and benchmarks/conftest.py import from here; the parser and the label are attnlab.text's.
+parse_seq_lens = fmt.parse_seq_lens
+seq_len_label = fmt.k

@@ -6,6 +6,8 @@ import math
 import os
 from pathlib import Path
 
+from attnlab.text import parse_seq_lens as _parse_seq_lens
+
 
 def checked(parse):
     """An argparse type from a parser whose ValueError already names the value's meaning."""
@@ -18,10 +20,8 @@ def checked(parse):
 
 
 def parse_seq_lens(text: str) -> list:
-    """'1k,2k,4096' -> [1024, 2048, 4096], as the sweep reads them (k means 1024)."""
-    from attnlab.bench.workloads import parse_seq_lens as parse
-
-    return checked(parse)(text)
+    """'1k,2k,4096' -> [1024, 2048, 4096] (k means 1024, m 1024 x 1024), in the order given, each once."""
+    return checked(_parse_seq_lens)(text)
 
 
 def parse_names(text: str) -> list:

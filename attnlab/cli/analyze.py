@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from attnlab.analysis import text
+from attnlab import text
 from attnlab.cli._args import bootstrap_draws, chart_formats, error_line, output_folder
 
 HELP = "fit latency against context, compare with the GPU's peaks and draw the charts"

@@ -95,9 +95,9 @@ def is_claim_document(path: Path) -> bool:
 
 def _build(args):
     from attnlab.analysis.claim import build_claim, infer_gpu
-    from attnlab.analysis.text import parse_seq_len
+    from attnlab.text import parse_seq_lens
 
-    seq_lens = [parse_seq_len(s) for s in args.seq_lens.split(",") if s.strip()]
+    seq_lens = parse_seq_lens(args.seq_lens)    # parsed here, so that a bad list is a ValueError naming the flag
     results, environments, notes = None, None, []
     if args.results:
         from attnlab.analysis.load import load
@@ -140,14 +140,15 @@ def _chart(document, path) -> list:
 
 
 def render(document) -> str:
-    from attnlab.analysis import text
+    from attnlab import text
 
     claim = document["claim"]
     rows = [[text.k(p["seq_len"]), p["max_batch"], text.num(p["tok_s_max_batch"]), text.num(p["tok_s_batch1"]),
              text.num(p["tok_s_with_prefill"])] for p in document["points"]]
     lines = [f"{document['model']} on {document['num_gpus']} x {document['gpu_config']['name']}: "
              f"KV cache {document['kv_bytes_per_token'] / 1024:.0f} KiB per token\n",
-             text.table(["context", "max batch", "tok/s max batch", "tok/s batch 1", "tok/s with prefill"], rows), "",
+             text.table(["context", "max batch", "tok/s max batch", "tok/s batch 1", "tok/s with prefill"], rows,
+                        align="numbers"), "",
              f"{text.k(claim['short_ctx'])}/{text.k(claim['long_ctx'])}: {text.ratio(document['ratio_max_batch'])} "
              f"at the largest batch, "
              f"{text.ratio(document['ratio_batch1'])} at batch 1, {text.ratio(document['ratio_with_prefill'])} "

@@ -9,6 +9,7 @@ from pathlib import Path
 from attnlab.cli._args import error_line, finite_seconds, output_folder, parse_seq_lens
 
 HELP = "the main job: measure this machine (a GPU sweep, or a CPU one), then report it beside profiles/"
+READS_KERNELS = True
 WORKLOAD = {"cuda": "llama3-8b", "cpu": "cpu-small"}
 CPU_SEQ_LENS = (256, 512, 1024, 2048, 4096, 8192)     # about two minutes on two cores
 

@@ -6,8 +6,10 @@ import sys
 
 from attnlab.cli._args import (checked, device_or_default, error_line, parse_device, parse_names, parse_seq_lens,
                                parse_workload, positive_int, seconds)
+from attnlab.text import k, table
 
 HELP = "measure kernels from short to long context (time, memory, power) into JSONL records"
+READS_KERNELS = True
 
 
 def _dtype(text):
@@ -29,7 +31,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--heads", type=positive_int, default=None, help="query heads")
     parser.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads (GQA)")
     parser.add_argument("--head-dim", type=positive_int, default=None, help="head dimension")
-    parser.add_argument("--dtype", type=_dtype, default=None, help="bfloat16, float16, float32 or float64 (bf16, fp16, fp32)")
+    parser.add_argument("--dtype", type=_dtype, default=None,
+                        help="bfloat16, float16, float32 or float64 (bf16, fp16, fp32)")
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None,
                         help="causal masking for prefill (default: the preset's)")
     parser.add_argument("--device", type=parse_device, default=None,
@@ -87,8 +90,6 @@ def run(args) -> int:
 
 
 def _report(result) -> None:
-    from attnlab.bench.workloads import seq_len_label
-
     counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items())) or "nothing"
     print(f"run {result.run_id}: {counts}"
           + (f" ({result.already_done} already in the file)" if result.already_done else ""))
@@ -104,11 +105,8 @@ def _report(result) -> None:
     rows = {}
     for r in ok:
         rows.setdefault((r["mode"], r["kernel"]), {})[r["seq_len"]] = r["median_ms"]
-    header = ["mode", "kernel"] + [seq_len_label(n) for n in lengths]
-    table = [header] + [[mode, kernel] + [f"{cells[n]:.3f}" if n in cells else "-" for n in lengths]
-                        for (mode, kernel), cells in sorted(rows.items())]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    header = ["mode", "kernel"] + [k(n) for n in lengths]
+    body = [[mode, kernel] + [f"{cells[n]:.3f}" if n in cells else "-" for n in lengths]
+            for (mode, kernel), cells in sorted(rows.items())]
     print("median ms per call:")
-    for row in table:
-        print("  " + "  ".join(cell.rjust(w) if i > 1 else cell.ljust(w)
-                               for i, (cell, w) in enumerate(zip(row, widths))))
+    print(table(header, body, align="numbers"))
