@@ -9,6 +9,7 @@ PACKAGES = {
     "attnlab": "attnlab",
     "attnlab.cli": "attnlab/cli",
     "attnlab.kernels": "kernels",
+    "attnlab.kernels.impls": "kernels/impls",
     "attnlab.bench": "bench",
     "attnlab.analysis": "analysis",
 }
@@ -22,7 +23,6 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"attnlab.bench": ["*.sh"]},
     install_requires=["torch", "triton", "numpy"],
     extras_require={
         "nvml": ["nvidia-ml-py"],

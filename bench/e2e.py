@@ -25,8 +25,8 @@ from attnlab.bench.records import device_name, new_record, new_run_id
 from attnlab.bench.sweep import check_device
 from attnlab.bench.timer import Timing
 from attnlab.bench.workloads import CPU_SEQ_LENS, LONG_SEQ_LENS
+from attnlab.schema import E2E_DECODE as MODE_DECODE, E2E_PREFILL_DECODE as MODE_PREFILL_DECODE
 
-MODE_DECODE, MODE_PREFILL_DECODE = "e2e-decode", "e2e-prefill-decode"
 DEFAULT_SEQ_LENS = LONG_SEQ_LENS            # 1k .. 128k, as the sweep
 CPU_BATCH = 4            # on a CPU memory is not what the experiment studies: a small fixed batch
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -36,9 +36,9 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 class E2EOptions:
     """What `run` measures. None means: chosen for the device (see `resolved`)."""
 
-    preset: str | None = None                 # attnlab.models preset: llama3-8b on CUDA, tiny on a CPU
-    attention: str = "auto"                   # decode implementation, by registry name
-    prefill_attention: str = "auto"           # used when `attention` serves no prefill
+    model: str | None = None                  # attnlab.models preset: llama3-8b on CUDA, tiny on a CPU
+    kernel: str = "auto"                      # decode implementation, by registry name
+    prefill_kernel: str = "auto"              # used when `kernel` serves no prefill
     seq_lens: Sequence[int] | None = None
     batch: int | None = None                  # fixed batch; None: the largest that fits
     decode_tokens: int = 128
@@ -58,7 +58,7 @@ class E2EOptions:
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         cpu = check_device(device).type == "cpu"
         out = E2EOptions(**{**vars(self), "device": device})
-        out.preset = self.preset or ("tiny" if cpu else "llama3-8b")
+        out.model = self.model or ("tiny" if cpu else "llama3-8b")
         out.seq_lens = tuple(self.seq_lens or (CPU_SEQ_LENS if cpu else DEFAULT_SEQ_LENS))
         out.dtype = self.dtype or ("float32" if cpu else "bfloat16")
         if out.batch is None and cpu and self.mem_budget_bytes is None:
@@ -68,7 +68,7 @@ class E2EOptions:
 
 
 def _check(o: E2EOptions) -> None:
-    models.preset(o.preset)
+    models.preset(o.model)
     if o.dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {o.dtype!r}")
     if not o.seq_lens or any(not isinstance(n, int) or n < 1 for n in o.seq_lens):
@@ -85,7 +85,7 @@ def run(options: E2EOptions, *, clock: Callable[[], float] = time.monotonic) -> 
     """Yield one record per context length, in order, as each finishes."""
     o = options.resolved()
     started = clock()
-    config = models.preset(o.preset)
+    config = models.preset(o.model)
     decode_name, prefill_name = implementation_names(o)      # an unknown name fails before allocating
     try:
         model = Decoder(config, o.device, DTYPES[o.dtype], seed=o.seed)
@@ -103,17 +103,17 @@ def run(options: E2EOptions, *, clock: Callable[[], float] = time.monotonic) -> 
 
 
 def implementation_names(options: E2EOptions) -> tuple[str, str | None]:
-    """The decode implementation `attention` names here ("auto": the fastest), and the prefill one
-    (None without with_prefill): `prefill_attention`, or the decode one where it serves prefill."""
+    """The decode implementation `kernel` names here ("auto": the fastest), and the prefill one
+    (None without with_prefill): `prefill_kernel`, or the decode one where it serves prefill."""
     o = options.resolved()
-    c = models.preset(o.preset)
+    c = models.preset(o.model)
     probe = torch.empty(1, 1, c.heads, c.head_dim, device=o.device, dtype=DTYPES[o.dtype])
-    decode = kernels.resolve(o.attention, kernels.DECODE, probe).name
+    decode = kernels.resolve(o.kernel, kernels.DECODE, probe).name
     if not o.with_prefill:
         return decode, None
-    if o.prefill_attention != "auto":
-        return decode, kernels.resolve(o.prefill_attention, kernels.PREFILL, probe).name
-    return decode, resolve_prefill(probe, o.attention)
+    if o.prefill_kernel != "auto":
+        return decode, kernels.resolve(o.prefill_kernel, kernels.PREFILL, probe).name
+    return decode, resolve_prefill(probe, o.kernel)
 
 
 def measure_point(model: Decoder, seq_len: int, o: E2EOptions, decode_name: str, prefill_name: str) -> dict:
@@ -298,10 +298,10 @@ def _decode_figures(model: Decoder, seq_len: int, batch: int, o: E2EOptions, tim
 
 def _record(o: E2EOptions, config, seq_len: int, **fields) -> dict:
     dtype_bytes = DTYPES[o.dtype].itemsize
-    fields.setdefault("kernel", o.attention)
+    fields.setdefault("kernel", o.kernel)
     return new_record(
         run_id=o.run_id, mode=_mode(o),
-        workload=o.preset, model=o.preset, heads=config.heads, kv_heads=config.kv_heads,
+        workload=o.model, model=o.model, heads=config.heads, kv_heads=config.kv_heads,
         head_dim=config.head_dim, dtype=o.dtype, causal=True, seq_len=seq_len, q_len=1,
         decode_tokens=o.decode_tokens, device=device_name(o.device),
         model_params=config.param_count(), weight_bytes=config.weight_bytes(dtype_bytes),
@@ -340,7 +340,7 @@ def _peak(device: torch.device) -> int | None:
 # NVML: power and energy over the timed windows, through the sweep's sampler.
 
 def _sampler(device: torch.device, o: E2EOptions, kernel: str, seq_len: int, phase: str) -> NvmlSampler:
-    label = {"run_id": o.run_id, "point": f"{_mode(o)}/{o.preset}/{kernel}/{seq_len}/{phase}"}
+    label = {"run_id": o.run_id, "point": f"{_mode(o)}/{o.model}/{kernel}/{seq_len}/{phase}"}
     return NvmlSampler(device, csv_path=o.nvml_csv, label=label)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from attnlab.kernels import DECODE, PREFILL, Implementation, decode_attention, resolve
+from attnlab.kernels import DECODE, PREFILL, Implementation, decode_attention, get, resolve
 from attnlab.kernels import attention as attention_fn
 from attnlab.models import PREFILL_CHUNK_TOKENS, Gemm, ModelConfig
 
@@ -77,7 +77,7 @@ class KVCache:
     def __init__(self, config: ModelConfig, batch: int, max_seqlen: int, device, dtype: torch.dtype):
         self.batch, self.max_seqlen = batch, max_seqlen
         # Zeros, not empty: slots past a sequence's length must be finite, since an implementation
-        # that multiplies them by zero probability (naive) would turn garbage NaN into NaN output.
+        # that multiplies them by zero probability would turn garbage NaN into NaN output.
         self.data = torch.zeros(config.layers, 2, batch, max_seqlen, config.kv_heads, config.head_dim,
                                 device=device, dtype=dtype)
 
@@ -310,16 +310,13 @@ class StaticDecoder:
         return self.attention.decode(q, k_cache, v_cache, lengths, self.model.scale)
 
 
-# A decode-only implementation's prefill partner: the same family, so a run measures one stack.
-PREFILL_PARTNERS = {"triton-decode": "triton"}
-
-
 def resolve_prefill(probe: torch.Tensor, attention: str) -> str:
     """The prefill implementation to pair with a decode one, for queries like probe (batch, seqlen,
-    heads, head_dim): itself where it serves prefill (flash-attn, naive, SDPA), else its partner
-    (triton for triton-decode) where that runs here, else the fastest here ("auto")."""
-    for name in (attention, PREFILL_PARTNERS.get(attention)):
-        if name is None:
+    heads, head_dim): itself where it serves prefill, else the prefill partner it declares
+    (`register_kernel(prefill_partner=...)`) where that runs here, else the fastest here ("auto")."""
+    partner = get(attention).prefill_partner if attention != "auto" else ""
+    for name in (attention, partner):
+        if not name:
             continue
         try:
             return resolve(name, PREFILL, probe).name

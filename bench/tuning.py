@@ -1,8 +1,9 @@
-"""What autotuning sees in the Triton prefill, per GPU: every tile tried, its time, the one chosen.
+"""What autotuning sees, per GPU: every candidate tried, its time, the one chosen.
 
-One case per context length and K/V load path (TMA descriptors where the GPU has them, and
-pointers). The JSON document is written anew after each case, so an interrupted run keeps
-what it measured; a case that fails is recorded with its error and the rest go on.
+For each implementation that declares a `tune` hook (`register_kernel(tune=...)`), at each
+context length: the hook's cases, one per variant it tunes. The JSON document is written anew
+after each case, so an interrupted run keeps what it measured; a case that fails is recorded
+with its error and the rest go on.
 """
 from __future__ import annotations
 
@@ -11,48 +12,65 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from attnlab.bench.output_file import OutputError, OutputLock, WriteFailed, check_output_path
 from attnlab.bench.records import environment, jsonable
 from attnlab.bench.sweep import check_device, classify, describe, random_inputs
-from attnlab.bench.workloads import PREFILL, Workload
+from attnlab.bench.workloads import DTYPES, PREFILL, Workload
+from attnlab.kernels import get, implementations
+from attnlab.schema import TUNING_SCHEMA, family
 
-TUNING_SCHEMA = "attnlab.tuning/1"
-_SCHEMA_FAMILY = TUNING_SCHEMA.split("/")[0] + "/"
+_SCHEMA_FAMILY = family(TUNING_SCHEMA)
 
 
-def tune(workload: Workload, seq_lens, device, out, argv=None) -> dict:
-    """Autotune the workload's prefill at each length, on each load path the inputs allow;
-    returns the document written to `out`, which is held for the run (`output_file.OutputLock`)
-    and must be new or an earlier tuning document. A document that cannot be written (a full
-    disk) stops the run with `output_file.WriteFailed`; the one before it stays."""
+def tunable(device, dtype, head_dim: int) -> list[str]:
+    """The implementations with a tune hook whose prefill runs here for these shapes."""
+    device_type = torch.device(device).type
+    return [i.name for i in implementations() if i.tune is not None and i.available(device_type)
+            and i.supports(PREFILL, dtype, head_dim, device_type)]
+
+
+def tune(workload: Workload, seq_lens, device, out, argv=None, kernels=None) -> dict:
+    """Autotune the workload's prefill at each length with each of `kernels` (default: every
+    tunable one here); returns the document written to `out`, which is held for the run
+    (`output_file.OutputLock`) and must be new or an earlier tuning document. A document that
+    cannot be written (a full disk) stops the run with `output_file.WriteFailed`; the one
+    before it stays."""
     device = check_device(device)
     out = check_output_path(out)
+    kernels = _checked_kernels(kernels, workload, device)
     with OutputLock(out):
         check_replaceable(out)
         document = {"schema": TUNING_SCHEMA, "environment": jsonable(environment(argv, device=device)),
                     "cases": []}
         for seq_len in seq_lens:
-            _tune_length(workload, seq_len, device, out, document)
+            for name in kernels:
+                _tune_point(workload.point(name, PREFILL, seq_len), device, out, document)
     return document
 
 
-def _tune_length(workload: Workload, seq_len: int, device, out: Path, document: dict) -> None:
-    from attnlab.kernels import triton_prefill
+def _checked_kernels(kernels, workload: Workload, device) -> list[str]:
+    here = tunable(device, DTYPES[workload.dtype], workload.head_dim)
+    if kernels is None:
+        return here
+    refused = [name for name in kernels if name not in here]
+    if refused:
+        raise ValueError(f"kernels: {', '.join(refused)} cannot be tuned here (tunable here: "
+                         f"{', '.join(here) or 'none'}); a kernel is tunable where it declares a tune hook")
+    return list(kernels)
 
-    point = workload.point("triton", PREFILL, seq_len)
-    case = {k: v for k, v in point.fields().items() if k not in ("kernel", "mode")}
+
+def _tune_point(point, device, out: Path, document: dict) -> None:
+    case = {k: v for k, v in point.fields().items() if k != "mode"}
     try:
         q, k, v = random_inputs(point, device)
+        seen = [dict(status="ok", **variant) for variant in
+                get(point.kernel).tune(q, k, v, point.causal, point.head_dim ** -0.5)]
     except Exception as exc:
-        document["cases"].append(dict(case, status=classify(exc), reason=describe(exc)))
-        _write(out, document)
-        return
-    for tma in (True, False) if triton_prefill.tma_unfit_reason(k, v) is None else (False,):
-        try:
-            seen = dict(status="ok", **triton_prefill.autotune(q, k, v, point.causal, point.head_dim ** -0.5, tma))
-        except Exception as exc:
-            seen = dict(status=classify(exc), reason=describe(exc))
-        document["cases"].append(dict(case, tma=tma, **seen))
+        seen = [dict(status=classify(exc), reason=describe(exc))]
+    for variant in seen:
+        document["cases"].append(dict(case, **variant))
         _write(out, document)
 
 

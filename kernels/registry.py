@@ -1,22 +1,22 @@
 """The registry of attention implementations: the one piece of global state.
 
-A new kernel is one module in this package that calls `register(...)`; the public
-API, the CLI and the sweep all read this table and nothing else.
+A kernel is one file that calls `register_kernel(...)`: in this package's `impls/`, or
+outside it as a plugin (see plugins.py). The public API, the CLI, the sweep and the planners
+read this table and nothing else, so everything they need to know about a kernel is declared
+in that call.
 """
 from __future__ import annotations
 
 import functools
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from attnlab.models import AttentionMemory
-
-PREFILL, DECODE = "prefill", "decode"
-MODES = (PREFILL, DECODE)
-
+from attnlab.schema import DECODE, KERNEL_MODES as MODES, PREFILL  # noqa: F401  (the API names them here too)
 
 @dataclass(frozen=True)
 class Availability:
@@ -49,27 +49,8 @@ def contiguous_head_dim(q, k, v, causal=None, scale=None) -> Availability:
 
 @dataclass(frozen=True)
 class Implementation:
-    """One attention implementation and what it serves.
-
-    `prefill(q, k, v, causal, scale)` and `decode(q, k_cache, v_cache, cache_seqlens, scale)`
-    take validated tensors in the (batch, seqlen, heads, head_dim) layout.
-    `probe(device_type)` answers availability; `speed_rank` orders `impl="auto"` (lower is faster);
-    `limits(device_type, dtype, head_dim)`, where given, adds rules that differ by device: known
-    before any tensor exists, so planners ask them too.
-    `input_rules(q, k, v, causal, scale)`, where given, refuses one call's inputs that the
-    kernel cannot take or would get wrong (a layout, a scale), as `no(reason, argument)`;
-    `impl="auto"` then moves on to the next fastest. Decode passes the caches as k and v, and
-    causal=True.
-    `prepare_decode(q, k_cache, v_cache, cache_seqlens, scale)`, where given, does host-side
-    work once and returns the call (the SDPA adapters read the lengths there, not per call).
-    `emulated_on` names device types where it runs only in an emulator: right, but its
-    times say nothing about the kernel.
-    `ablation_of` names the implementation this one is with one feature turned off, for
-    measuring what that feature is worth; `auto` and the sweeps' defaults leave it out.
-    `memory(device_type)`, where given, says what a call allocates beyond its inputs and
-    output on that device type (see `attention_memory`); without it, nothing: K and V are
-    streamed in place, as a fused kernel does.
-    """
+    """One attention implementation and what the lab knows of it; made by `register_kernel`,
+    whose docstring says what each field means."""
 
     name: str
     description: str
@@ -87,6 +68,10 @@ class Implementation:
     emulated_on: tuple = ()
     ablation_of: str = ""
     memory: Optional[Callable[[str], AttentionMemory]] = None
+    baseline: bool = False
+    prefill_partner: str = ""
+    tune: Optional[Callable] = None
+    origin: str = ""
 
     def attention_memory(self, device_type: str) -> AttentionMemory:
         """What one call, prefill or decode, allocates beyond its inputs and output on this
@@ -133,18 +118,141 @@ class Implementation:
 
 
 _REGISTRY: dict[str, Implementation] = {}
+DEFAULT_SPEED_RANK = 100     # after every in-tree kernel: `auto` picks a plugin only where nothing else runs
 
 
-def register(impl: Implementation) -> Implementation:
-    if impl.name in _REGISTRY:
-        raise ValueError(f"implementation {impl.name!r} is already registered")
-    _REGISTRY[impl.name] = impl
+def register_kernel(name: str, *, prefill: Optional[Callable] = None, decode: Optional[Callable] = None,
+                    devices, dtypes, head_dims=None, description: str = "",
+                    probe: Optional[Callable[[str], Availability]] = None, speed_rank=None,
+                    limits: Optional[Callable] = None, input_rules: Optional[Callable] = None,
+                    prepare_decode: Optional[Callable] = None, memory=None, emulated_on=(),
+                    ablation_of: str = "", baseline: bool = False, prefill_partner: str = "",
+                    tune: Optional[Callable] = None) -> Implementation:
+    """Add an attention implementation to the lab; returns what was registered.
+
+    The calls, on tensors in the (batch, seqlen, heads, head_dim) layout that the API has
+    already checked:
+      `prefill(q, k, v, causal, scale)` -> (batch, seqlen_q, heads, head_dim); causal is
+          bottom-right aligned, and a query row that sees no key is zeros;
+      `decode(q, k_cache, v_cache, cache_seqlens, scale)` -> like q; sequence b attends to the
+          first cache_seqlens[b] slots, its q_len queries being the last of them.
+    At least one is given. What the lab needs to know besides, with its default:
+      `devices`: device types it runs on ("cpu", "cuda"); `dtypes`: torch dtypes or their names;
+      `head_dims`: None (any), a range or collection of sizes, or (predicate, text);
+      `probe(device_type)`: whether it runs here (an optional package, a GPU generation), as
+          `YES` or `no(reason)`; asked once per process and device type. Default: yes.
+      `speed_rank`: a number, or {device_type: number}; `impl="auto"` tries lower first.
+      `limits(device_type, dtype, head_dim)` and `input_rules(q, k, v, causal, scale)`: refusals
+          known before any tensor exists, and refusals of one call's inputs, as `no(reason,
+          argument)`; `auto` moves on to the next fastest. Decode passes the caches as k, v.
+      `prepare_decode(q, k_cache, v_cache, cache_seqlens, scale)`: host work done once, returning
+          the call; declaring it says that decode reads the lengths on the host (so a plain call
+          syncs and cannot be captured in a CUDA graph).
+      `memory`: what a call allocates beyond inputs and output, an AttentionMemory or
+          `memory(device_type)`; default nothing (K and V streamed in place, as a fused kernel
+          does). The sweep's OOM prediction and the end-to-end batch planner read it.
+      `emulated_on`: device types where it runs only in an emulator (right, but its times say
+          nothing about the kernel); sweeps leave it out there unless named.
+      `ablation_of`: the implementation this one is with one feature turned off; `auto` and the
+          sweeps' defaults leave it out.
+      `baseline`: one a user would otherwise use, to compare new kernels against.
+      `prefill_partner`: for a decode-only kernel, the prefill of its family, so an end-to-end
+          run measures one stack.
+      `tune(q, k, v, causal, scale)`: where the kernel autotunes, a list of dicts, one per variant
+          tuned, with what each chose and every candidate's time (`attnlab tune`).
+    """
+    impl = Implementation(
+        name=_checked_name(name), description=description, dtypes=_dtypes(dtypes),
+        head_dims=_head_dims(head_dims)[0], head_dims_text=_head_dims(head_dims)[1],
+        devices=_names("devices", devices), probe=probe or (lambda device_type: YES),
+        prefill=_callable("prefill", prefill), decode=_callable("decode", decode),
+        speed_rank=_speed_rank(speed_rank, devices), limits=limits, input_rules=input_rules,
+        prepare_decode=prepare_decode, emulated_on=_names("emulated_on", emulated_on, empty=True),
+        ablation_of=ablation_of, memory=_memory(memory), baseline=bool(baseline),
+        prefill_partner=prefill_partner, tune=tune, origin=_caller_module())
+    if not impl.modes:
+        raise ValueError(f"prefill: {name!r} registers neither prefill nor decode; give at least one")
+    if name in _REGISTRY:
+        raise ValueError(f"name: implementation {name!r} is already registered (by {_REGISTRY[name].origin})")
+    _REGISTRY[name] = impl
     return impl
+
+
+def _checked_name(name) -> str:
+    if not isinstance(name, str) or not name or name != name.strip() or "," in name:
+        raise ValueError(f"name: expected a non-empty name without commas or edge spaces, got {name!r}")
+    return name
+
+
+def _callable(argument: str, fn):
+    if fn is not None and not callable(fn):
+        raise ValueError(f"{argument}: expected a callable, got {type(fn).__name__}")
+    return fn
+
+
+def _names(argument: str, values, empty: bool = False) -> tuple:
+    values = (values,) if isinstance(values, str) else tuple(values)
+    if (not values and not empty) or not all(isinstance(v, str) and v for v in values):
+        raise ValueError(f"{argument}: expected device types such as 'cpu' or 'cuda', got {values!r}")
+    return values
+
+
+def _dtypes(dtypes) -> tuple:
+    dtypes = (dtypes,) if isinstance(dtypes, (str, torch.dtype)) else tuple(dtypes)
+    found = tuple(getattr(torch, d, None) if isinstance(d, str) else d for d in dtypes)
+    if not found or not all(isinstance(d, torch.dtype) for d in found):
+        raise ValueError(f"dtypes: expected torch dtypes or their names ('bfloat16'), got {dtypes!r}")
+    return found
+
+
+def _head_dims(spec) -> tuple:
+    """(predicate, text) from None, a range, a collection of sizes or (predicate, text)."""
+    if spec is None:
+        return (lambda d: d >= 1), "any"
+    if isinstance(spec, range):
+        step = f" in steps of {spec.step}" if spec.step > 1 else ""
+        return (lambda d: d in spec), f"{spec.start} to {spec[-1]}{step}" if len(spec) else "none"
+    if isinstance(spec, tuple) and len(spec) == 2 and callable(spec[0]):
+        return spec[0], str(spec[1])
+    sizes = tuple(sorted(spec)) if not isinstance(spec, (str, bytes)) else ()
+    if not sizes or not all(isinstance(d, int) and d >= 1 for d in sizes):
+        raise ValueError(f"head_dims: expected None, a range, sizes or (predicate, text), got {spec!r}")
+    return (lambda d: d in sizes), ", ".join(map(str, sizes))
+
+
+def _speed_rank(rank, devices) -> dict:
+    if rank is None:
+        return {}
+    if isinstance(rank, (int, float)):
+        return {d: rank for d in _names("devices", devices)}
+    if isinstance(rank, dict) and all(isinstance(v, (int, float)) for v in rank.values()):
+        return dict(rank)
+    raise ValueError(f"speed_rank: expected a number or {{device_type: number}}, got {rank!r}")
+
+
+def _memory(memory):
+    if memory is None or callable(memory):
+        return memory
+    if isinstance(memory, AttentionMemory):
+        return lambda device_type: memory
+    raise ValueError(f"memory: expected an AttentionMemory or memory(device_type), got {type(memory).__name__}")
+
+
+def _caller_module() -> str:
+    """The module that called register_kernel: where `attnlab kernels` says it came from."""
+    frame = sys._getframe(2)
+    return frame.f_globals.get("__file__") or frame.f_globals.get("__name__", "?")
 
 
 def implementations() -> list[Implementation]:
     """All registered implementations, in registration order."""
     return list(_REGISTRY.values())
+
+
+def unregister(name: str) -> None:
+    """Remove an implementation (tests register their own for one test)."""
+    _REGISTRY.pop(name, None)
+    _cached_probe.cache_clear()
 
 
 def get(name: str) -> Implementation:
@@ -158,13 +266,59 @@ def get(name: str) -> Implementation:
 def _cached_probe(name: str, device_type: str) -> Availability:
     # Optional backends are detected once per process and device type.
     try:
-        return _REGISTRY[name].probe(device_type)
+        status = _REGISTRY[name].probe(device_type)
     except Exception as exc:  # a probe that breaks means "not here", with the reason
         return no(f"probe failed: {type(exc).__name__}: {exc}")
+    if isinstance(status, Availability):
+        return status
+    return YES if status is True else no(f"probe returned {status!r}, expected YES or no(reason)")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def lazy(target: str, **options) -> Callable:
+    """A call to "module:function", imported on first use, with `options` as keywords.
+
+    Triton chooses compiler or interpreter when a module's @triton.jit functions are defined,
+    so a Triton kernel's module is imported only once a command has made that choice.
+    """
+    module_name, _, function = target.partition(":")
+    if not module_name or not function:
+        raise ValueError(f"target: expected 'module:function', got {target!r}")
+
+    def call(*args):
+        import importlib
+        return getattr(importlib.import_module(module_name), function)(*args, **options)
+    call.__qualname__ = f"lazy({target!r})"
+    return call
+
+
+def triton_probe(device_type: str) -> Availability:
+    """Whether Triton kernels run on this device type: in the interpreter on a CPU, compiled on
+    a GPU of compute capability 8.0 or later (bf16 tensor cores)."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return no(f"triton not importable ({type(exc).__name__}: {exc})")
+    if device_type == "cpu":
+        if not triton_interpreting():
+            return no("on a CPU Triton runs only in its interpreter: set TRITON_INTERPRET=1")
+        return YES
+    if triton_interpreting():
+        return no("TRITON_INTERPRET=1 is set: Triton kernels run on the CPU, not on this GPU")
+    return cuda_capability(8, "bf16 tensor cores")
+
+
+def cuda_capability(minimum: int, why: str) -> Availability:
+    """YES where torch sees a CUDA GPU of compute capability `minimum`.0 or later, which `why` needs."""
+    if not torch.cuda.is_available():
+        return no("no CUDA device")
+    major, minor = torch.cuda.get_device_capability()
+    if major < minimum:
+        return no(f"needs compute capability {minimum}.0+ for {why}, found {major}.{minor}")
+    return YES
 
 
 def triton_interpreting() -> bool:

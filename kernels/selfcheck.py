@@ -25,6 +25,8 @@ class CheckResult:
     case: str
     max_error: float
     bound: float
+    error: str = ""           # what the call raised, if it raised
+
 
     @property
     def ok(self) -> bool:
@@ -40,19 +42,32 @@ def _error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float("inf") if err != err else err  # NaN never passes
 
 
-def _usable(mode, device, dtype, head_dim):
+def _usable(mode, device, dtype, head_dim, names):
     return [i.name for i in implementations()
-            if i.name != "naive" and i.available(device) and i.supports(mode, dtype, head_dim, device)]
+            if i.name != "naive" and (names is None or i.name in names)
+            and i.available(device) and i.supports(mode, dtype, head_dim, device)]
 
 
 def _compare(impls, mode, case, run, dtype):
     ref, naive = run("naive", torch.float64), run("naive", dtype)
     bound = _bound(_error(naive, ref), dtype)
-    return [CheckResult(name, mode, case, _error(run(name, dtype), ref), bound) for name in impls]
+    return [_measure(name, mode, case, lambda: run(name, dtype), ref, bound) for name in impls]
 
 
-def check(device: str = "cpu", dtype: torch.dtype = torch.float16, seed: int = 0) -> list[CheckResult]:
-    """Run every usable implementation on a few awkward shapes and measure its error."""
+def _measure(name, mode, case, call, ref, bound) -> CheckResult:
+    try:
+        out = call()
+        if out.shape != ref.shape:
+            raise ValueError(f"returned shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
+        return CheckResult(name, mode, case, _error(out, ref), bound)
+    except Exception as exc:   # a kernel that raises fails its check and the rest still run
+        return CheckResult(name, mode, case, float("inf"), bound, f"{type(exc).__name__}: {exc}")
+
+
+def check(device: str = "cpu", dtype: torch.dtype = torch.float16, seed: int = 0,
+          kernels=None) -> list[CheckResult]:
+    """Run every usable implementation (or those named in `kernels`) on a few awkward shapes and
+    measure its error."""
     gen = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=gen).to(device)
     results = []
@@ -60,12 +75,12 @@ def check(device: str = "cpu", dtype: torch.dtype = torch.float16, seed: int = 0
         q, k, v = randn(b, sq, h, d), randn(b, sk, kvh, d), randn(b, sk, kvh, d)
         run = lambda name, dt: attention(q.to(dt), k.to(dt), v.to(dt), causal=causal, impl=name)
         case = f"q {tuple(q.shape)} k {tuple(k.shape)} causal={causal}"
-        results += _compare(_usable(PREFILL, device, dtype, d), PREFILL, case, run, dtype)
+        results += _compare(_usable(PREFILL, device, dtype, d, kernels), PREFILL, case, run, dtype)
     for lengths, q_len, h, kvh, d in DECODE_CASES:
         s = max(lengths)
         q, k, v = randn(len(lengths), q_len, h, d), randn(len(lengths), s, kvh, d), randn(len(lengths), s, kvh, d)
         lens = torch.tensor(lengths, dtype=torch.int32, device=device)
         run = lambda name, dt: decode_attention(q.to(dt), k.to(dt), v.to(dt), lens, impl=name)
         case = f"q {tuple(q.shape)} cache {tuple(k.shape)} lengths {list(lengths)}"
-        results += _compare(_usable(DECODE, device, dtype, d), DECODE, case, run, dtype)
+        results += _compare(_usable(DECODE, device, dtype, d, kernels), DECODE, case, run, dtype)
     return results

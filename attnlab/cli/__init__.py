@@ -1,6 +1,7 @@
 """The `attnlab` command. Each module in this package is one subcommand: it defines
 `HELP`, `add_arguments(parser)` and `run(args) -> int`, and stays a thin wrapper over the
-library packages.
+library packages. A subcommand that reads the kernel registry sets `READS_KERNELS = True`:
+it gets `--kernel-module`, and plugins are loaded before it runs.
 """
 from __future__ import annotations
 
@@ -21,6 +22,17 @@ def _use_interpreter_without_gpu() -> None:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+def _load_plugins(names) -> list:
+    """Load kernel plugins after the Triton mode is chosen (a plugin may define Triton kernels);
+    each that fails is named on stderr, and the command goes on without it."""
+    from attnlab.kernels import load_plugins
+
+    failures = load_plugins(names)
+    for failure in failures:
+        print(f"attnlab: warning: {failure}", file=sys.stderr)
+    return failures
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnlab", description="Attention performance lab.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -29,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"{__name__}.{name}")
         sub = subparsers.add_parser(name.replace("_", "-"), help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
+        if getattr(module, "READS_KERNELS", False):
+            sub.add_argument("--kernel-module", action="append", default=[], metavar="PATH_OR_MODULE",
+                             help="a Python file or module that registers kernels with register_kernel "
+                                  "(repeatable; ATTNLAB_KERNEL_MODULES and the attnlab.kernels entry points "
+                                  "are read too)")
         sub.set_defaults(run=module.run)
     return parser
 
@@ -39,6 +56,8 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _use_interpreter_without_gpu()
+        if hasattr(args, "kernel_module"):
+            args.plugin_failures = _load_plugins(args.kernel_module)
         return args.run(args) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

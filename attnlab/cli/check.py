@@ -1,27 +1,43 @@
 """`attnlab check`: every implementation that runs here, against float64, on awkward shapes."""
 from __future__ import annotations
 
-from attnlab.cli._args import device_or_default, present_device
+import sys
+
+from attnlab.cli._args import device_or_default, parse_names, present_device
+from attnlab.text import table
 
 HELP = "check every available implementation against a float64 reference on this machine"
+READS_KERNELS = True
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--device", default=None, type=present_device,
                         help="cpu, cuda or cuda:N, one this machine has (default: cuda if present)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--kernels", type=parse_names, default=None,
+                        help="comma list of implementations to check (default: every one that runs here)")
 
 
 def run(args) -> int:
     import torch
 
+    from attnlab.kernels import get
     from attnlab.kernels.selfcheck import check
 
     device = device_or_default(args.device)
-    results = check(device, getattr(torch, args.dtype))
-    for r in results:
-        print(f"{'ok  ' if r.ok else 'FAIL'} {r.impl:15} {r.mode:8} err {r.max_error:.2e} "
-              f"(bound {r.bound:.2e})  {r.case}")
-    failed = sum(not r.ok for r in results)
-    print(f"{len(results) - failed} passed, {failed} failed ({device}, {args.dtype})")
-    return 1 if failed or not results else 0
+    try:
+        for name in args.kernels or ():
+            get(name)
+    except ValueError as exc:
+        print(f"attnlab check: error: --kernels: {str(exc).partition(': ')[2]}", file=sys.stderr)
+        return 2
+    results = check(device, getattr(torch, args.dtype), kernels=args.kernels)
+    rows = [("ok" if r.ok else "FAIL", r.impl, r.mode, f"{r.max_error:.2e}", f"{r.bound:.2e}", r.error or r.case)
+            for r in results]
+    print(table(("result", "kernel", "mode", "error", "bound", "case"), rows, align="numbers"))
+    failed = sorted({r.impl for r in results if not r.ok})
+    print(f"{sum(r.ok for r in results)} passed, {len(results) - sum(r.ok for r in results)} failed "
+          f"({device}, {args.dtype})" + (f": {', '.join(failed)} wrong" if failed else ""))
+    for failure in args.plugin_failures:
+        print(f"FAIL {failure}")
+    return 1 if failed or args.plugin_failures or not results else 0

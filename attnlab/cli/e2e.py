@@ -1,23 +1,31 @@
 """`attnlab e2e`: output tokens/s of a Llama-shaped decoder from 1k to 128k tokens of context."""
 from __future__ import annotations
 
+import dataclasses
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
-from attnlab.cli._args import error_line, parse_device, parse_seq_lens, positive_int, seconds
-from attnlab.models import PRESETS
+from attnlab.cli._args import (checked, error_line, parse_device, parse_names, parse_seq_lens, positive_int,
+                               seconds)
+from attnlab.models import PRESETS, preset
+from attnlab.text import table
 
 HELP = "end-to-end decode throughput of a Llama-shaped decoder against context length"
+READS_KERNELS = True
+TABLE_HEADER = ("seq_len", "batch", "status", "step_ms", "tok/s", "graph", "peak_GiB", "J/token", "note")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--preset", default=None,
-                        help=f"model shape: {', '.join(PRESETS)} (default: llama3-8b on CUDA, tiny on a CPU)")
-    parser.add_argument("--attention", default="auto",
-                        help="decode attention implementation, e.g. triton-decode, flash-attn, sdpa-flash, naive "
-                             "(default: the fastest available; see `attnlab kernels`)")
-    parser.add_argument("--prefill-attention", default="auto",
-                        help="prefill implementation with --with-prefill (default: --attention where it "
+    parser.add_argument("--model", type=checked(lambda name: preset(name).name), default=None,
+                        help=f"served-model preset: {', '.join(PRESETS)} (default: llama3-8b on CUDA, tiny on a CPU)")
+    parser.add_argument("--kernels", type=parse_names, default=["auto"],
+                        help="comma list of decode implementations, measured one after the other into the same "
+                             "file, e.g. triton-decode,sdpa-flash (default: auto, the fastest available; see "
+                             "`attnlab kernels`)")
+    parser.add_argument("--prefill-kernel", default="auto",
+                        help="prefill implementation with --with-prefill (default: each decode kernel where it "
                              "serves prefill, else the fastest available)")
     parser.add_argument("--seq-lens", type=parse_seq_lens, default=None,
                         help="comma list of context lengths, 1k = 1024 (default: 1k..128k on CUDA, "
@@ -26,13 +34,15 @@ def add_arguments(parser) -> None:
                         help="fixed batch (default: the largest that fits; 4 on a CPU)")
     parser.add_argument("--with-prefill", action="store_true",
                         help="also time the prefill of the context and report tokens/s including it")
-    parser.add_argument("--decode-tokens", type=positive_int, default=128, help="tokens decoded per sequence (default 128)")
+    parser.add_argument("--decode-tokens", type=positive_int, default=128,
+                        help="tokens decoded per sequence (default 128)")
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps first (default 3)")
     parser.add_argument("--out", default=None,
                         help="JSONL file to append to, new or an attnlab one (its folder is created if missing; "
-                             "default: e2e-PRESET-ATTENTION.jsonl)")
+                             "default: e2e-MODEL-KERNEL.jsonl, or e2e-MODEL.jsonl for several kernels)")
     parser.add_argument("--budget-s", type=seconds, default=None,
-                        help="stop starting new lengths after this many seconds; the rest are recorded skipped")
+                        help="stop starting new lengths after this many seconds, all kernels together; the rest "
+                             "are recorded skipped")
     parser.add_argument("--device", type=parse_device, default=None,
                         help="cuda, cuda:N or cpu (default: cuda if present)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
@@ -43,52 +53,128 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+@dataclasses.dataclass
+class _Plan:
+    """One kernel's run: its options (kernel as given) and the decode implementation that names here."""
+
+    options: Any          # bench.e2e.E2EOptions, imported only when the command runs (torch)
+    decode_name: str
+
+
 def run(args) -> int:
     from attnlab.bench import e2e
     from attnlab.bench.output_file import WriteFailed
     from attnlab.bench.records import RecordWriter
 
-    rows = []
+    rows, plans = [], []
     try:
-        options = _options(args, e2e)
-        decode_name, _ = e2e.implementation_names(options)
-        out = Path(args.out or f"e2e-{options.preset}-{decode_name}.jsonl")
+        plans = _plans(args, e2e)       # every name is checked before the file is opened
+        out = Path(args.out or _default_out(plans))
         with RecordWriter(out) as writer:
-            _measure(writer, options, e2e, rows)
+            _measure(writer, plans, e2e, rows)
     except WriteFailed as exc:
-        rest = ",".join(str(n) for n in options.seq_lens[len(rows):])
-        print(error_line("e2e", exc, args) + f"; free space and run the same command with --seq-lens {rest} "
-              "to measure the rest", file=sys.stderr)
+        print(error_line("e2e", exc, args) + _rest_hint(plans, len(rows)), file=sys.stderr)
         return 2
     except ValueError as exc:    # a bad name or value: say which, without a traceback
         print(error_line("e2e", exc, args), file=sys.stderr)
         return 2
-    _print_table(rows)
+    for plan in plans:
+        _print_table([r for r in rows if r["kernel"] == plan.decode_name])
     print(f"wrote {len(rows)} records to {out}")
     return 0 if all(r["status"] in ("ok", "oom", "skipped") for r in rows) else 1
 
 
-def _measure(writer, options, e2e, rows: list) -> None:
-    """Each length's record into `writer` and `rows` as it ends; NVML samples beside the file."""
+def _plans(args, e2e) -> list:
+    """One plan per kernel in --kernels, in order, sharing one run id; a name that resolves to an
+    implementation already planned ("auto" and the one it picks) is measured once."""
+    shared = _options(args, e2e)
+    plans = {}
+    for kernel in args.kernels:
+        options = dataclasses.replace(shared, kernel=kernel)
+        decode_name = _decode_name(options, e2e)
+        plans.setdefault(decode_name, _Plan(options, decode_name))
+    return list(plans.values())
+
+
+def _decode_name(options, e2e) -> str:
+    """The implementation options.kernel names here; a name that does not resolve is an error naming
+    --kernels, or --prefill-kernel where that one is at fault."""
+    try:
+        decode_name, _ = e2e.implementation_names(dataclasses.replace(options, with_prefill=False))
+    except ValueError as exc:
+        raise ValueError(f"kernels: {str(exc).removeprefix('impl: ')}") from None
+    try:
+        e2e.implementation_names(options)
+    except ValueError as exc:
+        raise ValueError(f"prefill_kernel: {str(exc).removeprefix('impl: ')}") from None
+    return decode_name
+
+
+def _default_out(plans: list) -> str:
+    model = plans[0].options.model
+    return f"e2e-{model}.jsonl" if len(plans) > 1 else f"e2e-{model}-{plans[0].decode_name}.jsonl"
+
+
+def _measure(writer, plans: list, e2e, rows: list) -> None:
+    """Each kernel's records, length by length, into `writer` and `rows` as each ends; NVML samples
+    beside the file. --budget-s covers all kernels: each starts with what the ones before left."""
     from attnlab.bench.nvml import nvml_reason
     from attnlab.bench.records import environment
     from attnlab.bench.sweep import check_nvml_csv, nvml_csv_path
+    from attnlab.cli._progress import make_progress
 
-    options.nvml_csv = str(nvml_csv_path(writer.path))
-    if not nvml_reason(options.device):
-        check_nvml_csv(options.nvml_csv)
-    with _Progress(len(options.seq_lens)) as progress:
-        writer.write(environment(sys.argv, device=options.device, run_id=options.run_id))
-        progress.show(options.seq_lens[0])
-        for i, record in enumerate(e2e.run(options)):
-            writer.write(record)
-            rows.append(record)
-            progress.advance(options.seq_lens[i + 1] if i + 1 < len(options.seq_lens) else None)
+    first = plans[0].options
+    nvml_csv = str(nvml_csv_path(writer.path))
+    if not nvml_reason(first.device):
+        check_nvml_csv(nvml_csv)
+    writer.write(environment(sys.argv, device=first.device, run_id=first.run_id))
+    started = time.monotonic()
+    progress = make_progress()
+    progress.start(len(plans) * len(first.seq_lens))
+    try:
+        for plan in plans:
+            budget = None if first.budget_s is None else max(0.0, first.budget_s - (time.monotonic() - started))
+            options = dataclasses.replace(plan.options, nvml_csv=nvml_csv, budget_s=budget)
+            _measure_kernel(writer, options, plan.decode_name, e2e, rows, progress)
+    finally:
+        progress.close()
+
+
+def _measure_kernel(writer, options, decode_name: str, e2e, rows: list, progress) -> None:
+    lengths = options.seq_lens
+    progress.update(_item(decode_name, lengths[0]))
+    for i, record in enumerate(e2e.run(options)):
+        writer.write(record)
+        rows.append(record)
+        progress.advance(record)
+        if i + 1 < len(lengths):
+            progress.update(_item(decode_name, lengths[i + 1]))
+
+
+def _item(kernel: str, seq_len: int) -> dict:
+    """What the progress bar shows before a length's record exists."""
+    return {"mode": "e2e", "kernel": kernel, "seq_len": seq_len}
+
+
+def _rest_hint(plans: list, done: int) -> str:
+    """How to measure what a failed write left: the rest of the kernel in flight, then the kernels after it."""
+    if not plans:
+        return ""
+    lengths = plans[0].options.seq_lens
+    current, measured = divmod(done, len(lengths))
+    commands = []
+    if measured:
+        rest = ",".join(str(n) for n in lengths[measured:])
+        commands.append(f"--kernels {plans[current].options.kernel} --seq-lens {rest}")
+        current += 1
+    if current < len(plans):
+        commands.append(f"--kernels {','.join(p.options.kernel for p in plans[current:])}")
+    return "; free space and run the same command with " + ", then with ".join(commands) + " to measure the rest"
 
 
 def _options(args, e2e):
     return e2e.E2EOptions(
-        preset=args.preset, attention=args.attention, prefill_attention=args.prefill_attention,
+        model=args.model, prefill_kernel=args.prefill_kernel,
         seq_lens=args.seq_lens, batch=args.batch, decode_tokens=args.decode_tokens,
         warmup_steps=args.warmup_steps, with_prefill=args.with_prefill, device=args.device,
         dtype=args.dtype, budget_s=args.budget_s, cuda_graph=not args.no_cuda_graph, seed=args.seed,
@@ -97,61 +183,24 @@ def _options(args, e2e):
 
 
 def _print_table(rows: list) -> None:
-    header = ("seq_len", "batch", "status", "step_ms", "tok/s", "graph", "peak_GiB", "J/token", "note")
-    table = [header]
-    for r in rows:
-        table.append((str(r["seq_len"]), str(r.get("batch") or "-"), r["status"],
-                      _fmt(r.get("median_ms"), ".2f"), _fmt(r.get("tokens_per_s"), ",.0f"),
-                      "yes" if r.get("cuda_graph") else "no",
-                      _fmt(r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else None, ".1f"),
-                      _fmt(r.get("joules_per_token"), ".3f"), (r.get("reason") or "")[:60]))
-    first = rows[0] if rows else {}
+    if not rows:
+        return
+    first = rows[0]
     print(f"{first.get('workload')} / {first.get('kernel')} on {first.get('device')}, "
           f"{first.get('decode_tokens')} tokens decoded per sequence")
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(cell.rjust(w) if i < 8 else cell for i, (cell, w) in enumerate(zip(row, widths))))
+    print(table(TABLE_HEADER, [_table_row(r) for r in rows], align="numbers"))
     ok = [r for r in rows if r["status"] == "ok"]
     if len(ok) >= 2:
         print(f"drop from {ok[0]['seq_len']} to {ok[-1]['seq_len']} tokens: "
               f"{ok[0]['tokens_per_s'] / ok[-1]['tokens_per_s']:.1f}x")
 
 
+def _table_row(r: dict) -> tuple:
+    peak_gib = r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else None
+    return (str(r["seq_len"]), str(r.get("batch") or "-"), r["status"], _fmt(r.get("median_ms"), ".2f"),
+            _fmt(r.get("tokens_per_s"), ",.0f"), "yes" if r.get("cuda_graph") else "no", _fmt(peak_gib, ".1f"),
+            _fmt(r.get("joules_per_token"), ".3f"), (r.get("reason") or "")[:60])
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
-
-
-class _Progress:
-    """A rich progress bar on a terminal; silent when stderr is not one or rich is missing."""
-
-    def __init__(self, total: int):
-        self.total, self.bar, self.task = total, None, None
-
-    def __enter__(self):
-        if sys.stderr.isatty():
-            try:
-                from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-            except ImportError:
-                return self
-            from rich.console import Console
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-                                transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("e2e", total=self.total)
-        return self
-
-    def show(self, seq_len) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, description=f"e2e seq_len {seq_len}")
-
-    def advance(self, next_seq_len) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task)
-            if next_seq_len is not None:
-                self.show(next_seq_len)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from attnlab.cli._args import device_or_default, parse_device
+from attnlab.text import table
 
 HELP = "list attention implementations and whether they run here"
+READS_KERNELS = True
 
 
 def add_arguments(parser) -> None:
@@ -16,15 +18,22 @@ def run(args) -> int:
     from attnlab.kernels import implementations
 
     device = device_or_default(args.device)
-    rows = [("name", "modes", "dtypes", "head_dim", "devices", f"on {device}")]
+    rows = []
     for impl in implementations():
         status = impl.available(device)
         rows.append((impl.name, ",".join(impl.modes),
                      ",".join(str(d).removeprefix("torch.").replace("float", "fp").replace("bfp", "bf")
                               for d in impl.dtypes),
-                     impl.head_dims_text, ",".join(impl.devices),
+                     impl.head_dims_text, ",".join(impl.devices), _origin(impl.origin),
                      "available" if status else f"unavailable: {status.reason}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    print(table(("name", "modes", "dtypes", "head_dim", "devices", "from", f"on {device}"), rows))
+    for failure in args.plugin_failures:
+        print(f"not loaded: {failure}")
     return 0
+
+
+def _origin(origin: str) -> str:
+    """"attnlab" for the in-tree kernels, else the plugin's file or module."""
+    import attnlab.kernels.impls as impls
+
+    return "attnlab" if origin.startswith(impls.__path__[0]) else origin

@@ -1,11 +1,12 @@
-"""`attnlab tune`: the tiles Triton's autotuning tries for the prefill on this GPU, timed."""
+"""`attnlab tune`: the tiles a kernel's autotuning tries for the prefill on this GPU, timed."""
 from __future__ import annotations
 
 import sys
 
-from attnlab.cli._args import error_line, parse_device, parse_seq_lens, parse_workload
+from attnlab.cli._args import error_line, parse_device, parse_names, parse_seq_lens, parse_workload
 
-HELP = "time every tile the Triton prefill's autotuning tries on this GPU, and the one it picks"
+HELP = "time every tile the autotuning of each tunable prefill kernel tries on this GPU, and the one it picks"
+READS_KERNELS = True
 
 
 def add_arguments(parser) -> None:
@@ -14,6 +15,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seq-lens", type=parse_seq_lens, default=[16384, 131072],
                         help="comma list of context lengths, 1k = 1024 (default 16k,128k)")
     parser.add_argument("--device", type=parse_device, default="cuda", help="cuda or cuda:N (default cuda)")
+    parser.add_argument("--kernels", type=parse_names, default=None,
+                        help="comma list of implementations to tune (default: every one that declares a tune "
+                             "hook and runs here)")
     parser.add_argument("--out", default="tuning.json",
                         help="JSON document, new or an earlier tuning document, rewritten after each case "
                              "(its folder is created if missing)")
@@ -27,7 +31,8 @@ def run(args) -> int:
     try:
         if not args.device.startswith("cuda"):
             raise ValueError(f"device: autotuning times tiles on a GPU, got {args.device!r}")
-        document = tune(preset(args.workload), args.seq_lens, args.device, args.out, argv=sys.argv)
+        document = tune(preset(args.workload), args.seq_lens, args.device, args.out, argv=sys.argv,
+                        kernels=args.kernels)
     except WriteFailed as exc:
         print(error_line("tune", exc, args) + "; free space and run it again", file=sys.stderr)
         return 2
@@ -35,15 +40,16 @@ def run(args) -> int:
         print(error_line("tune", exc, args), file=sys.stderr)
         return 2
     for case in document["cases"]:
-        path = "tma" if case.get("tma") else "pointers"
+        path = case["kernel"] + {True: " (tma)", False: " (pointers)"}.get(case.get("tma"), "")
         if case["status"] != "ok":
-            print(f"{case['seq_len']:>7} {path:8} {case['status']}: {case.get('reason', '')}")
+            print(f"{case['seq_len']:>7} {path:22} {case['status']}: {case.get('reason', '')}")
             continue
         tiles = ", ".join(f"{_tile(t)} {t['median_ms']:.3f}" for t in case["tiles"])
-        print(f"{case['seq_len']:>7} {path:8} chose {_tile(case['chosen'])}  (ms: {tiles})")
+        print(f"{case['seq_len']:>7} {path:22} chose {_tile(case['chosen'])}  (ms: {tiles})")
     print(f"written: {args.out}")
     return 0
 
 
 def _tile(tile: dict) -> str:
-    return f"{tile['BLOCK_M']}x{tile['BLOCK_N']}/w{tile['num_warps']}/s{tile['num_stages']}"
+    """A candidate as its settings, whatever the kernel calls them: BLOCK_M=64,BLOCK_N=32,num_warps=4."""
+    return ",".join(f"{k}={v}" for k, v in tile.items() if k != "median_ms")

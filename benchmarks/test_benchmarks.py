@@ -1,6 +1,6 @@
-"""One benchmark per (mode, kernel, length) of the grid; see bench/conftest.py.
+"""One benchmark per (mode, kernel, length) of the grid; see benchmarks/conftest.py.
 
-    pytest bench/ --benchmark-only --benchmark-json=bench.json
+    pytest benchmarks/ --benchmark-only --benchmark-json=bench.json
 """
 from __future__ import annotations
 

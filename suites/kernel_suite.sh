@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The kernel comparison on one GPU, as one command of at most 7 minutes from the repository root:
 #
-#     OUT=/path/to/results PYTHON=python3 bash bench/kernel_suite.sh
+#     OUT=/path/to/results PYTHON=python3 bash suites/kernel_suite.sh
 #
 # Side by side in one run, each sweep opening with its calibration records (bf16 matmul peak,
 # device copy bandwidth):
@@ -12,7 +12,7 @@
 #                   ablation without programmatic dependent launch), sdpa-flash, sdpa-cudnn
 #   tuning.json     the tile autotuning chose for triton and triton-ptr, with every tile's time
 # after the float64 check (check.txt), and then the GPU correctness matrix
-# (tests/test_kernels_gpu.py, gpu-tests.xml) with what is left: a fresh machine compiles and
+# (tests/kernels/test_kernels_gpu.py, gpu-tests.xml) with what is left: a fresh machine compiles and
 # autotunes every new shape there, so it may not finish; device_suite.sh runs every GPU test.
 # $OUT receives suite.log and suite.tar.gz with these, environment.jsonl and the sweeps'
 # .nvml.csv files. All of it ends within ATTNLAB_SUITE_S seconds (default 420).
@@ -37,7 +37,7 @@ sweep decode 45 120 --workload llama3-8b --modes decode --kernels triton-decode,
     --seq-lens 32k,64k,128k,16k,1k
 step tuning 40 90 "$PY" -m attnlab tune --workload llama3-8b --seq-lens 16k,128k --out "$RUN/tuning.json"
 
-step gpu-tests 240 0 "$PY" -m pytest -m gpu tests/test_kernels_gpu.py -q -p no:cacheprovider \
+step gpu-tests 240 0 "$PY" -m pytest -m gpu tests/kernels/test_kernels_gpu.py -q -p no:cacheprovider \
     --junitxml="$RUN/gpu-tests.xml"
 finish
 exit 0

@@ -9,7 +9,7 @@ import importlib
 
 import torch
 
-from attnlab.kernels.registry import YES, Implementation, contiguous_head_dim, no, register
+from attnlab.kernels.registry import contiguous_head_dim, cuda_capability, no, register_kernel
 
 
 def _flash_attn():
@@ -21,12 +21,7 @@ def _probe(device_type: str):
         module = _flash_attn()
     except Exception as exc:  # ImportError, or a build that fails to load its CUDA library
         return no(f"flash-attn not importable ({type(exc).__name__}: {exc}); install attnlab[flash]")
-    if not torch.cuda.is_available():
-        return no("no CUDA device")
-    major, _ = torch.cuda.get_device_capability()
-    if major < 8:
-        return no(f"flash-attn {module.__version__} needs compute capability 8.0+")
-    return YES
+    return cuda_capability(8, f"flash-attn {module.__version__}")
 
 
 def prefill(q, k, v, causal, scale):
@@ -38,14 +33,10 @@ def decode(q, k_cache, v_cache, cache_seqlens, scale):
                                                  softmax_scale=scale, causal=True)
 
 
-register(Implementation(
-    name="flash-attn",
+register_kernel(
+    "flash-attn", prefill=prefill, decode=decode,
     description="flash-attn package: flash_attn_func, flash_attn_with_kvcache",
-    dtypes=(torch.float16, torch.bfloat16),
-    head_dims=lambda d: d <= 256 and d % 8 == 0, head_dims_text="multiple of 8 up to 256",
-    devices=("cuda",),
-    probe=_probe,
-    prefill=prefill, decode=decode,
-    speed_rank={"cuda": 10},
+    devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), head_dims=range(8, 257, 8),
+    probe=_probe, speed_rank=10, baseline=True,
     input_rules=contiguous_head_dim,  # flash_attn_with_kvcache asserts it; flash_attn_func would copy
-))
+)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from attnlab.kernels.masks import decode_visible, visible
-from attnlab.kernels.registry import YES, Implementation, register
+from attnlab.kernels.registry import register_kernel
 from attnlab.models import AttentionMemory
 
 # K and V repeated for every query head, the whole score matrix in fp32: on every device.
@@ -42,14 +42,9 @@ def decode(q, k_cache, v_cache, cache_seqlens, scale):
     return _attend(q, k_cache, v_cache.masked_fill(~written[:, :, None, None], 0.0), mask, scale)
 
 
-register(Implementation(
-    name="naive",
+register_kernel(
+    "naive", prefill=prefill, decode=decode,
     description="quadratic baseline: full score matrix, softmax in fp32",
-    dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-    head_dims=lambda d: d >= 1, head_dims_text="any",
-    devices=("cpu", "cuda"),
-    probe=lambda device_type: YES,
-    prefill=prefill, decode=decode,
-    speed_rank={"cpu": 30, "cuda": 90},
-    memory=lambda device_type: MEMORY,
-))
+    devices=("cpu", "cuda"), dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    speed_rank={"cpu": 30, "cuda": 90}, memory=MEMORY, baseline=True,
+)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurement suite, as one command run from the repository root:
 #
-#     OUT=/path/to/results bash bench/device_suite.sh
+#     OUT=/path/to/results bash suites/device_suite.sh
 #
 # Installs attnlab (no network), checks every kernel against float64, runs the GPU tests,
 # sweeps llama3-8b prefill and decode from 1k to 128k with every available kernel, runs the
@@ -27,14 +27,14 @@ step sweep "$SWEEP_S" 200 "$PY" -m attnlab sweep --workload llama3-8b --modes pr
     --out "$RUN/sweep.jsonl"
 
 # The served model: output tokens/s at the largest batch that fits, 1k to 128k.
-step e2e-triton-decode 90 110 "$PY" -m attnlab e2e --preset llama3-8b --attention triton-decode --seq-lens 1k,128k,2k,4k,8k,16k,32k,64k \
-    --budget-s 60 --out "$RUN/e2e-triton-decode.jsonl"
-step e2e-sdpa-flash 60 70 "$PY" -m attnlab e2e --preset llama3-8b --attention sdpa-flash --seq-lens 1k,128k,16k \
+step e2e-triton-decode 90 110 "$PY" -m attnlab e2e --model llama3-8b --kernels triton-decode \
+    --seq-lens 1k,128k,2k,4k,8k,16k,32k,64k --budget-s 60 --out "$RUN/e2e-triton-decode.jsonl"
+step e2e-sdpa-flash 60 70 "$PY" -m attnlab e2e --model llama3-8b --kernels sdpa-flash --seq-lens 1k,128k,16k \
     --budget-s 35 --out "$RUN/e2e-sdpa-flash.jsonl"
 
 # Benchmarks stop starting after 35 s of the session, so pytest ends inside its box and
 # writes the JSON (an interrupted pytest-benchmark may not).
-step benchmark-grid 60 0 "$PY" -m pytest bench/ --benchmark-only -q -p no:cacheprovider \
+step benchmark-grid 60 0 "$PY" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
     --attnlab-seq-lens 1k,16k --attnlab-budget-s 0.1 --attnlab-energy-s 1.0 --attnlab-session-budget-s 35 \
     --attnlab-nvml-csv "$RUN/benchmark.nvml.csv" --benchmark-json="$RUN/benchmark.json"
 

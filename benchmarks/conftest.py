@@ -1,6 +1,6 @@
 """The kernel x length grid under pytest-benchmark.
 
-    pytest bench/ --benchmark-only --benchmark-json=bench.json
+    pytest benchmarks/ --benchmark-only --benchmark-json=bench.json
 
 On a GPU the grid is the llama3-8b workload, timed with CUDA events (the benchmark's clock
 reads events, not the CPU clock around an asynchronous launch) with the L2 cache flushed
@@ -13,6 +13,8 @@ one length; `--benchmark-group-by=param:kernel` (or `param:mode,param:kernel`) s
 kernel's scaling instead. Test ids (`<workload>-<mode>-<kernel>-<length>`) stay the same
 between runs, so `--benchmark-save` / `--benchmark-compare` line them up.
 Options below narrow the grid (lengths, kernels, modes, time per benchmark, time for all).
+Kernel plugins come in as for every attnlab command: ATTNLAB_KERNEL_MODULES and the
+`attnlab.kernels` entry points; one that fails to load is named in the report header.
 """
 from __future__ import annotations
 
@@ -90,6 +92,17 @@ class Grid:
 
 
 GRID_KEY = pytest.StashKey[Grid]()
+PLUGIN_FAILURES_KEY = pytest.StashKey[list]()
+
+
+def pytest_configure(config):
+    from attnlab.kernels import load_plugins
+
+    config.stash[PLUGIN_FAILURES_KEY] = load_plugins()
+
+
+def pytest_report_header(config):
+    return [f"attnlab: not loaded: {failure}" for failure in config.stash.get(PLUGIN_FAILURES_KEY, [])]
 
 
 def grid_for(config) -> Grid:

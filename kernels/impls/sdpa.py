@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attnlab.kernels.registry import YES, Availability, Implementation, contiguous_head_dim, no, register
+from attnlab.kernels.registry import YES, Availability, contiguous_head_dim, no, register_kernel
 from attnlab.models import AttentionMemory
 
 HALF = (torch.float16, torch.bfloat16)
@@ -147,25 +147,25 @@ def _shape_text(q, k, causal):
             f"causal={causal}")
 
 
-def _register(name, backend, description, dtypes, devices, limits, speed_rank, input_rules=contiguous_head_dim):
-    register(Implementation(
-        name=name, description=description, dtypes=dtypes,
-        head_dims=lambda d: d >= 1, head_dims_text="any", devices=devices,
-        probe=_probe(backend),
+def _register(name, backend, description, dtypes, devices, limits, speed_rank, input_rules=contiguous_head_dim,
+              baseline=False):
+    register_kernel(
+        name, description=description, dtypes=dtypes, devices=devices, probe=_probe(backend),
         prefill=functools.partial(_prefill, backend),
         decode=functools.partial(_decode, backend),
         prepare_decode=functools.partial(_prepare_decode, backend),
-        speed_rank=speed_rank, limits=limits, input_rules=input_rules, memory=_memory(backend),
-    ))
+        speed_rank=speed_rank, limits=limits, input_rules=input_rules, memory=_memory(backend), baseline=baseline,
+    )
 
 
 ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _register("sdpa-flash", SDPBackend.FLASH_ATTENTION, "torch SDPA, FlashAttention-2 backend",
-          ALL, ("cpu", "cuda"), _cuda_limits(HALF, 256), {"cpu": 10, "cuda": 40}, _flash_input_rules)
+          ALL, ("cpu", "cuda"), _cuda_limits(HALF, 256), {"cpu": 10, "cuda": 40}, _flash_input_rules, baseline=True)
 _register("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, "torch SDPA, cuDNN backend",
           HALF, ("cuda",), _cuda_limits(HALF, 256), {"cuda": 20})
 _register("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, "torch SDPA, memory-efficient backend",
           (torch.float16, torch.bfloat16, torch.float32), ("cuda",),
           _cuda_limits((torch.float16, torch.bfloat16, torch.float32), 512), {"cuda": 50})
 _register("sdpa-math", SDPBackend.MATH, "torch SDPA, math backend (unfused)",
-          ALL, ("cpu", "cuda"), None, {"cpu": 20, "cuda": 80}, input_rules=None)  # takes any layout
+          ALL, ("cpu", "cuda"), None, {"cpu": 20, "cuda": 80}, input_rules=None,  # takes any layout
+          baseline=True)

@@ -1,0 +1,34 @@
+"""The Triton FlashAttention-2-style prefill (kernels/triton_prefill.py), and its ablation that
+reads K and V by pointers where the GPU has TMA.
+
+The kernel module is imported on first call (`lazy`): Triton picks compiler or interpreter
+when it is imported, and a command on a machine without a GPU picks the interpreter first.
+"""
+from __future__ import annotations
+
+import torch
+
+from attnlab.kernels.registry import lazy, register_kernel, triton_probe
+
+KERNEL = "attnlab.kernels.triton_prefill"
+COMMON = dict(devices=("cpu", "cuda"), dtypes=(torch.float16, torch.bfloat16, torch.float32),
+              head_dims=range(16, 257), probe=triton_probe, emulated_on=("cpu",))  # the interpreter
+
+
+def _tune(tma):
+    def tune(q, k, v, causal, scale):
+        from attnlab.kernels import triton_prefill
+
+        by_tma = tma if tma is not None else triton_prefill.tma_unfit_reason(k, v) is None
+        return [dict(tma=by_tma, **triton_prefill.autotune(q, k, v, causal, scale, by_tma))]
+    return tune
+
+
+register_kernel(
+    "triton", prefill=lazy(f"{KERNEL}:attention"), speed_rank={"cuda": 30, "cpu": 90}, tune=_tune(None),
+    description="Triton FlashAttention-2-style forward (tiled, online softmax)", **COMMON)
+
+register_kernel(
+    "triton-ptr", prefill=lazy(f"{KERNEL}:attention", tma=False), speed_rank={"cuda": 31, "cpu": 91},
+    tune=_tune(False), ablation_of="triton",
+    description="the triton kernel with K/V read by pointers (cp.async), never by TMA", **COMMON)
