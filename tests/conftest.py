@@ -1,5 +1,7 @@
 """Shared test set-up. Triton kernels run on a CPU only in Triton's interpreter, which Triton
 reads when a kernel module is imported, so it is chosen here before anything imports Triton.
+Kernel plugins named in ATTNLAB_KERNEL_MODULES (or installed under the attnlab.kernels entry
+point) are loaded next, so the contract tests hold them to the in-tree kernels' checks.
 """
 import os
 
@@ -10,6 +12,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    from attnlab.kernels import load_plugins
+
+    failures = load_plugins()
+    if failures:
+        raise pytest.UsageError("kernel plugins did not load: " + "; ".join(map(str, failures)))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,13 +10,12 @@ import pytest
 
 from attnlab.cli import build_parser
 from attnlab.kernels import get
-
-ROOT = Path(__file__).resolve().parents[1]
+from paths import ROOT
 
 
 def dry_run(script, tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), ATTNLAB_SUITE_DRY_RUN="1", PYTHON="python3")
-    done = subprocess.run(["bash", str(ROOT / "bench" / script)], cwd=ROOT, env=env, capture_output=True,
+    done = subprocess.run(["bash", str(ROOT / "suites" / script)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60, check=True)
     steps = {}
     for line in done.stdout.splitlines():
@@ -35,10 +34,20 @@ def test_every_attnlab_step_parses(script, tmp_path):
     for name, words in commands.items():
         args = build_parser().parse_args(words[3:])       # argparse exits on a bad flag
         for kernel in getattr(args, "kernels", None) or ():
-            get(kernel)                                     # raises on an unknown name
+            if kernel != "auto":
+                get(kernel)                                 # raises on an unknown name
         out = getattr(args, "out", None)
         if out and words[3] != "kernels":
             assert not Path(out).is_relative_to(ROOT), f"{name} writes into the tree: {out}"
+
+
+def test_device_suite_runs_the_served_model_with_each_decode_kernel(tmp_path):
+    steps = dry_run("device_suite.sh", tmp_path)
+    e2e = {name: build_parser().parse_args(shlex.split(c)[3:]) for name, c in steps.items()
+           if shlex.split(c)[3:4] == ["e2e"]}
+    assert {args.model for args in e2e.values()} == {"llama3-8b"}
+    assert [args.kernels for args in e2e.values()] == [["triton-decode"], ["sdpa-flash"]]
+    assert all(args.seq_lens[:2] == [1024, 131072] for args in e2e.values())
 
 
 def test_kernel_suite_measures_what_the_comparison_needs(tmp_path):

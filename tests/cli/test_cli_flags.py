@@ -1,14 +1,12 @@
 """Every bad flag ends the command with exit status 2 and one line that names the flag, before
 any work: no traceback, no file written."""
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from attnlab.cli import main
-
-SAMPLE = Path(__file__).parent / "data" / "sample_run"
+from paths import SAMPLE
 
 
 def exit_status(argv) -> int:
@@ -99,3 +97,24 @@ def test_check_refuses_a_gpu_this_machine_lacks(capsys):
 @pytest.mark.parametrize("value", ["inf", "nan", "-1"])
 def test_lab_budget_is_finite(value, capsys):
     assert_refused(["lab", "--budget-s", value], "--budget-s", capsys, "finite")
+
+
+@pytest.mark.parametrize("flag,value,expected", [("--seq-lens", "1k,zero", "seq_lens: 'zero'"),
+                                                 ("--model", "gpt-9", "unknown model preset"),
+                                                 ("--kernels", "naive,no-such-kernel", "no-such-kernel"),
+                                                 ("--kernels", ",", "comma list")])
+def test_e2e_flags_are_refused_by_name(flag, value, expected, tmp_path, capsys):
+    out = tmp_path / "e2e.jsonl"
+    assert_refused(["e2e", "--device", "cpu", flag, value, "--out", str(out)], flag, capsys, expected)
+    assert not out.exists()
+
+
+def test_e2e_names_the_prefill_kernel_at_fault(tmp_path, capsys):
+    assert_refused(["e2e", "--device", "cpu", "--with-prefill", "--prefill-kernel", "no-such-kernel",
+                    "--out", str(tmp_path / "e2e.jsonl")], "--prefill-kernel", capsys, "no-such-kernel")
+
+
+@pytest.mark.parametrize("old", ["--preset", "--attention", "--prefill-attention"])
+def test_e2e_old_flag_names_are_gone(old, capsys):
+    assert exit_status(["e2e", old, "x"]) == 2
+    assert "unrecognized arguments" in capsys.readouterr().err

@@ -14,8 +14,8 @@ from attnlab.analysis.claim import build_claim  # noqa: E402
 from attnlab.analysis.fits import fit_all  # noqa: E402
 from attnlab.analysis.load import load  # noqa: E402
 from attnlab.analysis.roofline import roofline  # noqa: E402
+from paths import SAMPLE
 
-SAMPLE = Path(__file__).parent / "data" / "sample_run"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -3,7 +3,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -11,8 +10,7 @@ pytest.importorskip("pandas")
 
 from attnlab.analysis import MissingExtra  # noqa: E402
 from attnlab.analysis.load import load  # noqa: E402
-
-SAMPLE = Path(__file__).parent / "data" / "sample_run"
+from paths import SAMPLE
 
 
 def result(seq_len=1024, status="ok", **extra):

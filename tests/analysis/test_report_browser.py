@@ -3,16 +3,16 @@ installs) driven by Playwright. It loads without a console error, every chart de
 summary comes first, and markup from records never runs."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
+
+from paths import SAMPLE
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright: pip install playwright")
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(name)), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs a Chromium binary: apt-get install chromium")
 
-SAMPLE = Path(__file__).parent / "data" / "sample_run"
 HOSTILE = '<img src=x onerror="window.pwned = 1">'
 
 

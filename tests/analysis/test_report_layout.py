@@ -1,6 +1,5 @@
 """The report leads with the answer and names no path of the machine that ran anything."""
 import re
-from pathlib import Path
 
 import pytest
 
@@ -9,8 +8,8 @@ pytest.importorskip("scipy")
 
 from attnlab.analysis.conditions import clocks_text, command_text, commit_text  # noqa: E402
 from attnlab.analysis.report import build_report  # noqa: E402
+from paths import PROFILES
 
-PROFILES = Path(__file__).parent.parent / "profiles"
 MACHINE_PATH = re.compile(r"(?<![\w.])/(root|home|tmp|work|opt|usr|var|mnt|srv)/")
 
 

@@ -61,6 +61,25 @@ def random_qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, devi
     return make(seqlen_q, heads), make(seqlen_k, kv_heads), make(seqlen_k, kv_heads)
 
 
+def contract_impls(mode, with_yardstick=False):
+    """Every registered implementation that runs `mode` on this CPU, plugins included (tests/conftest.py
+    loads ATTNLAB_KERNEL_MODULES), as pytest params; naive, the yardstick the others are held to, only
+    when asked. An ablation is its parent with one feature off, and is marked `slow`."""
+    import pytest
+
+    return [pytest.param(i.name, marks=[pytest.mark.slow] if i.ablation_of else [])
+            for i in K.implementations()
+            if mode in i.modes and i.available("cpu") and (with_yardstick or i.name != "naive")]
+
+
+def skip_unless_supported(impl, mode, dtype, head_dim):
+    import pytest
+
+    status = K.get(impl).supports(mode, dtype, head_dim, "cpu")
+    if not status:
+        pytest.skip(f"{impl}: {status.reason}")
+
+
 def usable(mode, device, dtype, head_dim):
     """Names of registered implementations that can run this case here."""
     return [i.name for i in K.implementations()

@@ -1,15 +1,14 @@
 """The serving model behind "10,000 tokens/s at 1k, 130 at 120k", its calibration and its CLI."""
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from attnlab.analysis.claim import (CLAIM, MODEL_PRESETS, Calibration, ServingModel, build_claim, explain_claim,
                                     model_config)
 from attnlab.analysis.roofline import GPU_SPECS
+from paths import SAMPLE
 
-SAMPLE = Path(__file__).parent / "data" / "sample_run"
 POINT_FIELDS = {"seq_len", "max_batch", "tok_s_max_batch", "tok_s_batch1", "tok_s_with_prefill"}
 TOP_FIELDS = {"model", "gpu", "claim", "points", "ratio_max_batch", "ratio_batch1", "ratio_with_prefill",
               "explanation"}

@@ -10,8 +10,8 @@ pytest.importorskip("pandas")
 pytest.importorskip("scipy")
 
 from attnlab.analysis.analyze import analyze  # noqa: E402
+from paths import PROFILES
 
-PROFILES = Path(__file__).parent.parent / "profiles"
 H100 = PROFILES / "h100-80gb-hbm3"
 STALE_RUNS = {"20261127T235130Z-cb1e4645", "20261127T235510Z-079f38a4"}   # the timer before its fix
 

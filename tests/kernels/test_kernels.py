@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 import attnlab.kernels as K
 from attnlab.kernels import triton_decode, triton_prefill
-from reference import (assert_close_as_naive, decode_mask, max_error, random_qkv, reference, usable,
-                       visible_keys)
+from reference import (assert_close_as_naive, contract_impls, decode_mask, max_error, random_qkv, reference,
+                       skip_unless_supported, usable, visible_keys)
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # The seqlen pairs of FlashAttention's own tests, batch and heads sized for the interpreter.
@@ -24,6 +24,7 @@ HEAD_LAYOUTS = [(4, 4), (4, 2), (4, 1)]  # MHA, GQA, MQA
 
 
 def check_prefill(impl, batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, causal, seed=0, **kw):
+    skip_unless_supported(impl, "prefill", dtype, head_dim)
     q, k, v = random_qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, seed=seed)
     ref = reference(q, k, v, visible_keys(seqlen_q, seqlen_k, causal)[None])
     if kw:
@@ -36,6 +37,7 @@ def check_prefill(impl, batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dt
 
 
 def check_decode(impl, cache_seqlens, max_seqlen, q_len, heads, kv_heads, head_dim, dtype, seed=0, **kw):
+    skip_unless_supported(impl, "decode", dtype, head_dim)
     batch = len(cache_seqlens)
     q, k, v = random_qkv(batch, q_len, max_seqlen, heads, kv_heads, head_dim, dtype, seed=seed)
     lens = torch.tensor(cache_seqlens, dtype=torch.int32)
@@ -69,7 +71,9 @@ def test_rows_that_see_no_key_are_zero():
 
 # --- prefill ---
 
-CASES = [(sq, sk, causal, HEAD_DIMS[i % len(HEAD_DIMS)], DTYPES[i % len(DTYPES)])
+# The largest pairs take seconds each in the interpreter: `slow`, so `-m "not slow"` stays quick.
+CASES = [pytest.param(sq, sk, causal, HEAD_DIMS[i % len(HEAD_DIMS)], DTYPES[i % len(DTYPES)],
+                      marks=[pytest.mark.slow] if sq * sk > 200_000 else [])
          for i, ((sq, sk), causal) in enumerate(itertools.product(SEQLEN_PAIRS, [False, True]))]
 
 
@@ -143,15 +147,17 @@ def test_triton_tma_refuses_unaligned_strides():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads", HEAD_LAYOUTS)
-@pytest.mark.parametrize("impl", ["triton", "sdpa-flash", "sdpa-math"])
+# --- the contract every registered implementation keeps, plugins included ---
+
+@pytest.mark.parametrize("impl", contract_impls("prefill"))
 def test_prefill_dtypes_and_head_layouts(impl, heads, kv_heads, dtype):
     check_prefill(impl, 2, 97, 131, heads, kv_heads, 64, dtype, causal=True)
     check_prefill(impl, 2, 131, 97, heads, kv_heads, 64, dtype, causal=True)
 
 
 @pytest.mark.parametrize("seqlen_q,seqlen_k", [(1, 1), (113, 203), (239, 1), (203, 113)])
-@pytest.mark.parametrize("impl", ["sdpa-flash", "sdpa-math"])
-def test_sdpa_bottom_right_causal(impl, seqlen_q, seqlen_k):
+@pytest.mark.parametrize("impl", contract_impls("prefill"))
+def test_bottom_right_causal(impl, seqlen_q, seqlen_k):
     check_prefill(impl, 1, seqlen_q, seqlen_k, 2, 1, 32, torch.float32, causal=True)
 
 
@@ -167,7 +173,7 @@ def test_triton_random_shapes(seqlen_q, seqlen_k, groups, kv_heads, head_dim, ca
 
 @pytest.mark.parametrize("q_len", [1, 3, 16])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl", ["triton-decode", "sdpa-flash", "sdpa-math"])
+@pytest.mark.parametrize("impl", contract_impls("decode"))
 def test_decode_ragged(impl, dtype, q_len):
     # 0 and max_seqlen included, and a length shorter than q_len (rows that see nothing).
     check_decode(impl, [0, 2, 77, 150, 203], 203, q_len, 8, 2, 64, dtype)
@@ -207,7 +213,7 @@ def test_triton_decode_q_len_16_mqa():
     check_decode("triton-decode", [64, 17], 64, 16, 8, 1, 32, torch.float32)
 
 
-@pytest.mark.parametrize("impl", ["naive", "triton-decode", "sdpa-flash", "sdpa-math"])
+@pytest.mark.parametrize("impl", contract_impls("decode", with_yardstick=True))
 def test_decode_ignores_garbage_past_each_length(impl):
     # A cache is preallocated: slots past cache_seqlens may hold anything, NaN included.
     q, k, v = random_qkv(2, 1, 96, 4, 2, 32, torch.float32)

@@ -2,15 +2,13 @@
 wrote before (the manifest, analysis/outputs.py); --force overrides the second rule only."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
 from attnlab.analysis.outputs import MANIFEST, Manifest, owned_folder, record_files
 from attnlab.cli import main
+from paths import PROFILES, SAMPLE
 
-SAMPLE = Path(__file__).parent / "data" / "sample_run"
-PROFILES = Path(__file__).parent.parent / "profiles"
 FAST = ["--bootstrap", "50", "--no-charts"]
 
 

@@ -4,19 +4,20 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from attnlab.bench import records as rec
+from paths import ROOT
+
+pytestmark = pytest.mark.slow     # pytest-benchmark in a process of its own
 
 pytest.importorskip("pytest_benchmark")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_grid_json_holds_complete_records(tmp_path):
     out = tmp_path / "bench.json"
-    command = [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", f"--benchmark-json={out}",
+    command = [sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", f"--benchmark-json={out}",
                "-q", "-p", "no:cacheprovider", "--attnlab-seq-lens=128,256", "--attnlab-kernels=naive,sdpa-flash",
                "--attnlab-budget-s=0.01"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,

@@ -78,7 +78,7 @@ def test_sdpa_flash_on_the_cpu_refuses_causal_scales_of_zero_or_below(scale):
 
 def test_torchs_cpu_flash_kernel_is_still_wrong_where_the_adapter_refuses():
     # The evidence for the rule above: should this start failing, torch has mended its kernel
-    # and the rule in kernels/sdpa.py can go.
+    # and the rule in kernels/impls/sdpa.py can go.
     q = torch.randn(1, 2, 32, 16)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         out = F.scaled_dot_product_attention(q, q, q, is_causal=True, scale=0.0)

@@ -148,7 +148,7 @@ def test_memory_model_charges_expanded_kv_and_prefill():
 
 
 def _options(**overrides):
-    base = dict(preset="tiny", attention="naive", seq_lens=(32, 64), batch=2, decode_tokens=4,
+    base = dict(model="tiny", kernel="naive", seq_lens=(32, 64), batch=2, decode_tokens=4,
                 warmup_steps=1, device="cpu", dtype="float32")
     return e2e.E2EOptions(**{**base, **overrides})
 
@@ -178,7 +178,7 @@ def test_records_follow_the_sweep_schema(tmp_path):
 
 
 def test_prefill_is_timed_and_counted(tmp_path):
-    (row,) = e2e.run(_options(seq_lens=(48,), with_prefill=True, attention="triton-decode"))
+    (row,) = e2e.run(_options(seq_lens=(48,), with_prefill=True, kernel="triton-decode"))
     assert row["status"] == "ok", row["reason"]
     assert row["mode"] == e2e.MODE_PREFILL_DECODE
     assert row["kernel"] == "triton-decode" and row["prefill_kernel"] != "triton-decode"
@@ -251,8 +251,8 @@ def test_options_name_the_bad_argument():
     with pytest.raises(ValueError, match="decode_tokens"):
         _options(decode_tokens=0).resolved()
     with pytest.raises(ValueError, match="impl"):
-        list(e2e.run(_options(attention="no-such-kernel")))
-    assert _options(preset=None, batch=None, dtype=None).resolved().batch == e2e.CPU_BATCH
+        list(e2e.run(_options(kernel="no-such-kernel")))
+    assert _options(model=None, batch=None, dtype=None).resolved().batch == e2e.CPU_BATCH
 
 
 def test_cli_writes_environment_and_records(tmp_path, capsys):
@@ -261,13 +261,69 @@ def test_cli_writes_environment_and_records(tmp_path, capsys):
 
     assert list(cli_e2e.parse_seq_lens("1k, 2k,100")) == [1024, 2048, 100]
     out = tmp_path / "run.jsonl"
-    assert main(["e2e", "--device", "cpu", "--attention", "sdpa-math", "--seq-lens", "16,32",
+    assert main(["e2e", "--device", "cpu", "--kernels", "sdpa-math", "--seq-lens", "16,32",
                  "--decode-tokens", "3", "--batch", "2", "--out", str(out)]) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines[0]["schema"] == "attnlab.environment/1"
     assert [r["seq_len"] for r in lines[1:]] == [16, 32]
     assert all(r["kernel"] == "sdpa-math" and r["status"] == "ok" for r in lines[1:])
     assert "tok/s" in capsys.readouterr().out
+
+
+def test_cli_measures_each_kernel_in_turn_into_one_file(tmp_path, capsys, monkeypatch):
+    from attnlab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["e2e", "--device", "cpu", "--kernels", "naive,sdpa-math", "--seq-lens", "16,32",
+                 "--decode-tokens", "2", "--batch", "1", "--warmup-steps", "0"]) == 0
+    out = tmp_path / "e2e-tiny.jsonl"      # several kernels: the file is named by the model alone
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    environments = [r for r in lines if r["schema"] == "attnlab.environment/1"]
+    records = [r for r in lines if r["schema"] != "attnlab.environment/1"]
+    assert len(environments) == 1
+    assert [(r["kernel"], r["seq_len"]) for r in records] == [("naive", 16), ("naive", 32),
+                                                              ("sdpa-math", 16), ("sdpa-math", 32)]
+    assert len({r["run_id"] for r in records}) == 1 and all(r["status"] == "ok" for r in records)
+    printed = capsys.readouterr().out
+    assert "tiny / naive on" in printed and "tiny / sdpa-math on" in printed
+
+
+def test_cli_names_a_single_kernels_file_by_model_and_kernel(tmp_path, monkeypatch):
+    from attnlab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["e2e", "--device", "cpu", "--model", "tiny", "--kernels", "naive", "--seq-lens", "16",
+                 "--decode-tokens", "1", "--batch", "1", "--warmup-steps", "0"]) == 0
+    assert [p.name for p in tmp_path.glob("*.jsonl")] == ["e2e-tiny-naive.jsonl"]
+
+
+def test_cli_refuses_an_unknown_kernel_before_writing(tmp_path, capsys):
+    from attnlab.cli import main
+
+    out = tmp_path / "run.jsonl"
+    assert main(["e2e", "--device", "cpu", "--kernels", "naive,no-such-kernel", "--seq-lens", "16",
+                 "--out", str(out)]) == 2
+    assert "no-such-kernel" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_spent_budget_skips_every_kernels_lengths(tmp_path):
+    from attnlab.cli import main
+
+    out = tmp_path / "run.jsonl"
+    assert main(["e2e", "--device", "cpu", "--kernels", "naive,sdpa-math", "--seq-lens", "16,32",
+                 "--decode-tokens", "1", "--batch", "1", "--budget-s", "0", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()][1:]
+    assert [r["status"] for r in records] == ["skipped"] * 4
+
+
+def test_e2e_help_names_model_and_kernels(capsys):
+    from attnlab.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["e2e", "--help"])
+    text = capsys.readouterr().out
+    assert "--model" in text and "--kernels" in text and "--prefill-kernel" in text
+    assert "--preset" not in text and "--attention" not in text and "--prefill-attention" not in text
 
 
 # --- on a GPU ----------------------------------------------------------------------------------
@@ -304,7 +360,7 @@ def test_host_syncing_implementations_stay_eager_and_say_why():
 
 @pytest.mark.gpu
 def test_e2e_on_a_gpu_plans_fills_and_captures():
-    rows = list(e2e.run(e2e.E2EOptions(preset="tiny", attention="triton-decode", seq_lens=(1024, 4096),
+    rows = list(e2e.run(e2e.E2EOptions(model="tiny", kernel="triton-decode", seq_lens=(1024, 4096),
                                        decode_tokens=8, device="cuda", mem_budget_bytes=512 * 2**20)))
     for row in rows:
         assert row["status"] == "ok", row["reason"]

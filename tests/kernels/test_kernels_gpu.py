@@ -135,7 +135,7 @@ def test_autotuning_times_every_tile_and_keeps_the_fastest(tmp_path):
 @pytest.mark.parametrize("scale", [0.0, -1.0])
 @pytest.mark.parametrize("causal", [False, True])
 def test_prefill_is_right_or_refuses_a_scale_of_zero_or_below(causal, scale):
-    # torch's CPU flash kernel is wrong here (kernels/sdpa.py): every GPU kernel is right or says so.
+    # torch's CPU flash kernel is wrong here (kernels/impls/sdpa.py): every GPU kernel is right or says so.
     q, k, v = random_qkv(2, 1024, 1024, 8, 2, 128, BF16, device="cuda")  # square: torch's own causal mask
     ref = reference(q, k, v, visible_keys(1024, 1024, causal)[None], scale=scale)
     naive = K.attention(q, k, v, causal=causal, scale=scale, impl="naive")

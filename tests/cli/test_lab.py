@@ -2,18 +2,18 @@
 implementations that run natively), reports that run beside the profiles it is given, and
 runs again into the same folder, resuming the sweep."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from attnlab.analysis.outputs import Manifest
 from attnlab.cli import main
+from paths import SAMPLE
 
-SAMPLE = Path(__file__).parent / "data" / "sample_run"
 QUICK = ["--seq-lens", "128,256,512,1024"]
 
-pytestmark = [pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the main job sweeps it"),
+pytestmark = [pytest.mark.slow,  # the main job: a two-minute CPU sweep, shortened
+              pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the main job sweeps it"),
               pytest.mark.filterwarnings("ignore")]
 
 

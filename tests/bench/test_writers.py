@@ -30,7 +30,7 @@ FOREIGN = {
     "attnlab-then-a-note": (ENV_LINE + RESULT_LINE + "buy milk").encode(),
 }
 SWEEP = ["sweep", "--device", "cpu", "--kernels", "naive", "--seq-lens", "128"]
-E2E = ["e2e", "--device", "cpu", "--attention", "naive", "--seq-lens", "16,32", "--decode-tokens", "2",
+E2E = ["e2e", "--device", "cpu", "--kernels", "naive", "--seq-lens", "16,32", "--decode-tokens", "2",
        "--batch", "1", "--warmup-steps", "0"]
 TUNE = ["tune", "--seq-lens", "64"]
 COMMANDS = {"sweep": SWEEP, "sweep-resume": SWEEP + ["--resume"], "e2e": E2E}
@@ -314,6 +314,7 @@ def test_a_record_cut_short_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
 
 # --- Ctrl-C before the sweep starts ----------------------------------------------------------
 
+@pytest.mark.slow    # the command in a process of its own
 @pytest.mark.parametrize("delay_s", [0.5, 1.5])
 def test_ctrl_c_during_start_up_prints_no_traceback(tmp_path, delay_s):
     """While torch is imported, the parser built and the kernels probed."""

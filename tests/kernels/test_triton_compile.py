@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow     # offline compiles for two GPU targets
+
 HOPPER_SHARED_BYTES = 227 * 1024
 
 

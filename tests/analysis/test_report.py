@@ -2,7 +2,6 @@
 import base64
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -10,8 +9,7 @@ pytest.importorskip("seaborn")
 pytest.importorskip("scipy")
 
 from attnlab.cli import main  # noqa: E402
-
-SAMPLE = Path(__file__).parent / "data" / "sample_run"
+from paths import SAMPLE
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import sys
 import time
 import weakref
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +18,10 @@ from attnlab.bench import sweep as sw
 from attnlab.bench.workloads import Workload, flops, point_key
 from attnlab.cli import main
 from attnlab.cli._progress import make_progress
-from attnlab.kernels import naive, registry, resolve
+from attnlab.kernels import registry, resolve
+from attnlab.kernels.impls import naive
+from paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = Workload("tiny", batch=1, heads=2, kv_heads=1, head_dim=16, dtype="float32", causal=True,
                 seq_lens=(128, 256, 512))
 
@@ -29,14 +29,15 @@ TINY = Workload("tiny", batch=1, heads=2, kv_heads=1, head_dim=16, dtype="float3
 @pytest.fixture
 def register(monkeypatch):
     """Registers a test-only implementation for one test; the registry is restored after."""
+    added = []
+
     def add(name, prefill=None, decode=None, **fields):
-        impl = registry.Implementation(
-            name=name, description="test only", dtypes=(torch.float32,), head_dims=lambda d: True,
-            head_dims_text="any", devices=("cpu",), probe=lambda device_type: registry.YES,
-            prefill=prefill, decode=decode, **fields)
-        monkeypatch.setitem(registry._REGISTRY, name, impl)
-        return impl
-    return add
+        added.append(name)
+        return registry.register_kernel(name, prefill=prefill, decode=decode, description="test only",
+                                        dtypes=(torch.float32,), devices=("cpu",), **fields)
+    yield add
+    for name in added:
+        registry.unregister(name)
 
 
 def _sweep(tmp_path, kernels, progress=None, **kw):
@@ -133,6 +134,7 @@ def _wait_for_results(out, count, proc, timeout_s=60):
     raise AssertionError(f"fewer than {count} records after {timeout_s} s")
 
 
+@pytest.mark.slow    # a sweep in a process of its own
 def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
     out = tmp_path / "killed.jsonl"
     proc = _start_sweep(out)
@@ -156,6 +158,7 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
     assert f"({len(before)} already in the file)" in finished.stdout
 
 
+@pytest.mark.slow    # a sweep in a process of its own
 def test_ctrl_c_stops_cleanly_and_says_how_to_go_on(tmp_path):
     out = tmp_path / "interrupted.jsonl"
     proc = _start_sweep(out)
