@@ -18,6 +18,7 @@ from attnlab.analysis.fits import fit_all, left_out, write_fits
 from attnlab.analysis.load import label_this_machine, load
 from attnlab.analysis.roofline import roofline
 from attnlab.analysis.select import exclusion_kind
+from attnlab.models import DEFAULT_MODEL
 
 ROOFLINE_COLUMNS = ["run_id", "kernel", "mode", "workload", "device", "dtype", "seq_len", "achieved", "peak",
                     "peak_unit", "pct_of_peak", "peak_source"]
@@ -41,7 +42,7 @@ class Analysis:
         return self.loaded.results
 
 
-def analyze(paths, out_dir, *, baseline=None, model="llama3-8b", gpu=None, formats=("png", "svg"),
+def analyze(paths, out_dir, *, baseline=None, model=DEFAULT_MODEL, gpu=None, formats=("png", "svg"),
             charts: bool = True, n_boot: int = 2000, all_runs: bool = False, this_machine=()) -> Analysis:
     """Load `paths` (files or folders), analyse and write into `out_dir`. `gpu` is the claim
     model's GPU (preset or device name); by default the one the records name, else h100-sxm.

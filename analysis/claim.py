@@ -24,7 +24,7 @@ from attnlab import text as fmt
 from attnlab.analysis import _deps
 from attnlab.analysis.roofline import GPU_SPECS, GpuSpec, gpu_spec, match_gpu
 from attnlab.analysis.select import recorded_memory, standing_ok
-from attnlab.models import AttentionMemory, ModelConfig
+from attnlab.models import DEFAULT_MODEL, AttentionMemory, ModelConfig
 
 CLAIM = {"short_ctx": 1024, "short_tok_s": 10000, "long_ctx": 122880, "long_tok_s": 130}
 CLAIM_SOURCE = ("Cartridges (arXiv 2506.06266), Fig. 3 and App. A.3: Llama-3 8B, one H100, SGLang, "
@@ -535,7 +535,7 @@ def _prefill_attention(fits, model: ModelConfig):
             f"layer and sequence at {fmt.k(longest)}")
 
 
-def build_claim(model="llama3-8b", gpu="h100-sxm", *, seq_lens=DEFAULT_SEQ_LENS, num_gpus: int = 1,
+def build_claim(model=DEFAULT_MODEL, gpu="h100-sxm", *, seq_lens=DEFAULT_SEQ_LENS, num_gpus: int = 1,
                 decode_tokens: int = 128, calibration: Calibration | None = None, results=None, fits=None,
                 environments=None) -> tuple[dict, list]:
     """The claim document for a model and GPU (presets or configs). With `results` (a loaded

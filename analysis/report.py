@@ -23,6 +23,7 @@ from attnlab.analysis.claim import CLAIM
 from attnlab.analysis.fits import MIN_LENGTHS, SELECTION, extrapolated_text, worst_miss
 from attnlab.analysis.roofline import roofline_summary
 from attnlab.analysis.select import exclusion_kind
+from attnlab.models import DEFAULT_MODEL
 
 
 SELECTION_NOTE = (f"Selection: {SELECTION}. Records measured with a known fault are retracted in a retractions.jsonl "
@@ -41,7 +42,7 @@ class Report:
     warnings: list = field(default_factory=list)
 
 
-def build_report(paths, out_dir, *, baseline=None, model="llama3-8b", gpu=None, formats=("png", "svg"),
+def build_report(paths, out_dir, *, baseline=None, model=DEFAULT_MODEL, gpu=None, formats=("png", "svg"),
                  n_boot: int = 2000, all_runs: bool = False, this_machine=()) -> Report:
     """Analyse `paths` (run folders or files) as `analyze` does and write report.html and
     report.md beside its files in `out_dir`."""

@@ -93,6 +93,8 @@ class ModelConfig:
         return 4 * self.layers * self.heads * self.head_dim
 
 
+DEFAULT_MODEL = "llama3-8b"     # the served model the claim is about, and every command's default
+
 PRESETS = {
     "llama3-8b": ModelConfig("llama3-8b", layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128,
                              intermediate=14336, vocab=128256),

@@ -58,7 +58,7 @@ class E2EOptions:
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         cpu = check_device(device).type == "cpu"
         out = E2EOptions(**{**vars(self), "device": device})
-        out.model = self.model or ("tiny" if cpu else "llama3-8b")
+        out.model = self.model or ("tiny" if cpu else models.DEFAULT_MODEL)
         out.seq_lens = tuple(self.seq_lens or (CPU_SEQ_LENS if cpu else DEFAULT_SEQ_LENS))
         out.dtype = self.dtype or ("float32" if cpu else "bfloat16")
         if out.batch is None and cpu and self.mem_budget_bytes is None:

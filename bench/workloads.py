@@ -116,7 +116,7 @@ def model_attention(model: str, batch: int = 1) -> Workload:
 
 PRESETS = {
     # Llama-3 8B's attention, from its model shape: 32 query heads sharing 8 kv heads (GQA), head_dim 128.
-    "llama3-8b": model_attention("llama3-8b"),
+    models.DEFAULT_MODEL: model_attention(models.DEFAULT_MODEL),
     # The FlashAttention papers' benchmark: batch x seqlen = 16k tokens, 16 heads of 128, non-causal.
     "fa-paper": Workload("fa-paper", batch=None, heads=16, kv_heads=16, head_dim=128,
                          dtype="bfloat16", causal=False, tokens_per_batch=16384),
@@ -134,7 +134,7 @@ def preset(name: str) -> Workload:
 
 
 def default_preset(device_type: str) -> str:
-    return "llama3-8b" if device_type == "cuda" else "cpu-small"
+    return models.DEFAULT_MODEL if device_type == "cuda" else "cpu-small"
 
 
 @dataclass(frozen=True)

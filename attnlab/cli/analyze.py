@@ -5,6 +5,7 @@ import sys
 
 from attnlab import text
 from attnlab.cli._args import bootstrap_draws, chart_formats, error_line, output_folder
+from attnlab.models import DEFAULT_MODEL
 
 HELP = "fit latency against context, compare with the GPU's peaks and draw the charts"
 OWNERSHIP = ("DIR must be new, empty, or hold only files attnlab wrote there (listed in its .attnlab-outputs); "
@@ -28,7 +29,7 @@ def add_common(parser) -> None:
     parser.add_argument("--baseline", default=None,
                         help="kernel the speedup charts divide by (default: sdpa-flash, flash-attn, sdpa-math "
                              "or naive, the first present)")
-    parser.add_argument("--model", default="llama3-8b", choices=sorted(MODEL_PRESETS),
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODEL_PRESETS),
                         help="model preset of the claim (default %(default)s)")
     parser.add_argument("--gpu", default=None,
                         help="GPU of the claim model (default: the one the records name, else h100-sxm)")

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from attnlab.cli._args import error_line, finite_ms, fraction, output_file, positive_int
+from attnlab.models import DEFAULT_MODEL
 
 HELP = "explain the drop in output tokens/s from 1k to 128k of context with a serving model"
 
@@ -16,7 +17,7 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("results", nargs="*", metavar="RESULTS",
                         help="optional result files or folders: calibrate on them and show measured points")
-    parser.add_argument("--model", default="llama3-8b", choices=sorted(MODEL_PRESETS),
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODEL_PRESETS),
                         help="model preset (default %(default)s)")
     parser.add_argument("--gpu", default=None,
                         help=f"GPU preset ({', '.join(GPU_SPECS)}) or device name (default: the one the "
