@@ -1,6 +1,10 @@
 """The kernel x length grid under pytest-benchmark.
 
-    pytest benchmarks/ --benchmark-only --benchmark-json=bench.json
+    pytest --benchmark-only --benchmark-json=bench.json        # from the repository root
+
+Plain `pytest` runs the tests and leaves the grid out; `--benchmark-only`, or naming this
+folder, runs it. After pytest-benchmark's table of times the grid prints the rates the
+times imply (TFLOP/s for prefill, GB/s for decode), which that table has no column for.
 
 On a GPU the grid is the llama3-8b workload, timed with CUDA events (the benchmark's clock
 reads events, not the CPU clock around an asynchronous launch) with the L2 cache flushed
@@ -68,6 +72,7 @@ class Grid:
     run_id: str
     session_budget_s: Optional[float] = None
     started_s: float = field(default_factory=time.monotonic)
+    records: list = field(default_factory=list)     # what each benchmark measured, for the rates table
     _timer: object = field(default=None, init=False, repr=False)
     _env: Optional[dict] = field(default=None, init=False, repr=False)
 
@@ -159,12 +164,41 @@ def pytest_generate_tests(metafunc):
 def pytest_collection_modifyitems(config, items):
     from attnlab.bench.timer import CudaEventClock
 
+    if _grid_left_out(config):
+        grid_items = [item for item in items if "benchmark" in getattr(item, "fixturenames", ())]
+        config.hook.pytest_deselected(items=grid_items)
+        items[:] = [item for item in items if item not in grid_items]
+        return
     grid = grid_for(config)
     # On a GPU each round starts behind a spin as long as the timer's lead, so launches queue first.
     clock = CudaEventClock(lambda: grid.timer.lead_cycles()) if grid.device.type == "cuda" else time.perf_counter
     for item in items:
         if "benchmark" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.benchmark(timer=clock))
+
+
+def _grid_left_out(config) -> bool:
+    # Collected only because it is in testpaths, without --benchmark-only: a plain `pytest` run.
+    from_testpaths = config.args_source == pytest.Config.ArgsSource.TESTPATHS
+    return from_testpaths and not config.getoption("benchmark_only", False)
+
+
+@pytest.hookimpl(trylast=True)     # after pytest-benchmark's own tables
+def pytest_terminal_summary(terminalreporter, config):
+    grid = config.stash.get(GRID_KEY, None)
+    if grid is None or not grid.records:
+        return
+    from attnlab.text import table
+
+    rows = [(r["mode"], r["kernel"], r["seq_len"], f"{r['median_ms']:.4g}", _rate(r.get("tflops")),
+             _rate(r.get("gbps"))) for r in sorted(grid.records, key=lambda r: (r["mode"], r["seq_len"], r["kernel"]))]
+    terminalreporter.write_sep("-", f"attnlab rates: {grid.workload.name} on {grid.device}, median of the rounds")
+    terminalreporter.write_line(table(("mode", "kernel", "seq_len", "median ms", "TFLOP/s", "GB/s"), rows,
+                                      align="numbers"))
+
+
+def _rate(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """One benchmark per (mode, kernel, length) of the grid; see benchmarks/conftest.py.
 
-    pytest benchmarks/ --benchmark-only --benchmark-json=bench.json
+    pytest --benchmark-only --benchmark-json=bench.json
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def test_attention(benchmark, grid, mode, kernel, seq_len):
     if record is None:
         return   # --benchmark-disable: the call ran once, nothing was timed
     benchmark.extra_info.update(jsonable(record))
+    grid.records.append(record)
     assert record["schema"] == SCHEMA and list(record)[:len(FIELDS)] == list(FIELDS)
     assert record["median_ms"] > 0 and math.isfinite(record["tflops"])
 
