@@ -1,21 +1,67 @@
-"""Which keys each query sees: the one definition every implementation follows."""
+"""Which keys each query sees, and how its scores are shaped, as torch masks: the rule itself is
+attnlab/visibility.py (no torch, so analysis draws the same masks).
+
+Within a sequence of seqlen_q queries over seqlen_k keys, query i sits at position
+p = i + seqlen_k - seqlen_q (bottom-right); `window` = (left, right) bounds the keys it sees
+(-1: unbounded), and with `softcap` > 0 a score s (already scaled) becomes
+softcap * tanh(s / softcap). A query that sees no key gives zeros.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
+from attnlab.visibility import FULL, sees
 
-def visible(seqlen_q: int, seqlen_k: int, causal: bool, device=None) -> torch.Tensor:
-    """Bool (seqlen_q, seqlen_k): query i sees key j iff j <= i + seqlen_k - seqlen_q (bottom-right)."""
-    if not causal:
-        return torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
-    i = torch.arange(seqlen_q, device=device)[:, None]
-    j = torch.arange(seqlen_k, device=device)[None, :]
-    return j <= i + (seqlen_k - seqlen_q)
+OPTIONS = ("window", "softcap")
 
 
-def decode_visible(cache_seqlens: torch.Tensor, q_len: int, max_seqlen: int) -> torch.Tensor:
-    """Bool (batch, q_len, max_seqlen): the last q_len positions of each sequence, causal."""
+@dataclass(frozen=True)
+class Variant:
+    """The options of one attention call beyond causal and scale; the defaults are plain attention."""
+
+    window: tuple = FULL
+    softcap: float = 0.0
+
+    def used(self) -> tuple:
+        """The options this call sets, by name."""
+        return tuple(name for name, on in (("window", self.window != FULL), ("softcap", self.softcap > 0)) if on)
+
+    def kwargs(self) -> dict:
+        """What an implementation's call receives: only the options set, so a kernel that declares
+        none keeps its five-argument signature."""
+        return {name: getattr(self, name) for name in self.used()}
+
+
+PLAIN = Variant()
+
+
+def checked_variant(window=FULL, softcap=0.0) -> Variant:
+    """A Variant from the API's arguments, or an error naming the argument."""
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
+        raise ValueError(f"window: expected (left, right), each a number of keys >= 0 or -1 for unbounded, "
+                         f"got {window!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 <= softcap < float("inf"):
+        raise ValueError(f"softcap: expected a finite number >= 0 (0: off), got {softcap!r}")
+    return Variant(tuple(int(w) for w in window), float(softcap))
+
+
+def visible(seqlen_q: int, seqlen_k: int, causal: bool, device=None, window=FULL) -> torch.Tensor:
+    """Bool (seqlen_q, seqlen_k): which keys each query sees."""
+    p = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
+    return sees(p, torch.arange(seqlen_k, device=device)[None, :], causal, window)
+
+
+def decode_visible(cache_seqlens: torch.Tensor, q_len: int, max_seqlen: int, window=FULL) -> torch.Tensor:
+    """Bool (batch, q_len, max_seqlen): the last q_len positions of each sequence, causal, in its window."""
     lens = cache_seqlens.long()[:, None, None]
-    i = torch.arange(q_len, device=cache_seqlens.device)[None, :, None]
+    p = torch.arange(q_len, device=cache_seqlens.device)[None, :, None] + lens - q_len
     j = torch.arange(max_seqlen, device=cache_seqlens.device)[None, None, :]
-    return (j < lens) & (j <= i + lens - q_len)
+    return (j < lens) & sees(p, j, True, window)
+
+
+def capped(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Scaled scores with Gemma 2's logit cap applied (unchanged when softcap is 0)."""
+    return scores if softcap <= 0 else softcap * torch.tanh(scores / softcap)

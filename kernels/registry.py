@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
+from attnlab.kernels.masks import OPTIONS, PLAIN, Variant
 from attnlab.models import AttentionMemory
 from attnlab.schema import DECODE, KERNEL_MODES as MODES, PREFILL  # noqa: F401  (the API names them here too)
 
@@ -71,6 +72,8 @@ class Implementation:
     baseline: bool = False
     prefill_partner: str = ""
     tune: Optional[Callable] = None
+    options: tuple = ()
+    varlen: Optional[Callable] = None
     origin: str = ""
 
     def attention_memory(self, device_type: str) -> AttentionMemory:
@@ -105,16 +108,28 @@ class Implementation:
         return self.limits(device_type, dtype, head_dim) if self.limits else YES
 
     def serves(self, mode: str, q: torch.Tensor, k=None, v=None, causal: bool = False,
-               scale: float = 1.0) -> Availability:
+               scale: float = 1.0, variant: Variant = PLAIN, varlen: bool = False) -> Availability:
         """Can this implementation run `mode` for these (batch, seqlen, heads, head_dim) tensors:
-        on q's device, dtype and head_dim, and, where k and v are given, by its input rules?"""
+        on q's device, dtype and head_dim, with the variant's options (and packed, with `varlen`),
+        and, where k and v are given, by its input rules?"""
         device_type = q.device.type
         status = self.available(device_type)
         if status:
             status = self.supports(mode, q.dtype, q.shape[-1], device_type)
-        if status and k is not None and self.input_rules:
+        if status:
+            status = self.takes(variant, varlen)
+        if status and k is not None and self.input_rules and not varlen:
             status = self.input_rules(q, k, v, causal, scale)
         return status
+
+    def takes(self, variant: Variant = PLAIN, varlen: bool = False) -> Availability:
+        """Does this implementation take these options? A refusal names the option as its argument."""
+        if varlen and self.varlen is None:
+            return no("does not take packed sequences (varlen)", "cu_seqlens_q")
+        for option in variant.used():
+            if option not in self.options:
+                return no(f"does not support {option} (it takes: {', '.join(self.options) or 'no options'})", option)
+        return YES
 
 
 _REGISTRY: dict[str, Implementation] = {}
@@ -127,7 +142,7 @@ def register_kernel(name: str, *, prefill: Optional[Callable] = None, decode: Op
                     limits: Optional[Callable] = None, input_rules: Optional[Callable] = None,
                     prepare_decode: Optional[Callable] = None, memory=None, emulated_on=(),
                     ablation_of: str = "", baseline: bool = False, prefill_partner: str = "",
-                    tune: Optional[Callable] = None) -> Implementation:
+                    tune: Optional[Callable] = None, options=(), varlen: Optional[Callable] = None) -> Implementation:
     """Add an attention implementation to the lab; returns what was registered.
 
     The calls, on tensors in the (batch, seqlen, heads, head_dim) layout that the API has
@@ -136,7 +151,14 @@ def register_kernel(name: str, *, prefill: Optional[Callable] = None, decode: Op
           bottom-right aligned, and a query row that sees no key is zeros;
       `decode(q, k_cache, v_cache, cache_seqlens, scale)` -> like q; sequence b attends to the
           first cache_seqlens[b] slots, its q_len queries being the last of them.
-    At least one is given. What the lab needs to know besides, with its default:
+    At least one is given. Beyond plain attention (see masks.py for the rules):
+      `options`: which of "window" and "softcap" the calls take; they then receive `window=(left,
+          right)` and `softcap=s` as keywords, only when a call sets them. The API refuses an
+          option an implementation does not declare, naming it, and never drops it.
+      `varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)`:
+          packed sequences, q (total_q, heads, head_dim), k and v (total_k, kv_heads, head_dim),
+          cu_seqlens int32 (batch + 1,); the options as for prefill.
+    What the lab needs to know besides, with its default:
       `devices`: device types it runs on ("cpu", "cuda"); `dtypes`: torch dtypes or their names;
       `head_dims`: None (any), a range or collection of sizes, or (predicate, text);
       `probe(device_type)`: whether it runs here (an optional package, a GPU generation), as
@@ -169,13 +191,22 @@ def register_kernel(name: str, *, prefill: Optional[Callable] = None, decode: Op
         speed_rank=_speed_rank(speed_rank, devices), limits=limits, input_rules=input_rules,
         prepare_decode=prepare_decode, emulated_on=_names("emulated_on", emulated_on, empty=True),
         ablation_of=ablation_of, memory=_memory(memory), baseline=bool(baseline),
-        prefill_partner=prefill_partner, tune=tune, origin=_caller_module())
+        prefill_partner=prefill_partner, tune=tune, options=_options(options),
+        varlen=_callable("varlen", varlen), origin=_caller_module())
     if not impl.modes:
         raise ValueError(f"prefill: {name!r} registers neither prefill nor decode; give at least one")
     if name in _REGISTRY:
         raise ValueError(f"name: implementation {name!r} is already registered (by {_REGISTRY[name].origin})")
     _REGISTRY[name] = impl
     return impl
+
+
+def _options(options) -> tuple:
+    options = (options,) if isinstance(options, str) else tuple(options)
+    unknown = [o for o in options if o not in OPTIONS]
+    if unknown:
+        raise ValueError(f"options: expected some of {', '.join(OPTIONS)}, got {', '.join(map(repr, unknown))}")
+    return options
 
 
 def _checked_name(name) -> str:

@@ -24,12 +24,17 @@ def run(args) -> int:
         rows.append((impl.name, ",".join(impl.modes),
                      ",".join(str(d).removeprefix("torch.").replace("float", "fp").replace("bfp", "bf")
                               for d in impl.dtypes),
-                     impl.head_dims_text, ",".join(impl.devices), _origin(impl.origin),
+                     impl.head_dims_text, _options(impl), ",".join(impl.devices), _origin(impl.origin),
                      "available" if status else f"unavailable: {status.reason}"))
-    print(table(("name", "modes", "dtypes", "head_dim", "devices", "from", f"on {device}"), rows))
+    print(table(("name", "modes", "dtypes", "head_dim", "options", "devices", "from", f"on {device}"), rows))
     for failure in args.plugin_failures:
         print(f"not loaded: {failure}")
     return 0
+
+
+def _options(impl) -> str:
+    """What it takes beyond plain attention: window, softcap, varlen (packed sequences)."""
+    return ",".join((*impl.options, *(("varlen",) if impl.varlen else ()))) or "-"
 
 
 def _origin(origin: str) -> str:

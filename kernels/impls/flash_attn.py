@@ -9,6 +9,7 @@ import importlib
 
 import torch
 
+from attnlab.kernels.masks import FULL
 from attnlab.kernels.registry import contiguous_head_dim, cuda_capability, no, register_kernel
 
 
@@ -24,17 +25,26 @@ def _probe(device_type: str):
     return cuda_capability(8, f"flash-attn {module.__version__}")
 
 
-def prefill(q, k, v, causal, scale):
-    return _flash_attn().flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
+def prefill(q, k, v, causal, scale, window=FULL, softcap=0.0):
+    return _flash_attn().flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, window_size=window,
+                                         softcap=softcap)
 
 
-def decode(q, k_cache, v_cache, cache_seqlens, scale):
+def decode(q, k_cache, v_cache, cache_seqlens, scale, window=FULL, softcap=0.0):
     return _flash_attn().flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
-                                                 softmax_scale=scale, causal=True)
+                                                 softmax_scale=scale, causal=True, window_size=window,
+                                                 softcap=softcap)
+
+
+def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window=FULL,
+           softcap=0.0):
+    return _flash_attn().flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                softmax_scale=scale, causal=causal, window_size=window,
+                                                softcap=softcap)
 
 
 register_kernel(
-    "flash-attn", prefill=prefill, decode=decode,
+    "flash-attn", prefill=prefill, decode=decode, varlen=varlen, options=("window", "softcap"),  # same conventions
     description="flash-attn package: flash_attn_func, flash_attn_with_kvcache",
     devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), head_dims=range(8, 257, 8),
     probe=_probe, speed_rank=10, baseline=True,

@@ -1,4 +1,5 @@
-"""The quadratic baseline: the full score matrix in memory, softmax in fp32.
+"""The quadratic baseline: the full score matrix in memory, softmax in fp32; every option
+(windows, softcap, packed sequences), as the yardstick for those who take them.
 
 Scores and P @ V run in the input dtype, as a framework's plain attention would, so its
 error is the honest yardstick for what a dtype costs.
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from attnlab.kernels.masks import decode_visible, visible
+from attnlab.kernels.masks import FULL, capped, decode_visible, visible
 from attnlab.kernels.registry import register_kernel
 from attnlab.models import AttentionMemory
 
@@ -15,14 +16,14 @@ from attnlab.models import AttentionMemory
 MEMORY = AttentionMemory(expands_kv=True, fp32_scores=True)
 
 
-def _attend(q, k, v, mask, scale):
+def _attend(q, k, v, mask, scale, softcap=0.0):
     """q (B, Sq, H, D); k, v (B, Sk, KVH, D); mask broadcastable to (B, H, Sq, Sk)."""
     groups = q.shape[2] // k.shape[2]
     qh = q.transpose(1, 2)                                   # (B, H, Sq, D)
     kh = k.transpose(1, 2).repeat_interleave(groups, dim=1)  # (B, H, Sk, D)
     vh = v.transpose(1, 2).repeat_interleave(groups, dim=1)
     softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 input
-    scores = (qh @ kh.transpose(-1, -2)).to(softmax_dtype) * scale  # the (B, H, Sq, Sk) matrix
+    scores = capped((qh @ kh.transpose(-1, -2)).to(softmax_dtype) * scale, softcap)  # the (B, H, Sq, Sk) matrix
     scores = scores.masked_fill(~mask, float("-inf"))       # a select: a hidden NaN key is gone
     out = torch.softmax(scores, dim=-1).to(q.dtype) @ vh
     # A row that sees no key is all -inf, whose softmax is NaN: by contract it is zeros. Only
@@ -31,19 +32,30 @@ def _attend(q, k, v, mask, scale):
     return out.transpose(1, 2).contiguous()
 
 
-def prefill(q, k, v, causal, scale):
-    return _attend(q, k, v, visible(q.shape[1], k.shape[1], causal, q.device), scale)
+def prefill(q, k, v, causal, scale, window=FULL, softcap=0.0):
+    return _attend(q, k, v, visible(q.shape[1], k.shape[1], causal, q.device, window), scale, softcap)
 
 
-def decode(q, k_cache, v_cache, cache_seqlens, scale):
-    mask = decode_visible(cache_seqlens, q.shape[1], k_cache.shape[1])[:, None]  # (B, 1, q_len, S)
+def decode(q, k_cache, v_cache, cache_seqlens, scale, window=FULL, softcap=0.0):
+    mask = decode_visible(cache_seqlens, q.shape[1], k_cache.shape[1], window)[:, None]  # (B, 1, q_len, S)
     # Slots past a sequence's length may hold anything (NaN too); 0 x NaN would leak into P @ V.
     written = torch.arange(k_cache.shape[1], device=q.device) < cache_seqlens[:, None].long()
-    return _attend(q, k_cache, v_cache.masked_fill(~written[:, :, None, None], 0.0), mask, scale)
+    return _attend(q, k_cache, v_cache.masked_fill(~written[:, :, None, None], 0.0), mask, scale, softcap)
+
+
+def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window=FULL,
+           softcap=0.0):
+    """Each packed sequence on its own: q (total_q, H, D), k and v (total_k, KVH, D)."""
+    out = q.new_zeros(q.shape)
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for q0, q1, k0, k1 in zip(starts_q, starts_q[1:], starts_k, starts_k[1:]):
+        if q1 > q0 and k1 > k0:
+            out[q0:q1] = prefill(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal, scale, window, softcap)[0]
+    return out
 
 
 register_kernel(
-    "naive", prefill=prefill, decode=decode,
+    "naive", prefill=prefill, decode=decode, varlen=varlen, options=("window", "softcap"),
     description="quadratic baseline: full score matrix, softmax in fp32",
     devices=("cpu", "cuda"), dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     speed_rank={"cpu": 30, "cuda": 90}, memory=MEMORY, baseline=True,

@@ -13,26 +13,22 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnlab.kernels.registry import YES, Availability, contiguous_head_dim, no, register_kernel
+from attnlab.kernels.masks import FULL, visible
 from attnlab.models import AttentionMemory
 
 HALF = (torch.float16, torch.bfloat16)
 
 
-def _prefill(backend, q, k, v, causal, scale):
-    """q (B, Sq, H, D); k, v (B, Sk, KVH, D) -> (B, Sq, H, D), bottom-right causal."""
+def _prefill(backend, q, k, v, causal, scale, window=FULL):
+    """q (B, Sq, H, D); k, v (B, Sk, KVH, D) -> (B, Sq, H, D), bottom-right causal, within `window`."""
     seqlen_q, seqlen_k = q.shape[1], k.shape[1]
     if causal and seqlen_q > seqlen_k:
         # The first seqlen_q - seqlen_k rows see no key; the rest form a square causal problem.
         out = q.new_zeros(q.shape)
         if seqlen_k:
-            out[:, seqlen_q - seqlen_k:] = _prefill(backend, q[:, seqlen_q - seqlen_k:], k, v, True, scale)
+            out[:, seqlen_q - seqlen_k:] = _prefill(backend, q[:, seqlen_q - seqlen_k:], k, v, True, scale, window)
         return out
-    mask, is_causal = None, False
-    if causal and seqlen_q == seqlen_k:
-        is_causal = True
-    elif causal and seqlen_q > 1:
-        from torch.nn.attention.bias import causal_lower_right  # imports torch._dynamo: seconds
-        mask = causal_lower_right(seqlen_q, seqlen_k)
+    mask, is_causal = _mask(seqlen_q, seqlen_k, causal, q.device, window)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     groups = q.shape[2] // k.shape[2]
     if groups > 1 and not _native_gqa(backend, q.device.type):
@@ -45,27 +41,42 @@ def _prefill(backend, q, k, v, causal, scale):
         # torch refuses before launching when the pinned backend cannot take these inputs.
         raise ValueError(f"impl: torch's {backend.name} backend refused {_shape_text(q, k, causal)}: "
                          f"{str(exc).splitlines()[0]}") from exc
+    if window != FULL:  # a row the window leaves empty is zeros, where SDPA's softmax over nothing is NaN
+        out = out.masked_fill(~mask.any(-1)[None, None, :, None], 0.0)
     return out.transpose(1, 2)
 
 
-def _decode(backend, q, k_cache, v_cache, cache_seqlens, scale):
+def _mask(seqlen_q, seqlen_k, causal, device, window):
+    """(attn_mask, is_causal) for SDPA: its own causal flag where it is right (a square problem),
+    an explicit mask for bottom-right causal and for windows (the backends that take a mask)."""
+    if window != FULL:
+        return visible(seqlen_q, seqlen_k, causal, device, window), False
+    if causal and seqlen_q == seqlen_k:
+        return None, True
+    if causal and seqlen_q > 1:
+        from torch.nn.attention.bias import causal_lower_right  # imports torch._dynamo: seconds
+        return causal_lower_right(seqlen_q, seqlen_k), False
+    return None, False
+
+
+def _decode(backend, q, k_cache, v_cache, cache_seqlens, scale, window=FULL):
     """SDPA has no ragged cache: attend per group of equal lengths (reading lengths syncs)."""
-    return _prepare_decode(backend, q, k_cache, v_cache, cache_seqlens, scale)()
+    return _prepare_decode(backend, q, k_cache, v_cache, cache_seqlens, scale, window)()
 
 
-def _prepare_decode(backend, q, k_cache, v_cache, cache_seqlens, scale):
+def _prepare_decode(backend, q, k_cache, v_cache, cache_seqlens, scale, window=FULL):
     """Read the lengths once (a host sync) and return a call that needs no sync."""
     lengths = cache_seqlens.tolist()
     if len(set(lengths)) == 1:
         n = lengths[0]
-        return lambda: _prefill(backend, q, k_cache[:, :n], v_cache[:, :n], True, scale)
+        return lambda: _prefill(backend, q, k_cache[:, :n], v_cache[:, :n], True, scale, window)
     groups = [(n, torch.tensor([b for b, m in enumerate(lengths) if m == n], device=q.device))
               for n in sorted(set(lengths))]
 
     def call():
         out = q.new_empty(q.shape)
         for n, rows in groups:
-            out[rows] = _prefill(backend, q[rows], k_cache[rows, :n], v_cache[rows, :n], True, scale)
+            out[rows] = _prefill(backend, q[rows], k_cache[rows, :n], v_cache[rows, :n], True, scale, window)
         return out
     return call
 
@@ -148,13 +159,14 @@ def _shape_text(q, k, causal):
 
 
 def _register(name, backend, description, dtypes, devices, limits, speed_rank, input_rules=contiguous_head_dim,
-              baseline=False):
+              baseline=False, options=()):
     register_kernel(
         name, description=description, dtypes=dtypes, devices=devices, probe=_probe(backend),
         prefill=functools.partial(_prefill, backend),
         decode=functools.partial(_decode, backend),
         prepare_decode=functools.partial(_prepare_decode, backend),
         speed_rank=speed_rank, limits=limits, input_rules=input_rules, memory=_memory(backend), baseline=baseline,
+        options=options,
     )
 
 
@@ -165,7 +177,7 @@ _register("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, "torch SDPA, cuDNN backend",
           HALF, ("cuda",), _cuda_limits(HALF, 256), {"cuda": 20})
 _register("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, "torch SDPA, memory-efficient backend",
           (torch.float16, torch.bfloat16, torch.float32), ("cuda",),
-          _cuda_limits((torch.float16, torch.bfloat16, torch.float32), 512), {"cuda": 50})
+          _cuda_limits((torch.float16, torch.bfloat16, torch.float32), 512), {"cuda": 50}, options=("window",))
 _register("sdpa-math", SDPBackend.MATH, "torch SDPA, math backend (unfused)",
           ALL, ("cpu", "cuda"), None, {"cpu": 20, "cuda": 80}, input_rules=None,  # takes any layout
-          baseline=True)
+          baseline=True, options=("window",))

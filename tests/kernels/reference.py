@@ -6,16 +6,21 @@ import torch
 import attnlab.kernels as K
 
 
-def visible_keys(seqlen_q, seqlen_k, causal):
-    """Bool (seqlen_q, seqlen_k), bottom-right aligned: query i sees key j iff j <= i + sk - sq."""
-    mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
-    if causal:
-        for i in range(seqlen_q):
-            mask[i, max(0, i + seqlen_k - seqlen_q + 1):] = False
+def visible_keys(seqlen_q, seqlen_k, causal, window=(-1, -1)):
+    """Bool (seqlen_q, seqlen_k), written out one pair at a time from the definition: query i sits
+    at p = i + sk - sq and sees key j iff it is inside the window (left, right; -1 unbounded)
+    and, when causal, j <= p."""
+    left, right = window
+    mask = torch.zeros(seqlen_q, seqlen_k, dtype=torch.bool)
+    for i in range(seqlen_q):
+        p = i + seqlen_k - seqlen_q
+        for j in range(seqlen_k):
+            mask[i, j] = ((left < 0 or j >= p - left) and (right < 0 or j <= p + right)
+                          and (not causal or j <= p))
     return mask
 
 
-def reference(q, k, v, mask, scale=None):
+def reference(q, k, v, mask, scale=None, softcap=0.0):
     """q (B, Sq, H, D), k/v (B, Sk, KVH, D), mask (B or 1, Sq, Sk) -> float64 (B, Sq, H, D)."""
     q, k, v = (t.detach().double() for t in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -23,20 +28,33 @@ def reference(q, k, v, mask, scale=None):
     out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
     for h in range(q.shape[2]):
         scores = torch.einsum("bqd,bkd->bqk", q[:, :, h], k[:, :, h // groups]) * scale
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~mask.to(q.device), float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
         out[:, :, h] = torch.einsum("bqk,bkd->bqd", probs, v[:, :, h // groups])
     return out
 
 
-def decode_mask(cache_seqlens, q_len, max_seqlen):
+def decode_mask(cache_seqlens, q_len, max_seqlen, window=(-1, -1)):
     rows = []
     for n in cache_seqlens.tolist():
         m = torch.zeros(q_len, max_seqlen, dtype=torch.bool)
         if n:
-            m[:, :n] = visible_keys(q_len, n, True)
+            m[:, :n] = visible_keys(q_len, n, True, window)
         rows.append(m)
     return torch.stack(rows)
+
+
+def reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale=None, window=(-1, -1), softcap=0.0):
+    """Packed sequences (total, heads, head_dim), each attended on its own -> float64 (total_q, H, D)."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    bounds = zip(cu_seqlens_q.tolist(), cu_seqlens_q.tolist()[1:], cu_seqlens_k.tolist(), cu_seqlens_k.tolist()[1:])
+    for q0, q1, k0, k1 in bounds:
+        if q1 > q0:
+            mask = visible_keys(q1 - q0, k1 - k0, causal, window)[None]
+            out[q0:q1] = reference(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], mask, scale, softcap)[0]
+    return out
 
 
 def slack(dtype):
