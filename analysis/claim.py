@@ -13,9 +13,14 @@ A decode step is the sum of its operations, run one after another: each weight G
 max(weight bytes / bandwidth, FLOPs / compute rate); attention reads the KV cache at the
 decode kernel's marginal bandwidth; a fixed overhead covers the rest (norms, rotary, launches).
 Calibrated on records, every rate stays within what the GPU was measured to do.
+
+What-ifs (`WhatIf`, `parse_what_if`): the levers the talk behind the claim names, each a change
+to what a sequence keeps in its KV cache (`KvCache`: an 8-bit cache, a sliding window, a
+trained cartridge in place of the context, no context at all), run through this same model.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
@@ -34,6 +39,9 @@ E2E_MODES = ("e2e-decode", "e2e-prefill-decode")
 DTYPE_BYTES = 2                                   # bf16 weights and cache
 MODEL_PRESETS = {k: v for k, v in models.PRESETS.items() if k != "tiny"}
 STREAMING = AttentionMemory()                     # a decode kernel that reads K and V in place
+WHAT_IF_FORMS = ("kv-fp8, window-W, cartridge-C or weights (W and C positive token counts, k for x1024: "
+                 "window-4096, window-4k, cartridge-2k)")
+_SIZED_WHAT_IF = re.compile(r"(window|cartridge)-([1-9][0-9]*)(k?)")
 
 
 def model_config(model) -> ModelConfig:
@@ -65,10 +73,42 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class KvCache:
+    """What each sequence keeps cached: K and V in `dtype_bytes` per element, at most `window`
+    tokens (a sliding window; 0: no cap), and `stand_in` tokens in place of the context whatever
+    its length (None: the context itself). The default is the claim's: bf16, every token of the
+    context and every decoded token."""
+
+    dtype_bytes: int = DTYPE_BYTES
+    window: int = 0
+    stand_in: int | None = None
+
+    def context(self, seq_len: int) -> int:
+        return seq_len if self.stand_in is None else self.stand_in
+
+    def planned_context(self, seq_len: int, decode_tokens: int) -> int:
+        """Context tokens the planner reserves beside the decoded ones: a window holds at most
+        `window` in all. (Its rotary table is then planned for the cached positions only: at
+        128k, 64 MiB less than the positions need, once for the batch, an eighth of a 4k sequence.)"""
+        n = self.context(seq_len)
+        return min(n, self.window - decode_tokens) if self.window else n
+
+    def mean_keys(self, seq_len: int, decode_tokens: int) -> float:
+        """Cached tokens a decode step reads, averaged over the decoded tokens."""
+        n, d, w = self.context(seq_len), decode_tokens, self.window
+        if not w or n + d <= w:
+            return n + d / 2
+        if n >= w:
+            return float(w)
+        filling = w - n       # steps that read n .. w keys before the window is full
+        return (filling * (n + w) / 2 + (d - filling) * w) / d
+
+
+@dataclass(frozen=True)
 class ServingModel:
     """Llama-style decoding on `num_gpus` GPUs (ideal tensor parallelism: memory, bandwidth and
     FLOP/s add up), each of `memory_bytes` (the spec's when not given), planned as the
-    end-to-end decoder plans its batch; each sequence also caches `decode_tokens`."""
+    end-to-end decoder plans its batch; each sequence also caches `decode_tokens`, as `kv` says."""
 
     model: ModelConfig
     gpu: GpuSpec
@@ -76,12 +116,16 @@ class ServingModel:
     decode_tokens: int = 128
     calibration: Calibration = field(default_factory=Calibration)
     memory_bytes: float | None = None
+    kv: KvCache = field(default_factory=KvCache)
 
     def __post_init__(self):
         if int(self.decode_tokens) < 1:
             raise ValueError(f"decode_tokens: expected at least 1, got {self.decode_tokens}")
         if int(self.num_gpus) < 1:
             raise ValueError(f"num_gpus: expected at least 1, got {self.num_gpus}")
+        if self.kv.window and self.kv.window < self.decode_tokens:
+            raise ValueError(f"kv: a window of {self.kv.window} tokens is shorter than the {self.decode_tokens} "
+                             f"decoded per sequence; expected at least {self.decode_tokens}")
 
     @property
     def bandwidth_bytes_s(self) -> float:
@@ -103,8 +147,10 @@ class ServingModel:
 
     def max_batch(self, seq_len: int) -> int:
         """Sequences of `seq_len` context (plus the decoded tokens) that the planner fits."""
-        return int(models.largest_batch(self.model, seq_len, self.decode_tokens, self.budget_bytes,
-                                        attention=STREAMING, dtype_bytes=DTYPE_BYTES, graph=True))
+        context = self.kv.planned_context(seq_len, self.decode_tokens)
+        return int(models.largest_batch(self.model, context, self.decode_tokens, self.budget_bytes,
+                                        attention=STREAMING, dtype_bytes=DTYPE_BYTES, graph=True,
+                                        kv_dtype_bytes=self.kv.dtype_bytes))
 
     def decode_step(self, seq_len: int, batch: int) -> dict:
         """One decode step for `batch` sequences at `seq_len` (averaged over the decoded tokens):
@@ -113,7 +159,7 @@ class ServingModel:
         cal, m = self.calibration, self.model
         weights_bw = self.bandwidth_bytes_s * cal.weights_bw_efficiency
         compute = self.peak_flops * cal.compute_efficiency
-        context = seq_len + self.decode_tokens / 2
+        context = self.kv.mean_keys(seq_len, self.decode_tokens)
         gemms = [(g, m.layers) for g in m.layer_gemms()] + [(m.lm_head_gemm(), 1)]
         ops, weights_ms, compute_ms, compute_bound = {}, 0.0, 0.0, []
         for gemm, count in gemms:
@@ -122,7 +168,7 @@ class ServingModel:
             ops[gemm.name] = max(read_ms, math_ms)
             weights_ms, compute_ms = weights_ms + read_ms, compute_ms + math_ms
             compute_bound += [gemm.name] if math_ms > read_ms else []
-        kv_bytes = batch * context * m.kv_bytes_per_token(DTYPE_BYTES)
+        kv_bytes = batch * context * m.kv_bytes_per_token(self.kv.dtype_bytes)
         ops["attention"] = 1e3 * kv_bytes / (self.bandwidth_bytes_s * cal.kv_bw_efficiency)
         ops["overhead"] = cal.overhead_ms
         return {"step_ms": sum(ops.values()), "ops_ms": ops, "weights_ms": weights_ms, "compute_ms": compute_ms,
@@ -172,17 +218,70 @@ def _ratio(short: float, long: float):
     return short / long if long else None
 
 
+# --- what-ifs -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WhatIf:
+    """A lever on the claim: the same serving model with `kv` in place of the claim's cache."""
+
+    name: str
+    description: str
+    kv: KvCache
+
+    def applied(self, serving: ServingModel) -> ServingModel:
+        try:
+            return replace(serving, kv=self.kv)
+        except ValueError as exc:       # said in the terms of the lever that was asked for
+            raise ValueError(f"what_if: {self.name}: {str(exc).removeprefix('kv: ')}") from None
+
+    def points(self, serving: ServingModel, seq_lens) -> list:
+        """The main curve's fields at each length, and the tokens each sequence caches. Prefill
+        is left out (None): each lever changes what is prefilled, and the claim is decode only."""
+        model = self.applied(serving)
+        cached = {n: model.kv.planned_context(n, model.decode_tokens) + model.decode_tokens for n in seq_lens}
+        return [{**model.point(n), "tok_s_with_prefill": None, "prefill_ms_max_batch": None,
+                 "kv_tokens_per_sequence": cached[n]} for n in seq_lens]
+
+
+def what_if_named(name: str) -> WhatIf:
+    """The lever `name` names: kv-fp8, window-W, cartridge-C or weights (W, C in tokens, k for
+    x1024); ValueError naming what_if and the accepted forms otherwise."""
+    if name == "kv-fp8":
+        return WhatIf(name, "K and V cached in 8 bits: half the bytes per cached token, so about twice the "
+                            "batch, and attention reads half the bytes", KvCache(dtype_bytes=1))
+    if name == "weights":
+        return WhatIf(name, "the knowledge is in the weights and the context is only the prompt: each sequence "
+                            "caches only the tokens it decodes", KvCache(stand_in=0))
+    match = _SIZED_WHAT_IF.fullmatch(name)
+    if not match:
+        raise ValueError(f"what_if: {name!r} is not a what-if; expected {WHAT_IF_FORMS}")
+    tokens = int(match.group(2)) * (1024 if match.group(3) else 1)
+    if match.group(1) == "window":
+        return WhatIf(name, f"a sliding window: each sequence caches at most its last {tokens:,} tokens, so the "
+                            f"cache and attention's reads stop growing past them", KvCache(window=tokens))
+    return WhatIf(name, f"a trained cache of {tokens:,} tokens stands in for the context: each sequence caches "
+                        f"those and the tokens it decodes, whatever the context's length", KvCache(stand_in=tokens))
+
+
+def parse_what_if(text) -> tuple:
+    """'kv-fp8,window-4k' -> its levers (`WhatIf`), in the order given, each once."""
+    levers = [what_if_named(part.strip()) for part in str(text).split(",")]
+    return tuple({lever.name: lever for lever in levers}.values())
+
+
 # --- the document ------------------------------------------------------------------------------
 
 def explain_claim(serving: ServingModel, seq_lens=DEFAULT_SEQ_LENS, measured=(), ideal: ServingModel | None = None,
-                  model_name: str | None = None, gpu_name: str | None = None) -> dict:
+                  model_name: str | None = None, gpu_name: str | None = None, what_if=()) -> dict:
     """The `attnlab claim --json` document: model points for `seq_lens`, the three ratios
     (short over long context, at the claim's two lengths), the paper's, attnlab's measured and
     the model's ratios side by side, and an explanation in words. `measured`: points from
-    end-to-end records (see `measured_points`); `ideal`: the uncalibrated model."""
+    end-to-end records (see `measured_points`); `ideal`: the uncalibrated model; `what_if`:
+    levers (`WhatIf`) whose curves the same model draws at `seq_lens`."""
     seq_lens = sorted({int(n) for n in seq_lens})
     if not seq_lens or seq_lens[0] < 1:
         raise ValueError(f"seq_lens: expected positive context lengths, got {seq_lens}")
+    levers = [(lever, lever.points(serving, seq_lens)) for lever in what_if]    # a bad lever fails first
     short, long = serving.point(CLAIM["short_ctx"]), serving.point(CLAIM["long_ctx"])
     ratios = {f"ratio_{k}": _ratio(short[f"tok_s_{k}"], long[f"tok_s_{k}"])
               for k in ("max_batch", "batch1", "with_prefill")}
@@ -210,7 +309,15 @@ def explain_claim(serving: ServingModel, seq_lens=DEFAULT_SEQ_LENS, measured=(),
     if ideal is not None and not serving.calibration.is_ideal:
         document["ideal_points"] = [ideal.point(n) for n in seq_lens]
     document["explanation"] = _explanation(serving, short, long, document)
+    document["what_if"] = [_what_if_entry(lever, points, m) for lever, points in levers]
     return document
+
+
+def _what_if_entry(lever: WhatIf, points: list, model: ModelConfig) -> dict:
+    return {"name": lever.name, "description": lever.description, "kv_cache": asdict(lever.kv),
+            "kv_bytes_per_token": model.kv_bytes_per_token(lever.kv.dtype_bytes),
+            "prefill": "left out: the claim is decode only, and each lever changes what is prefilled",
+            "points": points}
 
 
 def _with_model(point: dict, serving: ServingModel) -> dict:
@@ -537,10 +644,11 @@ def _prefill_attention(fits, model: ModelConfig):
 
 def build_claim(model=DEFAULT_MODEL, gpu="h100-sxm", *, seq_lens=DEFAULT_SEQ_LENS, num_gpus: int = 1,
                 decode_tokens: int = 128, calibration: Calibration | None = None, results=None, fits=None,
-                environments=None) -> tuple[dict, list]:
+                environments=None, what_if=()) -> tuple[dict, list]:
     """The claim document for a model and GPU (presets or configs). With `results` (a loaded
     DataFrame) the model is calibrated on them, with `fits` (of the same records) too, and
-    measured points sit beside it. Returns (document, notes)."""
+    measured points sit beside it. `what_if`: levers (`WhatIf`, or names `what_if` parses)
+    drawn by the same model, calibrated alike. Returns (document, notes)."""
     config, spec = model_config(model), gpu_spec(gpu)
     ideal = ServingModel(config, spec, num_gpus=num_gpus, decode_tokens=decode_tokens)
     serving, points, notes = ideal, [], []
@@ -559,7 +667,9 @@ def build_claim(model=DEFAULT_MODEL, gpu="h100-sxm", *, seq_lens=DEFAULT_SEQ_LEN
         serving = replace(ideal, calibration=calibration)
     name = model if isinstance(model, str) else config.name
     gpu_key = gpu if isinstance(gpu, str) and gpu in GPU_SPECS else spec.key
-    return explain_claim(serving, seq_lens, points, ideal=ideal, model_name=name, gpu_name=gpu_key), notes
+    levers = [lever if isinstance(lever, WhatIf) else what_if_named(lever) for lever in what_if]
+    return explain_claim(serving, seq_lens, points, ideal=ideal, model_name=name, gpu_name=gpu_key,
+                         what_if=levers), notes
 
 
 def infer_gpu(results):

@@ -33,6 +33,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--compute-efficiency", type=fraction, default=None,
                         help="what-if: share of spec bf16 FLOP/s, in (0, 1] (instead of calibrating)")
     parser.add_argument("--overhead-ms", type=finite_ms, default=None, help="what-if: fixed cost per decode step")
+    parser.add_argument("--what-if", default=None, metavar="LEVERS",
+                        help="curves of the same model with another KV cache, comma separated: kv-fp8 (8-bit K and "
+                             "V), window-W (a sliding window of W tokens), cartridge-C (a trained cache of C tokens "
+                             "in place of the context), weights (the context in the weights: only decoded tokens "
+                             "cached); W and C in tokens, k for x1024, e.g. kv-fp8,window-4k,cartridge-2k,weights")
     parser.add_argument("--json", nargs="?", const="-", default=None, type=output_file, metavar="PATH",
                         help="write the result as JSON to PATH (or to stdout without PATH, instead of the table); "
                              "missing folders are created; an existing PATH is replaced only if it is a claim "
@@ -95,10 +100,11 @@ def is_claim_document(path: Path) -> bool:
 
 
 def _build(args):
-    from attnlab.analysis.claim import build_claim, infer_gpu
+    from attnlab.analysis.claim import build_claim, infer_gpu, parse_what_if
     from attnlab.text import parse_seq_lens
 
     seq_lens = parse_seq_lens(args.seq_lens)    # parsed here, so that a bad list is a ValueError naming the flag
+    levers = parse_what_if(args.what_if) if args.what_if is not None else ()
     results, environments, notes = None, None, []
     if args.results:
         from attnlab.analysis.load import load
@@ -108,7 +114,7 @@ def _build(args):
     gpu = args.gpu or infer_gpu(results) or "h100-sxm"
     document, more = build_claim(args.model, gpu, seq_lens=seq_lens, num_gpus=args.num_gpus,
                                  decode_tokens=args.decode_tokens, calibration=calibration, results=results,
-                                 environments=environments)
+                                 environments=environments, what_if=levers)
     return document, notes + more
 
 
@@ -159,7 +165,23 @@ def render(document) -> str:
         lines.append(f"measured {m['mode']} with {m['kernel']}: {text.k(m['short_ctx'])}/{text.k(m['long_ctx'])} = "
                      f"{m['ratio']:.1f}x")
     lines += [""] + _wrap(document["explanation"])
+    if document.get("what_if"):
+        lines += ["", *_what_if_table(document)]
     return "\n".join(lines)
+
+
+def _what_if_table(document) -> list:
+    """tok/s at the largest batch (and that batch) for the model and each what-if, by context."""
+    from attnlab import text
+
+    curves = [("model", document["points"])] + [(w["name"], w["points"]) for w in document["what_if"]]
+    rows = [[text.k(point["seq_len"])] + [f"{text.num(c[i]['tok_s_max_batch'])} ({c[i]['max_batch']})"
+                                          for _, c in curves]
+            for i, point in enumerate(document["points"])]
+    legend = [f"{w['name']}: {w['description']}" for w in document["what_if"]]
+    return (["what if: output tokens/s at the largest batch (that batch), the same model with another KV cache"]
+            + [text.table(["context", *(name for name, _ in curves)], rows, align="l" + "r" * len(curves)), ""]
+            + [line for item in legend for line in _wrap(item)])
 
 
 def _wrap(paragraph: str) -> list:

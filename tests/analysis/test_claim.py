@@ -4,8 +4,9 @@ from dataclasses import replace
 
 import pytest
 
-from attnlab.analysis.claim import (CLAIM, MODEL_PRESETS, Calibration, ServingModel, build_claim, explain_claim,
-                                    model_config)
+from attnlab import models
+from attnlab.analysis.claim import (CLAIM, MODEL_PRESETS, STREAMING, Calibration, KvCache, ServingModel, build_claim,
+                                    explain_claim, model_config, parse_what_if, what_if_named)
 from attnlab.analysis.roofline import GPU_SPECS
 from paths import SAMPLE
 
@@ -167,3 +168,137 @@ def test_cli_writes_the_json_contract(tmp_path, capsys):
     assert "128k" in printed and "1k/120k" in printed and "at the largest batch" in printed
     assert main(["claim", "--seq-lens", "1k,zero"]) == 2
     assert "--seq-lens: 'zero'" in capsys.readouterr().err
+
+
+# --- what-ifs: the talk's levers, drawn by the same model ---------------------------------------
+
+LEVERS = "kv-fp8,window-4096,cartridge-2048,weights"
+LONG = 131072
+
+
+def lever(name, serving):
+    return what_if_named(name).applied(serving)
+
+
+def test_an_8_bit_cache_doubles_the_largest_batch_within_rounding(h100_8b):
+    """The planner fits B = room // (kv + a) sequences of kv cache bytes and a activation bytes.
+    An 8-bit cache halves kv but not a, so B' = room // (kv / 2 + a): with a small beside kv, as
+    at 128k, B' is 2 room / (kv + a) rounded down, between 2B - 1 and 2B + 1; at 1k, where the
+    activations weigh more, less than 2B."""
+    fp8, config, d = lever("kv-fp8", h100_8b), h100_8b.model, h100_8b.decode_tokens
+    terms = dict(attention=STREAMING, dtype_bytes=2, graph=True)
+    for n in (1024, 122880, LONG):
+        room = h100_8b.budget_bytes - models.predicted_bytes(config, 0, n, d, **terms)
+        kv = (n + d) * config.kv_bytes_per_token(2)
+        activations = models.sequence_bytes(config, n, d, **terms) - kv
+        base = h100_8b.max_batch(n)
+        assert base == room // (kv + activations)
+        assert fp8.max_batch(n) == room // (kv // 2 + activations)
+    base, doubled = h100_8b.max_batch(LONG), fp8.max_batch(LONG)
+    assert 2 * base - 1 <= doubled <= 2 * base + 1 and (base, doubled) == (3, 7)
+    assert 2 * h100_8b.max_batch(1024) - 20 < fp8.max_batch(1024) < 2 * h100_8b.max_batch(1024)
+    # At one batch the weights cost the same and attention reads half the bytes.
+    same, half = h100_8b.decode_step(LONG, 3)["ops_ms"], fp8.decode_step(LONG, 3)["ops_ms"]
+    assert half["attention"] == pytest.approx(same["attention"] / 2) and half["gate_up"] == same["gate_up"]
+    assert fp8.point(LONG)["tok_s_max_batch"] > 2 * h100_8b.point(LONG)["tok_s_max_batch"]
+
+
+def test_a_4k_window_lifts_128k_at_least_3x_and_stops_growing_past_the_window(h100_8b):
+    window = lever("window-4096", h100_8b)
+    assert window.point(LONG)["tok_s_max_batch"] >= 3 * h100_8b.point(LONG)["tok_s_max_batch"]
+    past = [window.point(n) for n in (4096, 16384, LONG)]
+    assert len({(p["max_batch"], p["tok_s_max_batch"]) for p in past}) == 1
+    assert window.max_batch(LONG) == h100_8b.max_batch(4096 - 128)   # the cache holds 4096 tokens in all
+    # Short of the window, it changes nothing.
+    assert window.point(2048) == h100_8b.point(2048)
+
+
+def test_a_window_that_fills_while_decoding_reads_the_mean_of_what_it_holds():
+    held = [min(4000 + t, 4096) for t in range(129)]    # keys read at each of 128 steps, ends included
+    assert KvCache(window=4096).mean_keys(4000, 128) == pytest.approx(sum(held) / len(held), abs=1)
+    assert KvCache().mean_keys(4000, 128) == 4064
+
+
+def test_a_cartridge_is_flat_in_context_and_the_claim_at_its_own_length(h100_8b):
+    doc, _ = build_claim(seq_lens=[1024, 8192, LONG], what_if=["cartridge-2048"])
+    (cartridge,) = doc["what_if"]
+    at_2k = h100_8b.point(2048)
+    assert {(p["max_batch"], p["tok_s_max_batch"]) for p in cartridge["points"]} == \
+        {(at_2k["max_batch"], at_2k["tok_s_max_batch"])}
+    assert {p["kv_tokens_per_sequence"] for p in cartridge["points"]} == {2048 + 128}
+    assert cartridge["points"][-1]["tok_s_max_batch"] > 50 * doc["points"][-1]["tok_s_max_batch"]
+
+
+def test_knowledge_in_the_weights_is_the_model_with_no_context_above_every_point(h100_8b):
+    """Only the decoded tokens are cached: the claim's model at a context of 0, whatever the
+    context; so flat, and above the claim's model at every length, 1k included."""
+    doc, _ = build_claim(what_if=["weights"])
+    (weights,) = doc["what_if"]
+    no_context = h100_8b.point(0)
+    assert {(p["max_batch"], p["tok_s_max_batch"]) for p in weights["points"]} == \
+        {(no_context["max_batch"], no_context["tok_s_max_batch"])}
+    assert weights["points"][0]["max_batch"] == models.largest_batch(
+        h100_8b.model, 0, 128, h100_8b.budget_bytes, attention=STREAMING, dtype_bytes=2, graph=True)
+    assert min(p["tok_s_max_batch"] for p in weights["points"]) > 3 * max(p["tok_s_max_batch"] for p in doc["points"])
+
+
+def test_what_if_names_parse_strictly():
+    assert [w.name for w in parse_what_if("weights, kv-fp8,weights")] == ["weights", "kv-fp8"]
+    assert what_if_named("window-4k").kv == what_if_named("window-4096").kv == KvCache(window=4096)
+    assert what_if_named("cartridge-2k").kv == KvCache(stand_in=2048)
+    for bad in ("kv-fp16", "window", "window-0", "window-04k", "window-4kk", "cartridge-1.5k", "Weights", "", "w-4k"):
+        with pytest.raises(ValueError, match="what_if: .* not a what-if; expected kv-fp8, window-W, cartridge-C"):
+            what_if_named(bad)
+
+
+@pytest.mark.parametrize("value", ["kv-fp8,window-4k,bogus", "window-0", "cartridge--2", "kv-fp8,", "window-64"])
+def test_cli_refuses_a_bad_what_if_naming_the_flag(value, tmp_path, capsys):
+    from attnlab.cli import main
+    assert main(["claim", "--what-if", value, "--json", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnlab claim: error: --what-if: ") and "Traceback" not in err
+    assert ("kv-fp8, window-W, cartridge-C or weights" in err) != (value == "window-64")   # 64 < 128 decoded
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_without_what_ifs_the_document_holds_an_empty_list():
+    doc, _ = build_claim(seq_lens=[1024])
+    assert doc["what_if"] == []
+
+
+def test_cli_writes_what_ifs_to_the_json_the_table_and_the_charts_csv(tmp_path, capsys):
+    pytest.importorskip("seaborn")
+    import csv
+    from attnlab.cli import main
+    out = tmp_path / "claim.json"
+    assert main(["claim", "--what-if", LEVERS, "--seq-lens", "1k,16k,128k", "--json", str(out),
+                 "--chart", str(tmp_path / "claim.png")]) == 0
+    doc = json.loads(out.read_text())
+    assert [w["name"] for w in doc["what_if"]] == LEVERS.split(",")
+    for entry in doc["what_if"]:
+        assert entry["description"] and [p["seq_len"] for p in entry["points"]] == [1024, 16384, LONG]
+        assert all(POINT_FIELDS <= set(p) and p["tok_s_with_prefill"] is None for p in entry["points"])
+    printed = capsys.readouterr().out
+    assert "what if:" in printed and "cartridge-2048" in printed
+    rows = list(csv.DictReader((tmp_path / "claim.csv").open()))
+    for entry in doc["what_if"]:
+        mine = [r for r in rows if r["series"] == entry["name"]]
+        assert [int(r["seq_len"]) for r in mine] == [1024, 16384, LONG]
+        for row, point in zip(mine, entry["points"]):
+            assert float(row["y"]) == pytest.approx(point["tok_s_max_batch"], rel=1e-12)
+            assert int(row["batch"]) == point["max_batch"] and row["y_from"] == "tok_s_max_batch"
+
+
+def test_the_chart_draws_each_what_if_in_its_own_labelled_line_style():
+    pytest.importorskip("seaborn")
+    from attnlab.analysis.charts import claim_chart
+    doc, _ = build_claim(seq_lens=[1024, 16384, LONG], what_if=LEVERS.split(","))
+    (ax,) = claim_chart(doc).axes[:1]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    drawn = [lines[f"what if: {name}"] for name in LEVERS.split(",")]
+    assert all(line.is_dashed() for line in drawn)     # the model's own lines are solid
+    # get_linestyle() says "--" for every custom dash; the pattern itself tells them apart.
+    assert len({str(line._unscaled_dash_pattern) for line in drawn}) == 4
+    assert "what if: weights" in [t.get_text() for t in ax.get_legend().get_texts()]
+    plain = claim_chart(build_claim(seq_lens=[1024, 16384, LONG])[0])
+    assert not any(label.startswith("what if") for label in plain.drawn["series"])
