@@ -389,6 +389,56 @@ def rate_chart(rows, roof, quantity: str, palette=None, markers=None, *, by_run:
     return _attach(fig, drawn)
 
 
+MASK_CELLS = 64      # a mask is drawn as this many cells a side, as attention-gym draws them
+
+
+def mask_chart(rows):
+    """The attention mask of one workload's prefill, small: which keys each query sees at the
+    longest length measured, on a grid of MASK_CELLS x MASK_CELLS cells (a cell is drawn seen
+    when any pair in it is seen: the window and the documents scale with the cells)."""
+    first = rows.iloc[0]
+    seq_len = int(rows["seq_len"].max())
+    causal, window, docs = bool(first["causal"]), _field(first, "window", 0), _field(first, "docs", 1)
+    cells = min(MASK_CELLS, seq_len)
+    seen, tokens = _mask_cells(seq_len, cells, causal, window, docs), seq_len / cells
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(3.2, 3.6), dpi=DPI)
+    ax = fig.subplots()
+    ax.imshow(seen, cmap="Greys", vmin=0, vmax=1.6, interpolation="nearest")
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_xlabel("key"), ax.set_ylabel("query")
+    what = ", ".join(p for p in ("causal" if causal else "full", f"window {fmt.k(window)}" if window else "",
+                                 f"{docs} documents" if docs > 1 else "") if p)
+    fig.suptitle(f"mask: {what}", fontsize=9, fontweight="bold")
+    caption = f"{fmt.k(seq_len)} tokens as {cells} x {cells} cells of {tokens:,.0f} tokens"
+    fig.text(0.02, 0.02, caption, fontsize=6.5, color="#333333", gid="caption")
+    query, key = np.nonzero(np.ones_like(seen))
+    drawn = _pd().DataFrame({"series": "mask", "kernel": "", "seq_len": seq_len, "y": seen[query, key].astype(int),
+                             "y_unit": "seen", "y_from": "the visibility rule (attnlab/visibility.py)", "run_id": "",
+                             "mode": "prefill", "workload": first["workload"], "query_cell": query, "key_cell": key})
+    return _attach(fig, drawn)
+
+
+def _field(row, name: str, default: int) -> int:
+    value = row.get(name, default)
+    return default if value is None or value != value else int(value)
+
+
+def _mask_cells(seq_len: int, cells: int, causal: bool, window: int, docs: int):
+    """Bool (cells, cells): a cell of query and key tokens is seen when any of its pairs is. On a
+    square grid the pairs that decide it are the cells' corners (j - p spans a cell's corners)."""
+    from attnlab.visibility import band, sees
+
+    edges = np.floor(np.arange(cells + 1) * seq_len / cells).astype(int)
+    first, last = edges[:-1], edges[1:] - 1
+    seen = np.zeros((cells, cells), dtype=bool)
+    for p in (first, last):
+        for j in (first, last):
+            seen |= sees(p[:, None], j[None, :], causal, band(window, causal))
+    doc = lambda t: t * docs // seq_len      # documents of equal length, packed
+    return seen & (doc(first)[:, None] <= doc(last)[None, :]) & (doc(first)[None, :] <= doc(last)[:, None])
+
+
 def rate_bars(rows, roof, quantity: str, palette=None, markers=None, *, by_run: bool = False):
     """TFLOP/s or GB/s of each kernel at a workload's one context length, as bars beside the
     peak: a line through one point would show no trend."""
@@ -522,11 +572,14 @@ def power_chart(rows, palette=None, markers=None, *, by_run: bool = False):
 
 CLAIM_MODEL_SERIES = (("tok_s_max_batch", "model, largest batch that fits"), ("tok_s_batch1", "model, batch 1"),
                       ("tok_s_with_prefill", "model, largest batch, prefill counted"))
+# A what-if line's style, in the order the levers were asked for: none is solid, as the model's lines are.
+WHAT_IF_STYLES = ("--", "-.", (0, (1, 1.5)), (0, (6, 1.5, 1, 1.5, 1, 1.5)), (0, (10, 3)), (0, (3, 1, 1, 1)))
 
 
 def claim_chart(document: dict):
     """Output tokens/s against context: the serving model at the largest batch, at batch 1 and
-    with prefill counted; the claim's two points; measured end-to-end points."""
+    with prefill counted; the claim's two points; measured end-to-end points; and each what-if
+    the document holds, at its own largest batch (series: the what-if's name)."""
     points = document["points"]
     n = [p["seq_len"] for p in points]
     calibrated = not document["assumptions"]["calibration"]["ideal"]
@@ -538,12 +591,13 @@ def claim_chart(document: dict):
                f"max batch "
                f"{fmt.ratio(document['ratio_max_batch'])}, batch 1 {fmt.ratio(document['ratio_batch1'])}, "
                f"with prefill {fmt.ratio(document['ratio_with_prefill'])}; numbers above the plot: the model's "
-               f"largest batch at each context.")
+               f"largest batch at each context.{_what_if_caption(document)}")
     models = _claim_model_points(document, calibrated)
     claimed = _line_points("claim", [claim["short_ctx"], claim["long_ctx"]],
                            [claim["short_tok_s"], claim["long_tok_s"]], "tok/s", note=document["claim_source"])
     measured = _claim_measured_points(document["measured"])
-    drawn = _drawn(models, claimed, measured)
+    what_ifs = _claim_what_if_points(document)
+    drawn = _drawn(models, what_ifs, claimed, measured)
     fig, (ax,) = _figure("Output tokens/s against context: where the claimed drop comes from", caption)
     colors = _sns().color_palette("deep", 6)
     color_of = {label: colors[i] for i, (_, label) in enumerate(CLAIM_MODEL_SERIES)}
@@ -551,6 +605,7 @@ def claim_chart(document: dict):
         ideal = label.startswith("ideal ")
         ax.plot(line["seq_len"], line["y"], color=color_of[label.removeprefix("ideal ")],
                 **(dict(lw=1, ls=":", label="_nolegend_") if ideal else dict(marker="o", ms=4, lw=1.8, label=label)))
+    _plot_what_ifs(ax, what_ifs)
     ax.scatter(claimed["seq_len"], claimed["y"], marker="*", s=220, color="#d62728", zorder=5,
                label="claim (Cartridges, Fig. 3)")
     for (label, group), color in zip(measured.groupby("series", sort=True), colors[3:] * 4):
@@ -587,6 +642,30 @@ def _claim_model_points(document: dict, calibrated: bool):
             lines.append(_line_points(prefix + label, [p["seq_len"] for p in points],
                                       [p[key] or np.nan for p in points], "tok/s", batch=batch, y_from=key))
     return _pd().concat(lines, ignore_index=True)
+
+
+def _what_if_caption(document: dict) -> str:
+    levers = document.get("what_if") or []
+    if not levers:
+        return ""
+    return (f" Broken lines: what if {', '.join(w['name'] for w in levers)}: the same model with another KV cache, "
+            f"each at its own largest batch (what each changes: the CSV's note).")
+
+
+def _claim_what_if_points(document: dict):
+    """Each what-if's tokens/s at its largest batch, one row per length, its name the series."""
+    lines = [_line_points(w["name"], [p["seq_len"] for p in w["points"]],
+                          [p["tok_s_max_batch"] or np.nan for p in w["points"]], "tok/s",
+                          batch=[p["max_batch"] for p in w["points"]], y_from="tok_s_max_batch", note=w["description"])
+             for w in document.get("what_if") or []]
+    pd = _pd()
+    return pd.concat(lines, ignore_index=True) if lines else pd.DataFrame(columns=["series", "seq_len", "y"])
+
+
+def _plot_what_ifs(ax, lines) -> None:
+    for i, (name, line) in enumerate(lines.groupby("series", sort=False)):
+        ax.plot(line["seq_len"], line["y"], color=OTHER_COLORS[i % len(OTHER_COLORS)],
+                ls=WHAT_IF_STYLES[i % len(WHAT_IF_STYLES)], lw=1.8, label=f"what if: {name}")
 
 
 def _claim_measured_points(measured: list):
@@ -643,7 +722,7 @@ def save(fig, path_stem, formats=("png", "svg")) -> dict:
 def _whole_numbers(frame):
     """Lengths and shape fields as integers (4096, not 4096.0), where they are whole."""
     pd = _pd()
-    for column in WHOLE_NUMBER_COLUMNS:
+    for column in (c for c in WHOLE_NUMBER_COLUMNS if c in frame):
         values = pd.to_numeric(frame[column], errors="coerce")
         if values.dropna().mod(1).eq(0).all():
             frame[column] = values.round().astype("Int64")
@@ -697,6 +776,8 @@ def render_all(results, out_dir, *, fits=(), roof=None, claim=None, baseline=Non
         several_dtypes = group["dtype"].nunique() > 1
         for dtype, records in group.groupby("dtype"):
             renderer.group(records, mode, workload, dtype if several_dtypes else "")
+        if mode == "prefill":
+            renderer.emit(_slug("mask", "", workload, ""), mask_chart(group), f"mask, {workload}")
     if claim is not None:
         renderer.emit("claim", claim_chart(claim), "claim")
     return renderer.charts, renderer.skipped

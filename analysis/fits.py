@@ -307,7 +307,8 @@ def _fit_curve_rows(standing, ok, everything, labels, environments, n_boot, seed
     rows = standing.sort_values("seq_len")
     others = ok[ok["excluded"] != ""]
     other_runs = [[_times(r) for _, r in others[others["seq_len"] == n].iterrows()] for n in rows["seq_len"]]
-    model = MODEL_OF_MODE.get(labels["mode"], "quadratic")
+    window = _window(rows)
+    model = "linear" if window else MODEL_OF_MODE.get(labels["mode"], "quadratic")
     lengths, medians = rows["seq_len"].to_numpy(float), rows["median_ms"].to_numpy(float)
     memory = memory_wall(everything, device_capacity(everything, environments))
     numbers = fit_group(lengths, [_times(r) for _, r in rows.iterrows()], model=model, other_runs=other_runs,
@@ -319,12 +320,24 @@ def _fit_curve_rows(standing, ok, everything, labels, environments, n_boot, seed
     evidence = {name: aicc(lengths, medians, name) for name in MODELS}
     first = rows.iloc[0]
     shape = {k: _plain(first[k]) for k in SHAPE_KEYS}
-    return Fit(**labels, **numbers, model=model, model_reason=_model_reason(labels["mode"], model, evidence),
+    return Fit(**labels, **numbers, model=model, model_reason=_model_reason(labels["mode"], model, evidence, window),
                aicc=evidence, points=points, shape=shape)
 
 
-def _model_reason(mode: str, model: str, evidence: dict) -> str:
+def _window(rows) -> int:
+    """The sliding window the curve's records were measured with (0: none; records from before
+    windows have no such field)."""
+    if "window" not in rows:
+        return 0
+    windows = rows["window"].fillna(0)
+    return int(windows.iloc[0]) if len(windows) and windows.iloc[0] > 0 else 0
+
+
+def _model_reason(mode: str, model: str, evidence: dict, window: int = 0) -> str:
     why = WHY_MODEL.get(mode, "no physics for this mode: quadratic")
+    if window:
+        why = (f"a window of {window} keys: each query reads at most {window} keys, so the cost is linear in "
+               f"context for prefill and flat for decode past the window")
     other = next(name for name in MODELS if name != model)
     mine, theirs = evidence[model], evidence[other]
     if mine is None or theirs is None:

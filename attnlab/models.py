@@ -44,6 +44,8 @@ class ModelConfig:
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
     tied_embeddings: bool = False
+    window: int = 0             # a sliding window of this many keys per query (0: none)
+    softcap: float = 0.0        # attention logits capped at softcap * tanh(s / softcap) (0: none)
 
     def __post_init__(self):
         for key in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
@@ -102,6 +104,13 @@ PRESETS = {
                               intermediate=28672, vocab=128256),
     "llama3.2-1b": ModelConfig("llama3.2-1b", layers=16, hidden=2048, heads=32, kv_heads=8, head_dim=64,
                                intermediate=8192, vocab=128256, tied_embeddings=True),
+    # Sliding-window attention over 4096 keys in every layer (Mistral 7B v0.1).
+    "mistral-7b": ModelConfig("mistral-7b", layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128,
+                              intermediate=14336, vocab=32000, rope_theta=10000.0, window=4096),
+    # Logits capped at 50 (Gemma 2 9B); its 4096-key window on alternate layers is a workload option.
+    "gemma2-9b": ModelConfig("gemma2-9b", layers=42, hidden=3584, heads=16, kv_heads=8, head_dim=256,
+                             intermediate=14336, vocab=256000, rope_theta=10000.0, tied_embeddings=True,
+                             softcap=50.0),
     # Small enough for a CPU and Triton's interpreter; head_dim 16 is the Triton kernels' minimum.
     "tiny": ModelConfig("tiny", layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16,
                         intermediate=128, vocab=512, rope_theta=10000.0),
@@ -179,10 +188,12 @@ def activation_bytes_per_sequence(config: ModelConfig, max_seqlen: int, *, atten
 
 
 def sequence_bytes(config: ModelConfig, seq_len: int, decode_tokens: int, *, attention: AttentionMemory,
-                   dtype_bytes: int, graph: bool) -> int:
-    """KV cache for seq_len + decode_tokens tokens plus this sequence's share of the activations."""
+                   dtype_bytes: int, graph: bool, kv_dtype_bytes: int | None = None) -> int:
+    """KV cache for seq_len + decode_tokens tokens plus this sequence's share of the activations.
+    `kv_dtype_bytes`: the cache's element size where it differs from the activations' (1 for an
+    8-bit cache)."""
     max_seqlen = seq_len + decode_tokens
-    return (max_seqlen * config.kv_bytes_per_token(dtype_bytes)
+    return (max_seqlen * config.kv_bytes_per_token(kv_dtype_bytes or dtype_bytes)
             + activation_bytes_per_sequence(config, max_seqlen, attention=attention, dtype_bytes=dtype_bytes,
                                             graph=graph))
 
@@ -202,23 +213,24 @@ def prefill_workspace_bytes(config: ModelConfig, seq_len: int, *, attention: Att
 
 def predicted_bytes(config: ModelConfig, batch: int, seq_len: int, decode_tokens: int, *,
                     attention: AttentionMemory, dtype_bytes: int, graph: bool,
-                    prefill_attention: AttentionMemory | None = None) -> int:
+                    prefill_attention: AttentionMemory | None = None, kv_dtype_bytes: int | None = None) -> int:
     """Weights + batch x per-sequence bytes + a fixed workspace + rotary tables, and the prefill
-    workspace when prefill_attention describes the implementation that fills the cache."""
+    workspace when prefill_attention describes the implementation that fills the cache.
+    `kv_dtype_bytes` as for `sequence_bytes`."""
     rope = 2 * (seq_len + decode_tokens) * (config.head_dim // 2) * 4
     prefill = 0
     if prefill_attention is not None:
         prefill = prefill_workspace_bytes(config, seq_len, attention=prefill_attention, dtype_bytes=dtype_bytes)
     per_sequence = sequence_bytes(config, seq_len, decode_tokens, attention=attention, dtype_bytes=dtype_bytes,
-                                  graph=graph)
+                                  graph=graph, kv_dtype_bytes=kv_dtype_bytes)
     return config.weight_bytes(dtype_bytes) + FIXED_WORKSPACE_BYTES + rope + prefill + batch * per_sequence
 
 
 def largest_batch(config: ModelConfig, seq_len: int, decode_tokens: int, budget_bytes: int, *,
                   attention: AttentionMemory, dtype_bytes: int, graph: bool,
-                  prefill_attention: AttentionMemory | None = None) -> int:
+                  prefill_attention: AttentionMemory | None = None, kv_dtype_bytes: int | None = None) -> int:
     """The largest batch whose `predicted_bytes` fits in budget_bytes (weights included); 0 if none."""
-    terms = dict(attention=attention, dtype_bytes=dtype_bytes, graph=graph)
+    terms = dict(attention=attention, dtype_bytes=dtype_bytes, graph=graph, kv_dtype_bytes=kv_dtype_bytes)
     fixed = predicted_bytes(config, 0, seq_len, decode_tokens, prefill_attention=prefill_attention, **terms)
     return max(0, (budget_bytes - fixed) // sequence_bytes(config, seq_len, decode_tokens, **terms))
 

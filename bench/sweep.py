@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import gc
+import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from attnlab.bench import records as rec
 from attnlab.bench.nvml import CSV_COLUMNS, NvmlSampler, nvml_reason
 from attnlab.bench.output_file import OutputError
 from attnlab.bench.timer import Timer, Timing
-from attnlab.bench.workloads import (DECODE, MODES, Point, Workload, bytes_moved, flops, point_key,
+from attnlab.bench.workloads import (DECODE, MODES, Point, Workload, bytes_moved, doc_lengths, flops, point_key,
                                      predicted_peak_bytes, seq_len_label)
 from attnlab.schema import CALIBRATION
 
@@ -369,7 +370,8 @@ def support_reason(point: Point, device_type: str) -> str:
     except ValueError as exc:
         return str(exc)
     for check in (lambda: impl.available(device_type),
-                  lambda: impl.supports(point.mode, point.torch_dtype, point.head_dim, device_type)):
+                  lambda: impl.supports(point.mode, point.torch_dtype, point.head_dim, device_type),
+                  lambda: impl.takes(point.variant, varlen=point.docs > 1)):
         status = check()
         if not status:
             return status.reason
@@ -379,16 +381,25 @@ def support_reason(point: Point, device_type: str) -> str:
 def build_call(point: Point, device) -> Callable[[], torch.Tensor]:
     """Random inputs for the point and the validated zero-argument call that attends over them.
 
-    Prefill: q (batch, seq_len, heads, head_dim), k and v (batch, seq_len, kv_heads, head_dim).
-    Decode: q (batch, q_len, heads, head_dim) over a full cache of seq_len tokens.
+    Prefill: q (batch, seq_len, heads, head_dim), k and v (batch, seq_len, kv_heads, head_dim);
+    with docs > 1 the same tokens packed, (batch x seq_len, heads, head_dim), as batch x docs
+    documents. Decode: q (batch, q_len, heads, head_dim) over a full cache of seq_len tokens.
+    The point's window and softcap go with every call.
     """
-    from attnlab.kernels import prepare_attention, prepare_decode
+    from attnlab.kernels import prepare_attention, prepare_decode, prepare_varlen
 
     q, k, v = random_inputs(point, device)
+    options = dict(window=point.variant.window, softcap=point.variant.softcap, impl=point.kernel)
     if point.mode == DECODE:
         cache_seqlens = torch.full((point.batch,), point.seq_len, dtype=torch.int32, device=device)
-        return prepare_decode(q, k, v, cache_seqlens, impl=point.kernel)
-    return prepare_attention(q, k, v, causal=point.causal, impl=point.kernel)
+        return prepare_decode(q, k, v, cache_seqlens, **options)
+    if point.docs > 1:
+        lengths = doc_lengths(point.seq_len, point.docs) * point.batch
+        cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        packed = (t.flatten(0, 1) for t in (q, k, v))
+        return prepare_varlen(*packed, cu_seqlens, cu_seqlens, max(lengths), max(lengths), causal=point.causal,
+                              **options)
+    return prepare_attention(q, k, v, causal=point.causal, **options)
 
 
 def random_inputs(point: Point, device) -> tuple:

@@ -16,8 +16,10 @@ import torch
 
 from attnlab import text as fmt
 from attnlab import models
+from attnlab.kernels.masks import Variant
 from attnlab.models import AttentionMemory, attention_workspace_bytes
 from attnlab.schema import DECODE, PREFILL, KERNEL_MODES as MODES  # MODES here: the kernel modes only
+from attnlab.visibility import band
 
 DECODE_Q_LEN = 1
 
@@ -36,6 +38,9 @@ class Workload:
 
     `batch` None means "batch x seq_len = tokens_per_batch" (the FlashAttention papers'
     convention), at least 1. `seq_lens` are the default context lengths, in tokens.
+    The variants: `window` > 0 lets each query see at most that many keys (itself and those
+    before it; as many after it too where not causal); `softcap` > 0 caps the logits; `docs` > 1
+    packs that many equal documents into each prefill sequence (a varlen call).
     """
 
     name: str
@@ -47,6 +52,9 @@ class Workload:
     causal: bool
     seq_lens: tuple = LONG_SEQ_LENS
     tokens_per_batch: Optional[int] = None
+    window: int = 0
+    softcap: float = 0.0
+    docs: int = 1
 
     def batch_for(self, seq_len: int) -> int:
         if self.batch is not None:
@@ -86,6 +94,12 @@ class Workload:
         if self.heads % self.kv_heads:
             raise ValueError(f"kv_heads: heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         dtype_name(self.dtype)
+        if not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window: expected a number of keys >= 1, or 0 for none, got {self.window!r}")
+        if not isinstance(self.softcap, (int, float)) or not 0 <= self.softcap < float("inf"):
+            raise ValueError(f"softcap: expected a finite number >= 0 (0: none), got {self.softcap!r}")
+        if not isinstance(self.docs, int) or self.docs < 1:
+            raise ValueError(f"docs: expected a number of documents per sequence >= 1, got {self.docs!r}")
 
     def points(self, kernels, modes=MODES, seq_lens=None) -> list["Point"]:
         """Every (seq_len, mode, kernel) point, shortest lengths first.
@@ -104,19 +118,25 @@ class Workload:
         return Point(kernel=kernel, mode=mode, workload=self.name, batch=self.batch_for(seq_len),
                      heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
                      dtype=self.dtype, causal=self.causal, seq_len=seq_len,
-                     q_len=DECODE_Q_LEN if mode == DECODE else seq_len)
+                     q_len=DECODE_Q_LEN if mode == DECODE else seq_len, window=self.window,
+                     softcap=float(self.softcap), docs=self.docs if mode == PREFILL else 1)
 
 
 def model_attention(model: str, batch: int = 1) -> Workload:
-    """The attention of a served-model preset (attnlab.models) as a workload of the same name."""
+    """The attention of a served-model preset (attnlab.models) as a workload of the same name,
+    its window and softcap included."""
     config = models.preset(model)
     return Workload(config.name, batch=batch, heads=config.heads, kv_heads=config.kv_heads,
-                    head_dim=config.head_dim, dtype="bfloat16", causal=True)
+                    head_dim=config.head_dim, dtype="bfloat16", causal=True, window=config.window,
+                    softcap=config.softcap)
 
 
 PRESETS = {
     # Llama-3 8B's attention, from its model shape: 32 query heads sharing 8 kv heads (GQA), head_dim 128.
     models.DEFAULT_MODEL: model_attention(models.DEFAULT_MODEL),
+    # Long-context variants: a 4096-key sliding window; logits capped at 50.
+    "mistral-7b": model_attention("mistral-7b"),
+    "gemma2-9b": model_attention("gemma2-9b"),
     # The FlashAttention papers' benchmark: batch x seqlen = 16k tokens, 16 heads of 128, non-causal.
     "fa-paper": Workload("fa-paper", batch=None, heads=16, kv_heads=16, head_dim=128,
                          dtype="bfloat16", causal=False, tokens_per_batch=16384),
@@ -153,6 +173,9 @@ class Point:
     causal: bool
     seq_len: int
     q_len: int
+    window: int = 0
+    softcap: float = 0.0
+    docs: int = 1
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -171,6 +194,11 @@ class Point:
         """Tokens one call produces: the whole prompt for prefill, q_len per sequence for decode."""
         return self.batch * self.q_len
 
+    @property
+    def variant(self) -> Variant:
+        """The attention options of this point, as the API takes them (kernels/masks.py)."""
+        return Variant(band(self.window, self.causal), self.softcap)
+
     def key(self) -> tuple:
         """What identifies a point across runs (resume compares these)."""
         return tuple(dataclasses.astuple(self))
@@ -180,32 +208,42 @@ class Point:
 
 
 def point_key(record: dict) -> tuple:
-    """The `Point.key()` of a record, so files and plans can be compared."""
-    return tuple(record.get(f.name) for f in dataclasses.fields(Point))
+    """The `Point.key()` of a record, so files and plans can be compared; a record from before
+    the variants has their defaults."""
+    return tuple(record.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+                 for f in dataclasses.fields(Point))
 
 
-def visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool) -> int:
-    """(query, key) pairs a query sees under bottom-right causal masking, counted exactly."""
-    if not causal:
-        return seqlen_q * seqlen_k
-    # Query i sees clamp(a + i, 0, seqlen_k) keys, a = seqlen_k - seqlen_q + 1: zero, then a
-    # linear ramp, then every key. Sum the ramp as an arithmetic series.
-    a = seqlen_k - seqlen_q + 1
-    ramp_start = max(0, 1 - a)             # first row that sees a key
-    full_start = max(ramp_start, seqlen_k - a)   # first row that sees every key
-    ramp_rows = max(0, min(seqlen_q, full_start) - ramp_start)
-    ramp = ramp_rows * (a + ramp_start) + ramp_rows * (ramp_rows - 1) // 2
-    return ramp + max(0, seqlen_q - full_start) * seqlen_k
+def visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool, window=(-1, -1)) -> int:
+    """(query, key) pairs the queries see by the rule of kernels/masks.py, counted exactly: row
+    by row, each row's keys being one run from its window's left edge to its right edge."""
+    left, right = window
+    p = torch.arange(seqlen_q, dtype=torch.int64) + (seqlen_k - seqlen_q)
+    lo = (p - left).clamp(min=0) if left >= 0 else torch.zeros_like(p)
+    hi = torch.full_like(p, seqlen_k - 1)
+    if causal:
+        hi = torch.minimum(hi, p)
+    if right >= 0:
+        hi = torch.minimum(hi, p + right)
+    return int((hi - lo + 1).clamp(min=0).sum())
 
 
 def attended_pairs(point: Point) -> float:
-    """Pairs charged for FLOPs: half the square for causal square prefill (the papers'
-    convention), the exact visible count otherwise."""
-    if point.mode == PREFILL:
-        if point.causal:
-            return point.seq_len * point.seq_len / 2
-        return point.seq_len * point.seq_len
-    return visible_pairs(point.q_len, point.seq_len, True)
+    """Pairs charged for FLOPs. Prefill, per packed document of n tokens: half the square when
+    causal (the papers' convention), the square when not, the exact band under a window. Decode:
+    the exact count of keys its queries see."""
+    window = point.variant.window
+    if point.mode != PREFILL:
+        return visible_pairs(point.q_len, point.seq_len, True, window)
+    if point.window:
+        return sum(visible_pairs(n, n, point.causal, window) for n in doc_lengths(point.seq_len, point.docs))
+    return sum(n * n / 2 if point.causal else n * n for n in doc_lengths(point.seq_len, point.docs))
+
+
+def doc_lengths(seq_len: int, docs: int) -> list[int]:
+    """`docs` documents as equal as whole tokens allow, packed into seq_len tokens."""
+    base, extra = divmod(seq_len, docs)
+    return [base + (i < extra) for i in range(docs)]
 
 
 def flops(point: Point) -> float:
@@ -216,11 +254,13 @@ def flops(point: Point) -> float:
 def bytes_moved(point: Point) -> int:
     """Bytes a kernel must move at least: q, k, v read and the output written.
 
-    Decode reads the cache up to cache_seqlens (= seq_len), which here is all of it.
+    Decode reads the cache up to cache_seqlens (= seq_len), which here is all of it, or only
+    the last `window` keys of it.
     """
     e = point.element_bytes
     q_and_out = 2 * point.batch * point.q_len * point.heads * point.head_dim * e
-    kv = 2 * point.batch * point.seqlen_k * point.kv_heads * point.head_dim * e
+    keys = min(point.seqlen_k, point.window) if point.mode == DECODE and point.window else point.seqlen_k
+    kv = 2 * point.batch * keys * point.kv_heads * point.head_dim * e
     return q_and_out + kv
 
 

@@ -109,6 +109,7 @@ def bounded_number(expected: str, low: float, high: float = math.inf, *, above_l
 fraction = bounded_number("a fraction in (0, 1]", 0.0, 1.0, above_low=True)
 finite_seconds = bounded_number("a finite number of seconds >= 0", 0.0)
 finite_ms = bounded_number("a finite number of milliseconds >= 0", 0.0)
+finite_positive = bounded_number("a finite number above 0", 0.0, above_low=True)
 
 
 def bootstrap_draws(text: str) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from attnlab.cli._args import (checked, device_or_default, error_line, parse_device, parse_names, parse_seq_lens,
-                               parse_workload, positive_int, seconds)
+from attnlab.cli._args import (checked, device_or_default, error_line, finite_positive, parse_device, parse_names,
+                               parse_seq_lens, parse_workload, positive_int, seconds)
 from attnlab.text import k, table
 
 HELP = "measure kernels from short to long context (time, memory, power) into JSONL records"
@@ -26,7 +26,8 @@ def add_arguments(parser) -> None:
                         help="comma list of context lengths in tokens, 1k = 1024 "
                              "(default: 1k,2k,...,128k; the cpu-small preset has its own)")
     parser.add_argument("--workload", type=parse_workload, default=None,
-                        help="preset: llama3-8b (default on CUDA), fa-paper, cpu-small (default on CPU)")
+                        help="preset: llama3-8b (default on CUDA), mistral-7b, gemma2-9b, fa-paper, cpu-small "
+                             "(default on CPU)")
     parser.add_argument("--batch", type=positive_int, default=None, help="sequences per call")
     parser.add_argument("--heads", type=positive_int, default=None, help="query heads")
     parser.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads (GQA)")
@@ -35,6 +36,12 @@ def add_arguments(parser) -> None:
                         help="bfloat16, float16, float32 or float64 (bf16, fp16, fp32)")
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None,
                         help="causal masking for prefill (default: the preset's)")
+    parser.add_argument("--window", type=positive_int, default=None,
+                        help="a sliding window: each query sees at most this many keys (mistral-7b: 4096)")
+    parser.add_argument("--softcap", type=finite_positive, default=None,
+                        help="cap the logits at S * tanh(s / S) (gemma2-9b: 50)")
+    parser.add_argument("--docs", type=positive_int, default=None,
+                        help="pack this many equal documents into each prefill sequence (a varlen call)")
     parser.add_argument("--device", type=parse_device, default=None,
                         help="cuda, cuda:N or cpu (default: cuda if present)")
     parser.add_argument("--out", default="attnlab-sweep.jsonl",
@@ -55,7 +62,7 @@ def build_config(args):
     device = check_device(device_or_default(args.device))
     workload = preset(args.workload or default_preset(device.type)).override(
         batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-        dtype=args.dtype, causal=args.causal)
+        dtype=args.dtype, causal=args.causal, window=args.window, softcap=args.softcap, docs=args.docs)
     modes = tuple(args.modes or MODES)
     for mode in modes:
         if mode not in MODES:

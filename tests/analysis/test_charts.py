@@ -224,8 +224,8 @@ def test_every_drawn_record_row_equals_its_record(sample, tmp_path):
     for all_runs in (False, True):
         drawn, _ = charts.render_all(results, tmp_path / str(all_runs), fits=fits, roof=roof, claim=claim,
                                      formats=(), all_runs=all_runs)
-        assert len(drawn) == 11
-        for chart in drawn:
+        assert len(drawn) == 12
+        for chart in (c for c in drawn if not c.name.startswith("mask")):   # a mask draws cells, not records
             table = pd.read_csv(chart.files["csv"], keep_default_na=False)
             assert set(table["chart"]) == {chart.name}
             for _, row in table.iterrows():
@@ -294,7 +294,7 @@ def test_a_kernel_keeps_its_colour_and_marker_whatever_else_is_drawn():
 def test_a_workload_at_one_length_is_drawn_as_bars_not_as_lines(two_runs, tmp_path, monkeypatch):
     one_length = two_runs[two_runs["seq_len"] == 16384]
     drawn, figures, tables = render(one_length, tmp_path, monkeypatch)
-    assert [c.name for c in drawn] == ["tflops_llama3-8b"]
+    assert [c.name for c in drawn] == ["tflops_llama3-8b", "mask_llama3-8b"]
     (ax,) = [a for a in figures["tflops_llama3-8b"].axes if a.patches]
     assert sorted(round(p.get_height()) for p in ax.patches) == [342, 491]
     assert list(at(tables["tflops_llama3-8b"], "triton", 16384)["y"]) == [491.0]
@@ -308,3 +308,34 @@ def test_two_peaks_within_a_few_percent_share_one_label(tmp_path):
     charts._horizontal_lines(ax, lines, 1024, lambda r: f"peak {r['y']:.0f}")
     assert sorted(t.get_text() for t in ax.texts) == ["peak 731", "peak 989"]
     assert len(ax.get_lines()) == 3
+
+
+@pytest.mark.parametrize("seq_len,cells,causal,window,docs", [
+    (256, 16, True, 0, 1), (256, 16, True, 40, 1), (256, 16, False, 40, 1), (300, 16, True, 7, 3),
+    (256, 16, False, 0, 4), (1024, 64, True, 100, 1)])
+def test_a_drawn_mask_cell_is_seen_when_any_of_its_pairs_is(seq_len, cells, causal, window, docs):
+    import numpy as np
+    import torch
+
+    from attnlab.kernels.masks import visible
+    from attnlab.visibility import band
+
+    pairs = visible(seq_len, seq_len, causal, window=band(window, causal)).numpy()
+    doc = np.arange(seq_len) * docs // seq_len
+    pairs &= doc[:, None] == doc[None, :]
+    edges = np.floor(np.arange(cells + 1) * seq_len / cells).astype(int)
+    expected = [[pairs[edges[a]:edges[a + 1], edges[b]:edges[b + 1]].any() for b in range(cells)]
+                for a in range(cells)]
+    assert torch.equal(torch.tensor(expected), torch.tensor(charts._mask_cells(seq_len, cells, causal, window, docs)))
+
+
+def test_each_prefill_workload_gets_its_mask_drawn_with_its_cells_in_the_csv(tmp_path):
+    results = load([SAMPLE]).results
+    drawn, _ = charts.render_all(results, tmp_path, formats=("png",))
+    masks = [c for c in drawn if c.name.startswith("mask")]
+    prefill_workloads = set(results[results["mode"] == "prefill"]["workload"])
+    assert len(masks) == len(prefill_workloads) >= 1
+    cells = pytest.importorskip("pandas").read_csv(masks[0].files["csv"])
+    assert len(cells) == charts.MASK_CELLS ** 2 and set(cells["y"]) == {0, 1}
+    causal_mask = cells.pivot(index="query_cell", columns="key_cell", values="y").to_numpy()
+    assert (causal_mask.diagonal() == 1).all() and causal_mask[0, -1] == 0   # causal: nothing above the diagonal

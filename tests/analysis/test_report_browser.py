@@ -46,7 +46,9 @@ def test_the_page_loads_without_a_console_error(page_of_report):
 def test_every_chart_decodes(page_of_report):
     page, _ = page_of_report
     widths = page.eval_on_selector_all("img", "images => images.map(i => i.complete ? i.naturalWidth : 0)")
-    assert len(widths) >= 10 and all(w > 600 for w in widths), widths
+    masks = page.eval_on_selector_all("img[alt^='mask']", "images => images.map(i => i.naturalWidth)")
+    assert len(widths) >= 10 and all(w > 0 for w in widths), widths
+    assert sorted(w for w in widths if w <= 600) == sorted(masks) and all(w > 200 for w in masks)  # masks are small
 
 
 def test_the_summary_comes_first_with_a_table_and_the_claim_chart(page_of_report):

@@ -390,3 +390,16 @@ def test_default_kernels_on_a_cpu_leave_out_the_emulated_ones():
     kernels = sw.default_kernels("cpu")
     assert {"naive", "sdpa-math", "sdpa-flash"} <= set(kernels)
     assert not {"triton", "triton-decode"} & set(kernels)   # available here, but only interpreted
+
+
+def test_a_variant_sweep_records_its_options_and_who_refused_them(tmp_path):
+    out = tmp_path / "variants.jsonl"
+    code = main(["sweep", "--device", "cpu", "--workload", "cpu-small", "--window", "32", "--docs", "2",
+                 "--kernels", "naive,sdpa-math", "--modes", "prefill", "--seq-lens", "128", "--out", str(out)])
+    assert code == 0
+    records = {r["kernel"]: r for r in rec.read_records(out)}
+    assert records["naive"]["status"] == "ok" and records["naive"]["workload"] == "cpu-small[window=32,docs=2]"
+    assert (records["naive"]["window"], records["naive"]["docs"], records["naive"]["softcap"]) == (32, 2, 0.0)
+    # two documents of 64 tokens, each query seeing at most 32 keys: 2 x (32 x 33 / 2 + 32 x 32) pairs
+    assert records["naive"]["flops"] == 4 * 8 * (2 * (32 * 33 // 2 + 32 * 32)) * 64
+    assert records["sdpa-math"]["status"] == "unsupported" and "varlen" in records["sdpa-math"]["reason"]

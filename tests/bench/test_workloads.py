@@ -126,3 +126,45 @@ def test_point_dtype_and_key():
     p = _point(dtype="float16")
     assert p.torch_dtype is torch.float16 and p.element_bytes == 2
     assert wl.point_key(p.fields()) == p.key()
+
+
+# --- variants: windows, softcap, packed documents ---
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(9, 9), (5, 12), (12, 5), (1, 30)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [(-1, -1), (3, -1), (-1, 2), (4, 4), (0, 0), (50, 50)])
+def test_visible_pairs_counts_the_rule_exactly(seqlen_q, seqlen_k, causal, window):
+    from attnlab.kernels.masks import visible
+
+    assert wl.visible_pairs(seqlen_q, seqlen_k, causal, window) == int(visible(seqlen_q, seqlen_k, causal,
+                                                                               window=window).sum())
+
+
+def test_a_window_makes_prefill_work_linear_and_decode_work_constant():
+    windowed = wl.preset("mistral-7b")
+    assert windowed.window == 4096 and windowed.heads == 32 and windowed.kv_heads == 8
+    prefill = [wl.flops(windowed.point("naive", "prefill", n)) for n in (32768, 65536, 131072)]
+    assert prefill[2] - prefill[1] == pytest.approx(2 * (prefill[1] - prefill[0]))      # linear past the window
+    decode = [wl.bytes_moved(windowed.point("naive", "decode", n)) for n in (8192, 131072)]
+    assert decode[0] == decode[1]                                                       # the window's keys only
+    plain = wl.preset("llama3-8b")
+    assert wl.flops(plain.point("naive", "prefill", 131072)) > 15 * prefill[2]
+
+
+def test_a_variant_changes_the_workload_name_and_reaches_the_point():
+    packed = wl.preset("cpu-small").override(docs=4, softcap=30.0)
+    assert packed.name == "cpu-small[docs=4,softcap=30.0]"
+    point = packed.point("naive", "prefill", 1000)
+    assert (point.docs, point.softcap, point.variant.softcap) == (4, 30.0, 30.0)
+    assert packed.point("naive", "decode", 1000).docs == 1       # decode has one sequence per cache
+    assert wl.doc_lengths(1000, 3) == [334, 333, 333]
+    # four causal documents of 250 do a quarter of the work of one of 1000
+    assert wl.flops(point) == pytest.approx(wl.flops(wl.preset("cpu-small").point("naive", "prefill", 1000)) / 4)
+    windowed = wl.preset("cpu-small").override(window=64).point("naive", "prefill", 256)
+    assert windowed.variant.window == (63, -1)
+
+
+@pytest.mark.parametrize("field,value", [("window", -3), ("softcap", -1.0), ("docs", 0)])
+def test_bad_variants_are_named(field, value):
+    with pytest.raises(ValueError, match=rf"^{field}: "):
+        wl.preset("cpu-small").override(**{field: value})
