@@ -12,6 +12,7 @@ PACKAGES = {
     "attnlab.kernels.impls": "kernels/impls",
     "attnlab.bench": "bench",
     "attnlab.analysis": "analysis",
+    "attnlab.distributed": "distributed",
 }
 
 setup(
@@ -27,7 +28,8 @@ setup(
     extras_require={
         "nvml": ["nvidia-ml-py"],
         "analysis": ["pandas", "scipy", "seaborn", "rich"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "playwright"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "playwright", "submitit>=1.5.4"],
+        "slurm": ["submitit>=1.5.4"],
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["attnlab = attnlab.cli:main"]},

@@ -30,6 +30,7 @@ import torch
 from attnlab.bench import records as rec
 from attnlab.bench.nvml import CSV_COLUMNS, NvmlSampler, nvml_reason
 from attnlab.bench.output_file import OutputError
+from attnlab.bench.shards import Shard, partition
 from attnlab.bench.timer import Timer, Timing
 from attnlab.bench.workloads import (DECODE, MODES, Point, Workload, bytes_moved, doc_lengths, flops, point_key,
                                      predicted_peak_bytes, seq_len_label)
@@ -64,6 +65,7 @@ class SweepConfig:
     argv: Optional[list] = None
     free_memory: Optional[Callable[[], Optional[int]]] = None
     nvml_interval_s: float = 0.02
+    shard: Optional[Shard] = None       # measure only this shard of the points (bench/shards.py)
 
 
 @dataclass
@@ -101,10 +103,10 @@ def plan(config: SweepConfig) -> list[Point]:
     device_type = torch.device(config.device).type
     kernels = list(config.kernels or default_kernels(device_type))
     points = config.workload.points(kernels, tuple(config.modes), config.seq_lens)
-    if config.kernels:
-        return points
-    from attnlab.kernels import get
-    return [p for p in points if p.mode in get(p.kernel).modes]
+    if not config.kernels:
+        from attnlab.kernels import get
+        points = [p for p in points if p.mode in get(p.kernel).modes]
+    return partition(points, config.shard.count)[config.shard.index] if config.shard else points
 
 
 def check_device(device) -> torch.device:
@@ -193,6 +195,8 @@ def _measure(writer, result: SweepResult, todo: list, config: SweepConfig, devic
     try:
         env = rec.environment(config.argv, device=device, run_id=result.run_id)
         env["workload_config"] = dataclasses.asdict(config.workload)
+        if config.shard:
+            env["shard"] = str(config.shard)
         writer.write(env)
         runner = PointRunner(device, result.run_id, config, result.nvml_csv)
         if device.type == "cuda" and config.calibrate:

@@ -51,15 +51,33 @@ def add_arguments(parser) -> None:
                         help="continue --out: measure only points it does not already settle")
     parser.add_argument("--budget-s", type=seconds, default=None,
                         help="stop starting points after this many seconds; the rest are recorded as skipped")
+    spread = parser.add_argument_group("across processes (a shard's records go to its own file beside --out)")
+    spread.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                        help="measure shard I of N of the points (whole lengths, balanced by predicted cost); "
+                             "under torchrun each rank takes RANK/WORLD_SIZE on cuda:LOCAL_RANK by itself")
+    spread.add_argument("--executor", choices=("local", "slurm"), default=None,
+                        help="submit --shards shards through submitit (pip install attnlab[slurm]): as a SLURM job "
+                             "array, or as processes on this machine")
+    spread.add_argument("--shards", type=positive_int, default=None, help="how many shards --executor runs")
+    spread.add_argument("--slurm-partition", default=None, help="the SLURM partition of the job array")
+    spread.add_argument("--slurm-timeout-min", type=positive_int, default=60,
+                        help="each task's time limit in minutes (default 60)")
 
 
-def build_config(args):
-    """The SweepConfig the flags describe: a preset, then explicit flags over it."""
+def _shard(text):
+    from attnlab.bench.shards import parse_shard
+
+    return checked(parse_shard)(text)
+
+
+def build_config(args, launch=None):
+    """The SweepConfig the flags describe: a preset, then explicit flags over it; under torchrun
+    (`launch`) the rank's shard, file and GPU."""
     from attnlab.bench.sweep import SweepConfig, check_device
     from attnlab.bench.workloads import MODES, default_preset, preset
     from attnlab.kernels import get
 
-    device = check_device(device_or_default(args.device))
+    device = check_device(_device(args.device, launch))
     workload = preset(args.workload or default_preset(device.type)).override(
         batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
         dtype=args.dtype, causal=args.causal, window=args.window, softcap=args.softcap, docs=args.docs)
@@ -69,8 +87,32 @@ def build_config(args):
             raise ValueError(f"--modes: expected prefill and/or decode, got {mode!r}")
     for name in args.kernels or ():
         get(name)   # an unknown name fails here, listing the known ones
-    return SweepConfig(workload=workload, device=str(device), out=args.out, kernels=args.kernels,
-                       modes=modes, seq_lens=args.seq_lens, resume=args.resume, budget_s=args.budget_s)
+    shard = launch.shard if launch else args.shard
+    out = launch.path(args.out) if launch else shard.path(args.out) if shard else args.out
+    return SweepConfig(workload=workload, device=str(device), out=out, kernels=args.kernels, modes=modes,
+                       seq_lens=args.seq_lens, resume=args.resume, budget_s=args.budget_s, shard=shard)
+
+
+def _device(given, launch) -> str:
+    """The device flag, where torchrun placed a rank on a GPU: cuda means cuda:LOCAL_RANK."""
+    device = device_or_default(given)
+    if launch and device == "cuda":
+        return f"cuda:{launch.local_rank}"
+    return device
+
+
+def _spread(args):
+    """(torchrun's Launch or None); refuses flags that contradict each other, naming them."""
+    from attnlab.bench.shards import torchrun_launch
+
+    launch = torchrun_launch()
+    if launch and (args.shard or args.executor):
+        raise ValueError("shard: under torchrun each rank takes its own shard; drop --shard and --executor")
+    if args.executor and args.shard:
+        raise ValueError("shard: --executor runs every shard; drop --shard")
+    if bool(args.executor) != bool(args.shards):
+        raise ValueError("shards: --executor and --shards go together")
+    return launch
 
 
 def run(args) -> int:
@@ -79,8 +121,11 @@ def run(args) -> int:
     from attnlab.cli._progress import make_progress
 
     try:
-        config = build_config(args)
-        result = run_sweep(config, progress=make_progress())
+        launch = _spread(args)
+        config = build_config(args, launch)
+        if args.executor:
+            return _submit(args, config)
+        result = run_sweep(config, progress=make_progress(False if launch else None))
     except WriteFailed as exc:
         print(error_line("sweep", exc, args) + "; free space and run the same command with --resume "
               "to measure the rest", file=sys.stderr)
@@ -94,6 +139,18 @@ def run(args) -> int:
               file=sys.stderr)
         return 130
     return 0
+
+
+def _submit(args, config) -> int:
+    """Run --shards shards through submitit and say where each wrote; 1 if a shard failed."""
+    from attnlab.bench.shards import submit
+
+    outcomes = submit(config, args.shards, args.executor, partition=args.slurm_partition,
+                      timeout_min=args.slurm_timeout_min)
+    rows = [(str(o.shard), o.job_id, o.run_id or "-", ", ".join(f"{n} {s}" for s, n in sorted(o.counts.items()))
+             or o.error, o.out) for o in outcomes]
+    print(table(("shard", "job", "run", "records", "file"), rows))
+    return 1 if any(o.error for o in outcomes) else 0
 
 
 def _report(result) -> None:
