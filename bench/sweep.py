@@ -66,6 +66,7 @@ class SweepConfig:
     free_memory: Optional[Callable[[], Optional[int]]] = None
     nvml_interval_s: float = 0.02
     shard: Optional[Shard] = None       # measure only this shard of the points (bench/shards.py)
+    l2_flush: str = "write"             # how the timer empties a GPU's L2 before each repetition (timer.L2_FLUSHES)
 
 
 @dataclass
@@ -239,7 +240,7 @@ class PointRunner:
         self.config = config
         self.nvml_csv = nvml_csv
         self.device_name = rec.device_name(device)
-        self.timer = Timer(device, budget_s=config.point_budget_s)
+        self.timer = Timer(device, budget_s=config.point_budget_s, l2_flush=config.l2_flush)
         self.free_memory = config.free_memory or (lambda: free_bytes(device))
         self._oom_at: dict = {}     # (kernel, mode) -> shortest seq_len that ran out of memory
 
@@ -303,7 +304,7 @@ class PointRunner:
 
     def record(self, point: Point, status: str, **fields) -> dict:
         return point_record(point, run_id=self.run_id, device=self.device_name, status=status,
-                            device_type=self.device.type, **fields)
+                            device_type=self.device.type, l2_flush=self.timer.l2_flush, **fields)
 
 
 def energy_calls(sampler: NvmlSampler, timer: Timer, fn: Callable, window_s: float, per_call_s: float) -> int:

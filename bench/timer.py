@@ -47,17 +47,31 @@ class Timing:
                 "reps": self.reps, "warmup_reps": self.warmup_reps}
 
 
-class L2Flusher:
-    """Writes a buffer twice the size of the device's L2 cache, so the next call starts cold."""
+# How the L2 cache is emptied before each timed call. "write" zeroes a buffer twice its size
+# (the default, as every profile so far was measured): it can leave that many dirty lines to be
+# written back while the next call runs. "read" sums the buffer instead, evicting with clean
+# lines. "none" leaves the cache warm. A device A/B of write against read decides the default.
+L2_FLUSHES = ("write", "read", "none")
 
-    def __init__(self, device):
+
+class L2Flusher:
+    """Touches a buffer twice the size of the device's L2 cache, so the next call starts cold."""
+
+    def __init__(self, device, mode: str = "write"):
+        if mode not in ("write", "read"):
+            raise ValueError(f"l2_flush: a flusher writes or reads, got {mode!r}")
         self.device = torch.device(device)
+        self.mode = mode
         l2_bytes = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 0) or DEFAULT_L2_BYTES
         self.size_bytes = 2 * int(l2_bytes)
-        self._buffer = torch.empty(self.size_bytes, dtype=torch.int8, device=self.device)
+        self._buffer = torch.zeros(self.size_bytes, dtype=torch.int8, device=self.device)
+        self._sink = torch.zeros((), dtype=torch.int32, device=self.device)
 
     def __call__(self) -> None:
-        self._buffer.zero_()
+        if self.mode == "write":
+            self._buffer.zero_()
+        else:
+            torch.sum(self._buffer, dtype=torch.int32, out=self._sink)
 
 
 class Timer:
@@ -66,10 +80,14 @@ class Timer:
     `budget_s` is the time the timed repetitions may use per call: at least `min_reps`
     repetitions run, and more until the budget is spent (at most `max_reps`).
     `warmup_reps` untimed calls come first, so compilation and autotuning stay out.
+    `l2_flush` (L2_FLUSHES) says how a GPU's L2 is emptied before each repetition; a CPU has
+    none to empty, so its `l2_flush` is "none".
     """
 
     def __init__(self, device="cpu", *, budget_s: float = 0.3, min_reps: int = 5,
-                 max_reps: int = 1000, warmup_reps: int = 2, flush_l2: bool = True):
+                 max_reps: int = 1000, warmup_reps: int = 2, l2_flush: str = "write"):
+        if l2_flush not in L2_FLUSHES:
+            raise ValueError(f"l2_flush: expected one of {', '.join(L2_FLUSHES)}, got {l2_flush!r}")
         if min_reps < 1:
             raise ValueError(f"min_reps: expected at least 1, got {min_reps}")
         if max_reps < min_reps:
@@ -82,7 +100,8 @@ class Timer:
         self.max_reps = max_reps
         self.warmup_reps = warmup_reps
         self.is_cuda = self.device.type == "cuda"
-        self._flush = L2Flusher(self.device) if self.is_cuda and flush_l2 else None
+        self.l2_flush = l2_flush if self.is_cuda else "none"
+        self._flush = L2Flusher(self.device, l2_flush) if self.l2_flush != "none" else None
         self._host_s = 0.0            # how long the host takes to enqueue one call
         self._sleep_cycles_per_s = None
 

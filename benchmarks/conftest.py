@@ -53,6 +53,8 @@ def pytest_addoption(parser):
     group.addoption("--attnlab-energy-s", type=float, default=1.0,
                     help="back-to-back window for the energy counter, per benchmark (GPU; 0: none)")
     group.addoption("--attnlab-nvml-csv", default=None, help="append raw NVML samples to this CSV")
+    group.addoption("--attnlab-l2-flush", default="write", choices=("write", "read", "none"),
+                    help="how the L2 cache is emptied before each round on a GPU (default: write)")
     group.addoption("--attnlab-session-budget-s", type=float, default=None,
                     help="skip benchmarks that would start after this many seconds of the session, "
                          "so a time-boxed run still ends cleanly and writes its JSON")
@@ -71,6 +73,7 @@ class Grid:
     nvml_csv: Optional[Path]
     run_id: str
     session_budget_s: Optional[float] = None
+    l2_flush: str = "write"
     started_s: float = field(default_factory=time.monotonic)
     records: list = field(default_factory=list)     # what each benchmark measured, for the rates table
     _timer: object = field(default=None, init=False, repr=False)
@@ -82,7 +85,7 @@ class Grid:
         if self._timer is None:
             from attnlab.bench.timer import Timer
 
-            self._timer = Timer(self.device, budget_s=self.budget_s)
+            self._timer = Timer(self.device, budget_s=self.budget_s, l2_flush=self.l2_flush)
         return self._timer
 
     def budget_spent(self) -> bool:
@@ -131,7 +134,7 @@ def grid_for(config) -> Grid:
                 requested=bool(kernels_text), modes=tuple(_split(opt("--attnlab-modes"))),
                 budget_s=opt("--attnlab-budget-s"), energy_s=opt("--attnlab-energy-s"),
                 nvml_csv=Path(csv) if csv else None, run_id=new_run_id(),
-                session_budget_s=opt("--attnlab-session-budget-s"))
+                session_budget_s=opt("--attnlab-session-budget-s"), l2_flush=opt("--attnlab-l2-flush"))
     config.stash[GRID_KEY] = grid
     return grid
 

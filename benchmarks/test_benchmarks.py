@@ -83,5 +83,6 @@ def _measure(benchmark, grid, point):
     return point_record(point, run_id=grid.run_id, device=device_name(device), status="ok",
                         device_type=device.type, harness="pytest-benchmark",
                         benchmark=benchmark.fullname, clock="cuda-events" if cuda else "perf_counter",
+                        l2_flush=timer.l2_flush,
                         **fields)
 

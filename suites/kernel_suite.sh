@@ -10,6 +10,7 @@
 #   fa-paper.jsonl  fa-paper non-causal prefill at 16k, the same kernels
 #   decode.jsonl    llama3-8b decode, 16k to 128k and 1k: triton-decode, triton-decode-nopdl (its
 #                   ablation without programmatic dependent launch), sdpa-flash, sdpa-cudnn
+#   decode-read-flush.jsonl  triton-decode and sdpa-flash at 32k to 128k, the L2 emptied by a read
 #   tuning.json     the tile autotuning chose for triton and triton-ptr, with every tile's time
 # after the float64 check (check.txt), and then the GPU correctness matrix
 # (tests/kernels/test_kernels_gpu.py, gpu-tests.xml) with what is left: a fresh machine compiles and
@@ -33,8 +34,12 @@ sweep() {
 sweep prefill 110 190 --workload llama3-8b --modes prefill --kernels $PREFILL_KERNELS \
     --seq-lens 16k,128k,4k,64k,32k,8k
 sweep fa-paper 35 160 --workload fa-paper --modes prefill --kernels $PREFILL_KERNELS --seq-lens 16k
-sweep decode 45 120 --workload llama3-8b --modes decode --kernels triton-decode,triton-decode-nopdl,sdpa-flash,sdpa-cudnn \
+sweep decode 45 150 --workload llama3-8b --modes decode --kernels triton-decode,triton-decode-nopdl,sdpa-flash,sdpa-cudnn \
     --seq-lens 32k,64k,128k,16k,1k
+# The same decode with the L2 emptied by a read rather than a write: does the write-back of the
+# default flush cost the streaming kernels their fixed ~30 us?
+sweep decode-read-flush 30 120 --workload llama3-8b --modes decode --kernels triton-decode,sdpa-flash \
+    --seq-lens 32k,64k,128k --l2-flush read
 step tuning 40 90 "$PY" -m attnlab tune --workload llama3-8b --seq-lens 16k,128k --out "$RUN/tuning.json"
 
 step gpu-tests 240 0 "$PY" -m pytest -m gpu tests/kernels/test_kernels_gpu.py -q -p no:cacheprovider \

@@ -51,6 +51,9 @@ def add_arguments(parser) -> None:
                         help="continue --out: measure only points it does not already settle")
     parser.add_argument("--budget-s", type=seconds, default=None,
                         help="stop starting points after this many seconds; the rest are recorded as skipped")
+    parser.add_argument("--l2-flush", choices=("write", "read", "none"), default="write",
+                        help="how a GPU's L2 cache is emptied before each repetition: zero a buffer twice its size "
+                             "(write, the default), sum one (read), or not at all; recorded in every record")
     spread = parser.add_argument_group("across processes (a shard's records go to its own file beside --out)")
     spread.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                         help="measure shard I of N of the points (whole lengths, balanced by predicted cost); "
@@ -90,7 +93,8 @@ def build_config(args, launch=None):
     shard = launch.shard if launch else args.shard
     out = launch.path(args.out) if launch else shard.path(args.out) if shard else args.out
     return SweepConfig(workload=workload, device=str(device), out=out, kernels=args.kernels, modes=modes,
-                       seq_lens=args.seq_lens, resume=args.resume, budget_s=args.budget_s, shard=shard)
+                       seq_lens=args.seq_lens, resume=args.resume, budget_s=args.budget_s, shard=shard,
+                       l2_flush=args.l2_flush)
 
 
 def _device(given, launch) -> str:

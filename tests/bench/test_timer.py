@@ -89,7 +89,7 @@ def test_cuda_event_clock_measures_device_time():
     for _ in range(5):
         a @ a
     elapsed_s = clock() - start
-    reference = Timer("cuda", budget_s=0.05, flush_l2=False).time(lambda: a @ a).median_ms / 1e3
+    reference = Timer("cuda", budget_s=0.05, l2_flush="none").time(lambda: a @ a).median_ms / 1e3
     assert 3 * reference < elapsed_s < 10 * reference
 
 
@@ -147,3 +147,16 @@ def test_event_clock_counts_rounds_not_the_spins_between_them():
         gpu.now_ms += 7.0              # a flush between rounds, not counted
     assert readings == pytest.approx([w / 1e3 for w in rounds_ms])
     assert gpu.spins == [500_000] * 3  # every round started behind the lead
+
+
+def test_the_l2_flush_is_chosen_checked_and_recorded(tmp_path):
+    from attnlab.bench import records as rec
+    from attnlab.cli import main
+
+    with pytest.raises(ValueError, match=r"^l2_flush: expected one of write, read, none"):
+        Timer("cpu", l2_flush="sometimes")
+    assert Timer("cpu", l2_flush="read").l2_flush == "none"          # a CPU has no L2 of the GPU's to empty
+    out = tmp_path / "s.jsonl"
+    assert main(["sweep", "--device", "cpu", "--workload", "cpu-small", "--kernels", "naive", "--seq-lens", "128",
+                 "--l2-flush", "read", "--out", str(out)]) == 0
+    assert {r["l2_flush"] for r in rec.read_records(out)} == {"none"}
