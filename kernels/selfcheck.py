@@ -6,16 +6,22 @@ in the same dtype, plus a small slack.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
-from attnlab.kernels.api import attention, decode_attention
+from attnlab.kernels.api import attention, attention_varlen, decode_attention
+from attnlab.kernels.masks import PLAIN, Variant
 from attnlab.kernels.registry import DECODE, PREFILL, implementations
 
 # (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal): awkward lengths, GQA.
 PREFILL_CASES = [(1, 113, 203, 4, 2, 64, True), (2, 97, 64, 4, 1, 40, True), (1, 128, 128, 2, 2, 128, False)]
 DECODE_CASES = [((0, 57, 203), 1, 8, 2, 64), ((130, 5), 4, 4, 4, 128)]  # (lengths, q_len, heads, kv_heads, d)
+# The options, each on one awkward case, for the implementations that declare them: a window
+# narrower than the sequence, a cap the scores reach, and packed sequences of unequal lengths.
+VARIANTS = [Variant(window=(24, -1)), Variant(softcap=2.0)]
+PACKED_LENGTHS = [(13, 13), (0, 5), (70, 91), (1, 40)]           # (seqlen_q, seqlen_k) per sequence
 
 
 @dataclass
@@ -42,10 +48,10 @@ def _error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float("inf") if err != err else err  # NaN never passes
 
 
-def _usable(mode, device, dtype, head_dim, names):
+def _usable(mode, device, dtype, head_dim, names, variant=PLAIN, varlen=False):
     return [i.name for i in implementations()
             if i.name != "naive" and (names is None or i.name in names)
-            and i.available(device) and i.supports(mode, dtype, head_dim, device)]
+            and i.available(device) and i.supports(mode, dtype, head_dim, device) and i.takes(variant, varlen)]
 
 
 def _compare(impls, mode, case, run, dtype):
@@ -83,4 +89,24 @@ def check(device: str = "cpu", dtype: torch.dtype = torch.float16, seed: int = 0
         run = lambda name, dt: decode_attention(q.to(dt), k.to(dt), v.to(dt), lens, impl=name)
         case = f"q {tuple(q.shape)} cache {tuple(k.shape)} lengths {list(lengths)}"
         results += _compare(_usable(DECODE, device, dtype, d, kernels), DECODE, case, run, dtype)
-    return results
+    return results + _variants(randn, device, dtype, kernels)
+
+
+def _variants(randn, device, dtype, kernels) -> list[CheckResult]:
+    """Each option on one case, for the implementations that take it; and packed sequences."""
+    results = []
+    q, k, v = randn(2, 97, 4, 64), randn(2, 131, 2, 64), randn(2, 131, 2, 64)
+    for variant in VARIANTS:
+        options = dict(window=variant.window, softcap=variant.softcap)
+        run = lambda name, dt: attention(q.to(dt) * 3, k.to(dt), v.to(dt), causal=True, impl=name, **options)
+        case = f"q {tuple(q.shape)} k {tuple(k.shape)} causal=True " + " ".join(f"{o}={x}" for o, x in options.items()
+                                                                                 if o in variant.used())
+        results += _compare(_usable(PREFILL, device, dtype, 64, kernels, variant), PREFILL, case, run, dtype)
+    cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n[i] for n in PACKED_LENGTHS)], dtype=torch.int32,
+                               device=device) for i in (0, 1))
+    pq, pk, pv = randn(int(cu_q[-1]), 4, 64), randn(int(cu_k[-1]), 2, 64), randn(int(cu_k[-1]), 2, 64)
+    longest_q, longest_k = (max(n[i] for n in PACKED_LENGTHS) for i in (0, 1))
+    run = lambda name, dt: attention_varlen(pq.to(dt), pk.to(dt), pv.to(dt), cu_q, cu_k, longest_q, longest_k,
+                                            causal=True, impl=name)
+    case = f"packed (seqlen_q, seqlen_k) {PACKED_LENGTHS} causal=True"
+    return results + _compare(_usable(PREFILL, device, dtype, 64, kernels, varlen=True), "varlen", case, run, dtype)
