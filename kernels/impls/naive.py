@@ -36,6 +36,23 @@ def prefill(q, k, v, causal, scale, window=FULL, softcap=0.0):
     return _attend(q, k, v, visible(q.shape[1], k.shape[1], causal, q.device, window), scale, softcap)
 
 
+def prefill_lse(q, k, v, causal, scale, window=FULL, softcap=0.0):
+    """prefill's output and each row's log-sum-exp of its scaled (capped) visible scores, so
+    partial results over key blocks merge exactly (ring attention). q (B, Sq, H, D), k and v
+    (B, Sk, KVH, D) -> out as prefill's, lse (B, H, Sq) in float32 (float64 for float64 input,
+    naive's softmax dtype); -inf for a row that sees no key."""
+    mask = visible(q.shape[1], k.shape[1], causal, q.device, window)
+    groups = q.shape[2] // k.shape[2]
+    qh = q.transpose(1, 2)
+    kh = k.transpose(1, 2).repeat_interleave(groups, dim=1)
+    vh = v.transpose(1, 2).repeat_interleave(groups, dim=1)
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = capped((qh @ kh.transpose(-1, -2)).to(softmax_dtype) * scale, softcap).masked_fill(~mask, float("-inf"))
+    # The same operations as _attend, so out is prefill's to the bit.
+    out = (torch.softmax(scores, dim=-1).to(q.dtype) @ vh).masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    return out.transpose(1, 2).contiguous(), torch.logsumexp(scores, dim=-1)
+
+
 def decode(q, k_cache, v_cache, cache_seqlens, scale, window=FULL, softcap=0.0):
     mask = decode_visible(cache_seqlens, q.shape[1], k_cache.shape[1], window)[:, None]  # (B, 1, q_len, S)
     # Slots past a sequence's length may hold anything (NaN too); 0 x NaN would leak into P @ V.
