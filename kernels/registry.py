@@ -310,7 +310,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def lazy(target: str, **options) -> Callable:
-    """A call to "module:function", imported on first use, with `options` as keywords.
+    """A call to "module:function", imported on first use, with `options` as keywords (and the
+    keywords each call passes).
 
     Triton chooses compiler or interpreter when a module's @triton.jit functions are defined,
     so a Triton kernel's module is imported only once a command has made that choice.
@@ -319,9 +320,9 @@ def lazy(target: str, **options) -> Callable:
     if not module_name or not function:
         raise ValueError(f"target: expected 'module:function', got {target!r}")
 
-    def call(*args):
+    def call(*args, **per_call):      # per_call: the options a call sets (window=, softcap=)
         import importlib
-        return getattr(importlib.import_module(module_name), function)(*args, **options)
+        return getattr(importlib.import_module(module_name), function)(*args, **options, **per_call)
     call.__qualname__ = f"lazy({target!r})"
     return call
 

@@ -5,6 +5,9 @@ step 1 gives each (sequence, kv head, split) a program that attends every query 
 the kv head's group (all its query heads x q_len) to its slice, reading each K/V tile once,
 and writes a partial output with its log-sum-exp; step 2 merges the splits. Tensors are in
 the (batch, seqlen, heads, head_dim) layout; cache_seqlens may be ragged, 0 included.
+
+With a window (masks.py) the splits tile only the keys the window can reach, the last
+q_len + left of each sequence, so a fixed window costs the same at any cache length.
 """
 from __future__ import annotations
 
@@ -15,20 +18,23 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from attnlab.kernels.masks import FULL
 from attnlab.kernels.registry import triton_interpreting
-from attnlab.kernels.triton_prefill import (LOG2E, _attend_keys, _load_tile, _normalise, block_d, capability_major,
-                                            dot_precision, positive_scale, upcast_dot)
+from attnlab.kernels.triton_prefill import (_attend_keys, _load_tile, _normalise, block_d, capability_major,
+                                            dot_precision, finished, output_buffer, positive_scale, score_factors,
+                                            upcast_dot)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window_left"])  # one build serves every window
 def _decode_split(
     Q, K, V, Lens, Opart, Lpart,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_pb, stride_ph, stride_ps, stride_pm,
-    q_len, groups, kv_heads, split_len, qk_scale,
+    q_len, groups, kv_heads, split_len, qk_scale, cap_log2, window_left,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # the merge may launch now, and waits in gdc_wait for this grid's results
@@ -51,22 +57,42 @@ def _decode_split(
 
     seqlen = tl.load(Lens + b)
     key_limit = seqlen - q_len + 1 + pos          # the last q_len positions, causal
-    start = split * split_len
-    end = tl.minimum(start + split_len, seqlen)
-    unmasked_end = tl.maximum(tl.minimum(end, seqlen - q_len + 1), start)
-    unmasked_end = start + (unmasked_end - start) // BLOCK_N * BLOCK_N
+    if WINDOW:
+        # Row r sees keys [key_limit - 1 - left, key_limit): together the rows reach back to
+        # seqlen - q_len - left, and the splits tile from that key's tile on. Tiles from
+        # seqlen - 1 - left on are inside every row's window.
+        key_start = key_limit - 1 - window_left
+        start = tl.maximum(seqlen - q_len - window_left, 0) // BLOCK_N * BLOCK_N + split * split_len
+        end = tl.minimum(start + split_len, seqlen)
+        unmasked_start = tl.minimum(tl.maximum((tl.maximum(seqlen - 1 - window_left, 0) + BLOCK_N - 1)
+                                               // BLOCK_N * BLOCK_N, start), end)
+    else:
+        key_start = key_limit
+        start = split * split_len
+        end = tl.minimum(start + split_len, seqlen)
+        unmasked_start = start
+    unmasked_end = tl.maximum(tl.minimum(end, seqlen - q_len + 1), unmasked_start)
+    unmasked_end = unmasked_start + (unmasked_end - unmasked_start) // BLOCK_N * BLOCK_N
 
     k_ptrs = K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, m_i, l_i = _attend_keys(q, k_ptrs, v_ptrs, b, kv_h, start, unmasked_end, end, stride_kn, stride_vn,
-                                 offs_n, offs_d, key_limit, acc, m_i, l_i, qk_scale,
-                                 HEAD_DIM, BLOCK_N, BLOCK_D, False, False, UPCAST_DOT, DOT_PRECISION)
-    acc, m_i, l_i = _attend_keys(q, k_ptrs, v_ptrs, b, kv_h, unmasked_end, end, end, stride_kn, stride_vn,
-                                 offs_n, offs_d, key_limit, acc, m_i, l_i, qk_scale,
-                                 HEAD_DIM, BLOCK_N, BLOCK_D, True, False, UPCAST_DOT, DOT_PRECISION)
+    if WINDOW:  # the window's left edge, where rows differ in what they see
+        acc, m_i, l_i = _attend_keys(q, k_ptrs, v_ptrs, b, kv_h, 0, start, unmasked_start, end, stride_kn,
+                                     stride_vn, offs_n, offs_d, key_start, key_limit, acc, m_i, l_i, qk_scale,
+                                     cap_log2, HEAD_DIM, BLOCK_N, BLOCK_D, True, True, SOFTCAP, False, False,
+                                     UPCAST_DOT, DOT_PRECISION)
+    # Tiles every row sees whole; then the causal diagonal of the last q_len keys, and the end.
+    acc, m_i, l_i = _attend_keys(q, k_ptrs, v_ptrs, b, kv_h, 0, unmasked_start, unmasked_end, end, stride_kn,
+                                 stride_vn, offs_n, offs_d, key_start, key_limit, acc, m_i, l_i, qk_scale,
+                                 cap_log2, HEAD_DIM, BLOCK_N, BLOCK_D, False, WINDOW, SOFTCAP, False, False,
+                                 UPCAST_DOT, DOT_PRECISION)
+    acc, m_i, l_i = _attend_keys(q, k_ptrs, v_ptrs, b, kv_h, 0, unmasked_end, end, end, stride_kn, stride_vn,
+                                 offs_n, offs_d, key_start, key_limit, acc, m_i, l_i, qk_scale,
+                                 cap_log2, HEAD_DIM, BLOCK_N, BLOCK_D, True, WINDOW, SOFTCAP, False, False,
+                                 UPCAST_DOT, DOT_PRECISION)
 
     # Partial result of this split: normalised output and log2-sum-exp2. A row that saw no key
     # here contributes nothing (output 0, lse -inf); a row that met a NaN has lse NaN, and the
@@ -138,9 +164,23 @@ def pdl_supported(device: torch.device) -> bool:
     return device.type == "cuda" and not triton_interpreting() and capability_major(device) >= 9
 
 
+def window_left(window, max_seqlen: int) -> int:
+    """The window's left side as decode uses it: -1 where no row can reach past it (decode is
+    causal, so the right side never matters)."""
+    left = window[0]
+    return left if 0 <= left < max_seqlen - 1 else -1
+
+
+def split_span(max_seqlen: int, q_len: int, left: int, block_n: int) -> int:
+    """How many keys of a sequence the splits must cover: all of them, or with a window only
+    those from the tile of its first key on: under q_len + left + block_n, at any length."""
+    return max_seqlen if left < 0 else min(max_seqlen, q_len + left + block_n - 1)
+
+
 def decode(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | None = None,
-           pdl: bool | None = None) -> torch.Tensor:
-    """q (B, q_len, H, D); caches (B, max_seqlen, KVH, D); cache_seqlens int32 (B,).
+           pdl: bool | None = None, window=FULL, softcap: float = 0.0) -> torch.Tensor:
+    """q (B, q_len, H, D); caches (B, max_seqlen, KVH, D); cache_seqlens int32 (B,); `window` and
+    `softcap` as in masks.py.
 
     pdl: launch the merge with programmatic dependent launch, so that its launch overlaps
     the split grid; None uses it where the GPU has it.
@@ -159,19 +199,21 @@ def decode(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | N
     row_blocks = triton.cdiv(groups * q_len, block_m)
     interpreting = triton_interpreting()
     block_n = 32 if interpreting else (64 if bd <= 128 else 32)
-    splits = num_splits or choose_splits(batch * kv_heads * row_blocks, max_seqlen, block_n, q.device)
-    split_len = triton.cdiv(triton.cdiv(max_seqlen, splits), block_n) * block_n
-    splits = triton.cdiv(max_seqlen, split_len)
+    left = window_left(window, max_seqlen)
+    span = split_span(max_seqlen, q_len, left, block_n)
+    splits = num_splits or choose_splits(batch * kv_heads * row_blocks, span, block_n, q.device)
+    split_len = triton.cdiv(triton.cdiv(span, splits), block_n) * block_n
+    splits = triton.cdiv(span, split_len)
 
     rows_padded = row_blocks * block_m
     lse_part = torch.empty(batch, kv_heads, splits, rows_padded, device=q.device, dtype=torch.float32)
     out_part = torch.empty(batch, kv_heads, splits, rows_padded, bd, device=q.device, dtype=torch.float32)
-    out = torch.empty_like(q)
+    out = output_buffer(q)
     _decode_split[(batch * kv_heads, row_blocks, splits)](
         q, k_cache, v_cache, cache_seqlens, out_part, lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *lse_part.stride(),
-        q_len, groups, kv_heads, split_len, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n,
+        q_len, groups, kv_heads, split_len, *score_factors(scale, softcap), max(left, 0),
+        HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n, WINDOW=left >= 0, SOFTCAP=softcap > 0,
         UPCAST_DOT=upcast_dot(q.dtype), DOT_PRECISION=dot_precision(q.dtype), PDL=pdl,
         **({} if interpreting else dict(num_warps=4, num_stages=3)),
     )
@@ -180,4 +222,4 @@ def decode(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | N
         q_len, groups, kv_heads, splits, HEAD_DIM=head_dim, BLOCK_D=bd,
         SPLIT_BLOCK=min(64, triton.next_power_of_2(splits)), PDL=pdl, **({"launch_pdl": True} if pdl else {}),
     )
-    return out
+    return finished(out, q.dtype)

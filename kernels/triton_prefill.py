@@ -2,7 +2,11 @@
 
 Each program owns BLOCK_M query rows of one head and streams that head's K/V in BLOCK_N
 tiles through an online softmax, so the score matrix never leaves registers. GQA/MQA read
-the shared kv head in place. Tensors are in the (batch, seqlen, heads, head_dim) layout.
+the shared kv head in place. Tensors are in the (batch, seqlen, heads, head_dim) layout, or
+packed as (total, heads, head_dim) for `attention_varlen`.
+
+Windows and softcap (the rules of masks.py) are constexpr switches: plain attention compiles to
+the kernel it always was, and a window bounds each program's loop to the tiles of its band.
 """
 from __future__ import annotations
 
@@ -17,9 +21,11 @@ try:
 except ImportError:  # Triton before 3.3: the pointer path only
     TensorDescriptor = None
 
+from attnlab.kernels.masks import FULL
 from attnlab.kernels.registry import triton_interpreting
 
 LOG2E = 1.4426950408889634
+INTERPRETER_BLOCK = 32   # BLOCK_M and BLOCK_N in the interpreter: small fixed tiles, no autotuning
 
 
 @triton.jit
@@ -36,30 +42,63 @@ def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _kv_tile(base, b, kv_h, start_n, stride_n, offs_n, n_keys, offs_d,
+def _kv_tile(base, b, kv_h, row0, start_n, stride_n, offs_n, n_keys, offs_d,
              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-             MASKED: tl.constexpr, TMA: tl.constexpr):
+             MASKED: tl.constexpr, TMA: tl.constexpr, PACKED: tl.constexpr):
     """Keys [start_n, start_n + BLOCK_N) of one kv head; with MASKED, rows past n_keys read as 0.
 
-    With TMA, base is a (batch, seqlen, kv_heads, head_dim) tensor descriptor and the copy
-    engine fills rows past the tensor's end with zeros; otherwise it is the tile's pointers at
-    key 0.
+    With TMA, base is a (batch, seqlen, kv_heads, head_dim) tensor descriptor, the sequence's
+    keys starting at row row0, and the copy engine fills rows past the tensor's end with zeros;
+    otherwise it is the tile's pointers at the sequence's key 0.
     """
     if TMA:
-        tile = base.load([b, start_n, kv_h, 0]).reshape(BLOCK_N, BLOCK_D)
+        tile = base.load([b, row0 + start_n, kv_h, 0]).reshape(BLOCK_N, BLOCK_D)
+        if PACKED:
+            if MASKED:  # packed: past this sequence's end lie the next one's keys, not the copy engine's zeros
+                tile = tl.where(offs_n[:, None] < n_keys, tile, 0.0)
     else:
         tile = _load_tile(base + start_n * stride_n, offs_n, n_keys, offs_d, HEAD_DIM, BLOCK_D, MASKED)
     return tile
 
 
 @triton.jit
-def _attend_tile(q, k, v, offs_n, key_limit, acc, m_i, l_i, qk_scale,
-                 MASKED: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _tanh(x):
+    """tanh in fp32 from exp2, which the GPU and Triton's interpreter both have (libdevice's tanh
+    does not run in the interpreter). (1 - e) / (1 + e) with e = exp(-2|x|) cancels near 0, so
+    |x| < 0.4 takes tanh's odd Taylor series to x^13 (the first term left out is under 1e-8 of
+    the result there). A few ulp from tanh in fp32; NaN stays NaN and +-inf gives +-1."""
+    ax = tl.abs(x)
+    e = tl.math.exp2(ax * -2.8853900817779268)  # exp(-2|x|)
+    far = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    near = x + x * x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * (-0.008863235529902197
+                                                                   + x2 * 0.003592128036572481)))))
+    return tl.where(ax < 0.4, near, tl.where(x < 0, -far, far))
+
+
+@triton.jit
+def _log2_scores(qk, qk_scale, cap_log2, SOFTCAP: tl.constexpr):
+    """Scores in log2 units, as exp2 wants them. Plain: qk_scale = scale * log2(e), one multiply.
+    With SOFTCAP the cap acts on the true scaled score, so the log2 factor moves past tanh:
+    qk_scale = scale / softcap is the factor inside it and cap_log2 = softcap * log2(e) the one
+    outside, giving softcap * tanh(scale * qk / softcap) * log2(e)."""
+    if SOFTCAP:
+        scores = _tanh(qk * qk_scale) * cap_log2
+    else:
+        scores = qk * qk_scale
+    return scores
+
+
+@triton.jit
+def _attend_tile(q, k, v, offs_n, key_start, key_limit, acc, m_i, l_i, qk_scale, cap_log2,
+                 MASKED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                 UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One step of the online softmax over a K/V tile.
 
-    Scores are kept in log2 units (scale * log2 e folded into qk_scale) so exp2 does the work.
-    With MASKED, key n of the tile is visible to row r iff n < key_limit[r]; rows that have
-    seen nothing keep m = -inf, handled by the safe maximum below.
+    Scores are kept in log2 units (see _log2_scores) so exp2 does the work. With MASKED, key n
+    of the tile is visible to row r iff n < key_limit[r] and, with WINDOW, n >= key_start[r];
+    rows that have seen nothing keep m = -inf, handled by the safe maximum below.
 
     NaN needs no extra work: a NaN in q or in a key the row sees makes its score NaN, exp2
     keeps it in p, so l and acc turn NaN for good (the running maximum ignores it: tl.max and
@@ -71,10 +110,18 @@ def _attend_tile(q, k, v, offs_n, key_limit, acc, m_i, l_i, qk_scale,
         v = v.to(tl.float32)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        qk = tl.where(offs_n[None, :] < key_limit[:, None], qk * qk_scale, float("-inf"))
+        visible = offs_n[None, :] < key_limit[:, None]
+        if WINDOW:
+            visible = visible & (offs_n[None, :] >= key_start[:, None])
+        qk = tl.where(visible, _log2_scores(qk, qk_scale, cap_log2, SOFTCAP), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_new_safe[:, None])
+    elif SOFTCAP:  # tanh bends the scores: cap each one, then take the row maximum
+        qk = _log2_scores(qk, qk_scale, cap_log2, SOFTCAP)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new_safe = m_new
+        p = tl.math.exp2(qk - m_new[:, None])
     else:
         # qk_scale >= 0 (see positive_scale), so the scaled row maximum is the maximum of the
         # scaled scores, and each score costs one fused multiply-add on its way to exp2.
@@ -88,19 +135,21 @@ def _attend_tile(q, k, v, offs_n, key_limit, acc, m_i, l_i, qk_scale,
 
 
 @triton.jit
-def _attend_keys(q, k_base, v_base, b, kv_h, lo, hi, n_end, stride_kn, stride_vn, offs_n, offs_d,
-                 key_limit, acc, m_i, l_i, qk_scale,
+def _attend_keys(q, k_base, v_base, b, kv_h, row0, lo, hi, n_end, stride_kn, stride_vn, offs_n, offs_d,
+                 key_start, key_limit, acc, m_i, l_i, qk_scale, cap_log2,
                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-                 TMA: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Keys [lo, hi) tile by tile. With MASKED, key j is visible to row r iff j < key_limit[r],
-    and keys from n_end on read as 0; without, every key is visible and no tile is checked."""
+                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr,
+                 UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Keys [lo, hi) tile by tile. With MASKED, key j is visible to row r iff j < key_limit[r]
+    (and, with WINDOW, j >= key_start[r]), and keys from n_end on read as 0; without, every key
+    is visible and no tile is checked. row0: where the sequence's keys start, for TMA."""
     for start_n in range(lo, hi, BLOCK_N):
-        k = _kv_tile(k_base, b, kv_h, start_n, stride_kn, offs_n, n_end - start_n, offs_d,
-                     HEAD_DIM, BLOCK_N, BLOCK_D, MASKED, TMA)
-        v = _kv_tile(v_base, b, kv_h, start_n, stride_vn, offs_n, n_end - start_n, offs_d,
-                     HEAD_DIM, BLOCK_N, BLOCK_D, MASKED, TMA)
-        acc, m_i, l_i = _attend_tile(q, k, v, offs_n, key_limit - start_n, acc, m_i, l_i, qk_scale,
-                                     MASKED, UPCAST_DOT, DOT_PRECISION)
+        k = _kv_tile(k_base, b, kv_h, row0, start_n, stride_kn, offs_n, n_end - start_n, offs_d,
+                     HEAD_DIM, BLOCK_N, BLOCK_D, MASKED, TMA, PACKED)
+        v = _kv_tile(v_base, b, kv_h, row0, start_n, stride_vn, offs_n, n_end - start_n, offs_d,
+                     HEAD_DIM, BLOCK_N, BLOCK_D, MASKED, TMA, PACKED)
+        acc, m_i, l_i = _attend_tile(q, k, v, offs_n, key_start - start_n, key_limit - start_n, acc, m_i, l_i,
+                                     qk_scale, cap_log2, MASKED, WINDOW, SOFTCAP, UPCAST_DOT, DOT_PRECISION)
     return acc, m_i, l_i
 
 
@@ -114,15 +163,92 @@ def _normalise(acc, l_i):
 
 
 @triton.jit
+def _window_band(first_p, last_p, seqlen_k, left, right, BLOCK_N: tl.constexpr):
+    """The keys rows at positions [first_p, last_p] see in the window (left, right), as tile
+    bounds (lo, unmasked_lo, unmasked_hi, hi): every visible key lies in [lo, hi), and each
+    tile in [unmasked_lo, unmasked_hi) is seen whole by every row, so it needs no masks.
+    Tiles start at multiples of BLOCK_N; every value is clamped at 0 before dividing (Triton
+    divides towards 0, Python down). key_ranges() is this arithmetic in Python."""
+    lo = tl.maximum(first_p - left, 0) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(tl.minimum(last_p + right + 1, seqlen_k), lo)
+    unmasked_lo = tl.minimum((tl.maximum(last_p - left, lo) + BLOCK_N - 1) // BLOCK_N * BLOCK_N, hi)
+    unmasked_hi = tl.maximum(tl.maximum(tl.minimum(first_p + right + 1, hi), 0) // BLOCK_N * BLOCK_N, unmasked_lo)
+    return lo, unmasked_lo, unmasked_hi, hi
+
+
+@triton.jit
+def _attend_block(q, k_base, v_base, b, kv_h, row0, start_m, offs_m, offs_n, offs_d, seqlen_q, seqlen_k,
+                  stride_kn, stride_vn, qk_scale, cap_log2, window_left, window_right,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  IS_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PACKED: tl.constexpr,
+                  TMA: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Query rows [start_m, start_m + BLOCK_M) of one head over the keys they see: (acc, l).
+
+    Each phase is a loop over whole tiles; only those that cross a boundary of what a row
+    sees (the diagonal, a window's edge, the ragged end) pay for masks.
+    """
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if WINDOW:
+        # Row i sits at p = i + seqlen_k - seqlen_q and sees keys [p - left, p + right] (causal
+        # is right = 0, an unbounded side a bound past every key). The loop covers only this
+        # block's band, so with a fixed window a program reads a fixed number of tiles and the
+        # cost grows linearly with context, where the full triangle grows quadratically.
+        key_start = offs_m + seqlen_k - seqlen_q - window_left
+        key_limit = tl.minimum(offs_m + seqlen_k - seqlen_q + window_right + 1, seqlen_k)
+        first_p = start_m + seqlen_k - seqlen_q
+        last_p = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1 + seqlen_k - seqlen_q
+        lo, unmasked_lo, unmasked_hi, hi = _window_band(first_p, last_p, seqlen_k, window_left, window_right,
+                                                        BLOCK_N)
+        # The band's left edge, its interior with no masks, then its right edge.
+        acc, m_i, l_i = _attend_keys(q, k_base, v_base, b, kv_h, row0, lo, unmasked_lo, seqlen_k, stride_kn,
+                                     stride_vn, offs_n, offs_d, key_start, key_limit, acc, m_i, l_i, qk_scale,
+                                     cap_log2, HEAD_DIM, BLOCK_N, BLOCK_D, True, True, SOFTCAP, PACKED, TMA,
+                                     UPCAST_DOT, DOT_PRECISION)
+        acc, m_i, l_i = _attend_keys(q, k_base, v_base, b, kv_h, row0, unmasked_lo, unmasked_hi, seqlen_k,
+                                     stride_kn, stride_vn, offs_n, offs_d, key_start, key_limit, acc, m_i, l_i,
+                                     qk_scale, cap_log2, HEAD_DIM, BLOCK_N, BLOCK_D, False, True, SOFTCAP, PACKED,
+                                     TMA, UPCAST_DOT, DOT_PRECISION)
+        acc, m_i, l_i = _attend_keys(q, k_base, v_base, b, kv_h, row0, unmasked_hi, hi, seqlen_k, stride_kn,
+                                     stride_vn, offs_n, offs_d, key_start, key_limit, acc, m_i, l_i, qk_scale,
+                                     cap_log2, HEAD_DIM, BLOCK_N, BLOCK_D, True, True, SOFTCAP, PACKED, TMA,
+                                     UPCAST_DOT, DOT_PRECISION)
+    else:
+        # Bottom-right causal: row i sees keys j < i + 1 + (seqlen_k - seqlen_q).
+        if IS_CAUSAL:
+            key_limit = offs_m + 1 + seqlen_k - seqlen_q
+            hi = tl.minimum(seqlen_k, start_m + BLOCK_M + seqlen_k - seqlen_q)  # blocks past it: skipped
+            unmasked_hi = tl.minimum(hi, start_m + 1 + seqlen_k - seqlen_q)      # seen by every row
+        else:
+            key_limit = tl.zeros([BLOCK_M], dtype=tl.int32) + seqlen_k
+            hi = seqlen_k
+            unmasked_hi = seqlen_k
+        hi = tl.maximum(hi, 0)
+        unmasked_hi = tl.maximum(unmasked_hi, 0) // BLOCK_N * BLOCK_N
+        # Tiles every row sees in full, with no masks; then the diagonal and the ragged tail.
+        acc, m_i, l_i = _attend_keys(q, k_base, v_base, b, kv_h, row0, 0, unmasked_hi, seqlen_k, stride_kn,
+                                     stride_vn, offs_n, offs_d, key_limit, key_limit, acc, m_i, l_i, qk_scale,
+                                     cap_log2, HEAD_DIM, BLOCK_N, BLOCK_D, False, False, SOFTCAP, PACKED, TMA,
+                                     UPCAST_DOT, DOT_PRECISION)
+        acc, m_i, l_i = _attend_keys(q, k_base, v_base, b, kv_h, row0, unmasked_hi, hi, seqlen_k, stride_kn,
+                                     stride_vn, offs_n, offs_d, key_limit, key_limit, acc, m_i, l_i, qk_scale,
+                                     cap_log2, HEAD_DIM, BLOCK_N, BLOCK_D, True, False, SOFTCAP, PACKED, TMA,
+                                     UPCAST_DOT, DOT_PRECISION)
+    return acc, l_i
+
+
+@triton.jit(do_not_specialize=["window_left", "window_right"])  # one build serves every window
 def _attention_fwd(
     Q, K, V, Out,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
-    seqlen_q, seqlen_k, heads, groups, qk_scale, seq_bucket,
+    seqlen_q, seqlen_k, heads, groups, qk_scale, cap_log2, window_left, window_right, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     # Largest causal blocks first: the long rows start early and the short ones fill the tail.
     m_block = tl.num_programs(0) - 1 - tl.program_id(0) if IS_CAUSAL else tl.program_id(0)
@@ -145,31 +271,64 @@ def _attention_fwd(
         k_base = K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
         v_base = V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
-    # Bottom-right causal: row i sees keys j < i + 1 + (seqlen_k - seqlen_q).
-    if IS_CAUSAL:
-        key_limit = offs_m + 1 + seqlen_k - seqlen_q
-        hi = tl.minimum(seqlen_k, start_m + BLOCK_M + seqlen_k - seqlen_q)  # blocks past it: skipped
-        unmasked_hi = tl.minimum(hi, start_m + 1 + seqlen_k - seqlen_q)      # seen by every row
-    else:
-        key_limit = tl.zeros([BLOCK_M], dtype=tl.int32) + seqlen_k
-        hi = seqlen_k
-        unmasked_hi = seqlen_k
-    hi = tl.maximum(hi, 0)
-    unmasked_hi = tl.maximum(unmasked_hi, 0) // BLOCK_N * BLOCK_N
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Tiles every row sees in full, with no masks; then the diagonal and the ragged tail.
-    acc, m_i, l_i = _attend_keys(q, k_base, v_base, b, kv_h, 0, unmasked_hi, seqlen_k, stride_kn, stride_vn,
-                                 offs_n, offs_d, key_limit, acc, m_i, l_i, qk_scale,
-                                 HEAD_DIM, BLOCK_N, BLOCK_D, False, TMA, UPCAST_DOT, DOT_PRECISION)
-    acc, m_i, l_i = _attend_keys(q, k_base, v_base, b, kv_h, unmasked_hi, hi, seqlen_k, stride_kn, stride_vn,
-                                 offs_n, offs_d, key_limit, acc, m_i, l_i, qk_scale,
-                                 HEAD_DIM, BLOCK_N, BLOCK_D, True, TMA, UPCAST_DOT, DOT_PRECISION)
+    acc, l_i = _attend_block(q, k_base, v_base, b, kv_h, 0, start_m, offs_m, offs_n, offs_d, seqlen_q, seqlen_k,
+                             stride_kn, stride_vn, qk_scale, cap_log2, window_left, window_right,
+                             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW, SOFTCAP, False, TMA,
+                             UPCAST_DOT, DOT_PRECISION)
 
     out, _ = _normalise(acc, l_i)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    o_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit(do_not_specialize=["window_left", "window_right"])
+def _attention_varlen_fwd(
+    Q, K, V, Out, CuSeqlensQ, CuSeqlensK,
+    stride_qm, stride_qh, stride_qd,
+    stride_kn, stride_kh, stride_kd,
+    stride_vn, stride_vh, stride_vd,
+    stride_om, stride_oh, stride_od,
+    heads, groups, qk_scale, cap_log2, window_left, window_right, seq_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+):
+    # Packed sequences: the grid covers the longest one, and sequence b's rows and keys are
+    # q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] and k[cu_seqlens_k[b]:cu_seqlens_k[b + 1]].
+    m_block = tl.num_programs(0) - 1 - tl.program_id(0) if IS_CAUSAL else tl.program_id(0)
+    start_m = m_block * BLOCK_M
+    b = tl.program_id(1) // heads
+    h = tl.program_id(1) % heads
+    kv_h = h // groups
+    q_start = tl.load(CuSeqlensQ + b)
+    seqlen_q = tl.load(CuSeqlensQ + b + 1) - q_start
+    if start_m >= seqlen_q:  # this sequence ends before this block
+        return
+    k_start = tl.load(CuSeqlensK + b)
+    seqlen_k = tl.load(CuSeqlensK + b + 1) - k_start
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + (q_start + offs_m[:, None]) * stride_qm + h * stride_qh + offs_d[None, :] * stride_qd
+    q = _load_tile(q_ptrs, offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    if TMA:  # descriptors over (1, total_k, kv_heads, head_dim): the sequence starts at row k_start
+        k_base = K
+        v_base = V
+    else:
+        k_base = K + (k_start + offs_n[:, None]) * stride_kn + kv_h * stride_kh + offs_d[None, :] * stride_kd
+        v_base = V + (k_start + offs_n[:, None]) * stride_vn + kv_h * stride_vh + offs_d[None, :] * stride_vd
+
+    acc, l_i = _attend_block(q, k_base, v_base, 0, kv_h, k_start, start_m, offs_m, offs_n, offs_d, seqlen_q,
+                             seqlen_k, stride_kn, stride_vn, qk_scale, cap_log2, window_left, window_right,
+                             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW, SOFTCAP, True, TMA,
+                             UPCAST_DOT, DOT_PRECISION)
+
+    out, _ = _normalise(acc, l_i)
+    o_ptrs = Out + (q_start + offs_m[:, None]) * stride_om + h * stride_oh + offs_d[None, :] * stride_od
     o_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
 
@@ -203,10 +362,13 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BLOCK_M"] == 128] + small[:1]
 
 
-_attention_fwd_tuned = triton.autotune(
-    configs=_configs(), key=["HEAD_DIM", "IS_CAUSAL", "seq_bucket", "TMA"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_attention_fwd)
+def _tuned(kernel):
+    key = ["HEAD_DIM", "IS_CAUSAL", "WINDOW", "SOFTCAP", "seq_bucket", "TMA"]
+    return triton.autotune(configs=_configs(), key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+_attention_fwd_tuned = _tuned(_attention_fwd)
+_attention_varlen_fwd_tuned = _tuned(_attention_varlen_fwd)
 
 
 def autotune(q, k, v, causal: bool, scale: float, tma: bool | None = None) -> dict:
@@ -280,38 +442,149 @@ def upcast_dot(dtype: torch.dtype) -> bool:
     return triton_interpreting() and dtype == torch.bfloat16
 
 
-def attention(q, k, v, causal: bool, scale: float, tma: bool | None = None) -> torch.Tensor:
-    """q (B, Sq, H, D); k, v (B, Sk, KVH, D) -> (B, Sq, H, D) in q's dtype.
+def output_buffer(q: torch.Tensor) -> torch.Tensor:
+    """Where a kernel writes its output: like q, but fp32 for bf16 in the interpreter, which
+    converts fp32 to bf16 towards zero where a GPU rounds to nearest (twice the rounding
+    error); `finished` then rounds as the GPU would."""
+    return torch.empty_like(q, dtype=torch.float32) if upcast_dot(q.dtype) else torch.empty_like(q)
+
+
+def finished(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return out.to(dtype)  # the same tensor unless output_buffer widened it
+
+
+def kernel_band(causal: bool, window, seqlen_q: int, seqlen_k: int) -> tuple:
+    """(causal, bounds): the call as the kernels run it, for sequences of at most seqlen_q
+    queries over seqlen_k keys. Causal is folded into the window (it is right = 0), and a side
+    that reaches past every key is unbounded; what stays plain runs the plain kernel (bounds
+    None, causal or not), anything else the window path with bounds (left, right), an
+    unbounded side given as a bound past every key so the kernel never tests for -1."""
+    if tuple(window) == FULL:
+        return causal, None
+    left, right = window
+    right = 0 if causal else right
+    left = -1 if left >= seqlen_k - 1 else left    # the last row reaches key 0: so does every row
+    right = -1 if right >= seqlen_q - 1 else right  # the first row reaches the last key
+    if left < 0 and right < 0:
+        return False, None
+    if left < 0 and right == 0:
+        return True, None
+    unbounded = seqlen_q + seqlen_k
+    return causal, (unbounded if left < 0 else left, unbounded if right < 0 else right)
+
+
+def window_band(first_p: int, last_p: int, seqlen_k: int, left: int, right: int, block_n: int) -> tuple:
+    """The kernel's _window_band in Python: (lo, unmasked_lo, unmasked_hi, hi) for rows at
+    positions [first_p, last_p] in the window (left, right), each side a bound >= 0."""
+    lo = max(first_p - left, 0) // block_n * block_n
+    hi = max(min(last_p + right + 1, seqlen_k), lo)
+    unmasked_lo = min((max(last_p - left, lo) + block_n - 1) // block_n * block_n, hi)
+    unmasked_hi = max(max(min(first_p + right + 1, hi), 0) // block_n * block_n, unmasked_lo)
+    return lo, unmasked_lo, unmasked_hi, hi
+
+
+def key_ranges(seqlen_q: int, seqlen_k: int, causal: bool, window=FULL, block_m: int = 128,
+               block_n: int = 64) -> list:
+    """[lo, hi) of the keys each query block's program loops over, as the kernel bounds its
+    loop: the work a window saves, countable without a GPU (tiles: ceil((hi - lo) / block_n))."""
+    causal, bounds = kernel_band(causal, window, seqlen_q, seqlen_k)
+    ranges = []
+    for start_m in range(0, seqlen_q, block_m):
+        if bounds is None:
+            hi = min(seqlen_k, start_m + block_m + seqlen_k - seqlen_q) if causal else seqlen_k
+            ranges.append((0, max(hi, 0)))
+            continue
+        first_p = start_m + seqlen_k - seqlen_q
+        last_p = min(start_m + block_m, seqlen_q) - 1 + seqlen_k - seqlen_q
+        lo, _, _, hi = window_band(first_p, last_p, seqlen_k, *bounds, block_n)
+        ranges.append((lo, hi))
+    return ranges
+
+
+def score_factors(scale: float, softcap: float) -> tuple:
+    """(qk_scale, cap_log2) for the kernels' _log2_scores: the scale with log2(e) folded in, or
+    with a cap, the factor inside tanh and the one that takes its output to log2 units."""
+    if softcap > 0:
+        return scale / softcap, softcap * LOG2E
+    return scale * LOG2E, 0.0
+
+
+def _use_tma(tma: bool | None, k: torch.Tensor, v: torch.Tensor) -> bool:
+    unfit = tma_unfit_reason(k, v)
+    if tma and unfit:
+        raise ValueError(f"tma=True, but {unfit}")
+    if tma is None:
+        return unfit is None and not triton_interpreting()
+    return bool(tma)
+
+
+def _descriptors(k: torch.Tensor, v: torch.Tensor, bd: int) -> tuple:
+    """K and V as (batch, seqlen, kv_heads, head_dim) tensor descriptors. Compiled, the tile size
+    is a placeholder until autotuning sets it (_set_kv_tiles)."""
+    block_n = INTERPRETER_BLOCK if triton_interpreting() else 16
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), kv_block_shape(block_n, bd)) for t in (k, v))
+
+
+def _launch(kernel, tuned, args: tuple, meta: dict, rows: int, programs: int, dtype: torch.dtype) -> None:
+    """Run kernel on a grid of (query blocks of `rows` rows, programs)."""
+    if triton_interpreting():
+        # The interpreter runs programs one by one: small fixed tiles, no autotuning.
+        grid = (triton.cdiv(rows, INTERPRETER_BLOCK), programs)
+        kernel[grid](*args, **meta, BLOCK_M=INTERPRETER_BLOCK, BLOCK_N=INTERPRETER_BLOCK, UPCAST_DOT=upcast_dot(dtype))
+    else:
+        grid = lambda cfg: (triton.cdiv(rows, cfg["BLOCK_M"]), programs)
+        tuned[grid](*args, **meta, UPCAST_DOT=False)
+
+
+def _meta(head_dim: int, causal: bool, bounds, softcap: float, dtype: torch.dtype, tma: bool) -> dict:
+    return dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), IS_CAUSAL=causal, WINDOW=bounds is not None,
+                SOFTCAP=softcap > 0, DOT_PRECISION=dot_precision(dtype), TMA=tma)
+
+
+def attention(q, k, v, causal: bool, scale: float, tma: bool | None = None, window=FULL,
+              softcap: float = 0.0) -> torch.Tensor:
+    """q (B, Sq, H, D); k, v (B, Sk, KVH, D) -> (B, Sq, H, D) in q's dtype, with `window` and
+    `softcap` as in masks.py.
 
     tma: read K and V through tensor descriptors; None uses them on a GPU that has them
     when the tensors fit, True insists (ValueError if they cannot be used), False never.
     """
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    causal, bounds = kernel_band(causal, window, seqlen_q, seqlen_k)
     q, scale = positive_scale(q, scale)
-    interpreting = triton_interpreting()
-    unfit = tma_unfit_reason(k, v)
-    if tma and unfit:
-        raise ValueError(f"tma=True, but {unfit}")
-    if tma is None:
-        tma = unfit is None and not interpreting
-    bd = block_d(head_dim)
-    block_m, block_n = (32, 32) if interpreting else (None, None)
+    tma = _use_tma(tma, k, v)
     strides = (*q.stride(), *k.stride(), *v.stride())
-    if tma:  # the tile size is a placeholder until autotuning sets it (_set_kv_tiles)
-        k, v = (TensorDescriptor(t, list(t.shape), list(t.stride()), kv_block_shape(block_n or 16, bd))
-                for t in (k, v))
-    out = torch.empty_like(q)
-    args = (q, k, v, out, *strides, *out.stride(),
-            seqlen_q, seqlen_k, heads, heads // kv_heads, scale * LOG2E,
-            triton.next_power_of_2(max(seqlen_q, seqlen_k)))
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, IS_CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), TMA=tma)
-    if interpreting:
-        # The interpreter runs programs one by one: small fixed tiles, no autotuning.
-        grid = (triton.cdiv(seqlen_q, block_m), batch * heads)
-        _attention_fwd[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST_DOT=upcast_dot(q.dtype))
-    else:
-        grid = lambda cfg: (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads)
-        _attention_fwd_tuned[grid](*args, **meta, UPCAST_DOT=False)
-    return out
+    if tma:
+        k, v = _descriptors(k, v, block_d(head_dim))
+    out = output_buffer(q)
+    args = (q, k, v, out, *strides, *out.stride(), seqlen_q, seqlen_k, heads, heads // kv_heads,
+            *score_factors(scale, softcap), *(bounds or (0, 0)), triton.next_power_of_2(max(seqlen_q, seqlen_k)))
+    meta = _meta(head_dim, causal, bounds, softcap, q.dtype, tma)
+    _launch(_attention_fwd, _attention_fwd_tuned, args, meta, seqlen_q, batch * heads, q.dtype)
+    return finished(out, q.dtype)
 
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                     scale: float, window=FULL, softcap: float = 0.0, tma: bool | None = None) -> torch.Tensor:
+    """Packed sequences: q (total_q, H, D); k, v (total_k, KVH, D); cu_seqlens_q and cu_seqlens_k
+    int32 (batch + 1,) -> (total_q, H, D) in q's dtype. Sequence b is attended on its own, as
+    `attention` would; max_seqlen_q and max_seqlen_k are at least its lengths. tma as there.
+    """
+    heads, head_dim = q.shape[1], q.shape[2]
+    batch, kv_heads = cu_seqlens_q.shape[0] - 1, k.shape[1]
+    if q.shape[0] == 0 or batch == 0:
+        return torch.zeros_like(q)
+    out = output_buffer(q)
+    causal, bounds = kernel_band(causal, window, max_seqlen_q, max_seqlen_k)
+    q, scale = positive_scale(q, scale)
+    tma = _use_tma(tma, k[None], v[None])  # as a batch of one: a sequence is a run of its rows
+    strides = (*q.stride(), *k.stride(), *v.stride())
+    if tma:
+        k, v = _descriptors(k[None], v[None], block_d(head_dim))
+    args = (q, k, v, out, cu_seqlens_q, cu_seqlens_k, *strides, *out.stride(), heads, heads // kv_heads,
+            *score_factors(scale, softcap), *(bounds or (0, 0)),
+            triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)))
+    meta = _meta(head_dim, causal, bounds, softcap, q.dtype, tma)
+    _launch(_attention_varlen_fwd, _attention_varlen_fwd_tuned, args, meta, max_seqlen_q, batch * heads, q.dtype)
+    return finished(out, q.dtype)

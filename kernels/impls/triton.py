@@ -1,5 +1,6 @@
 """The Triton FlashAttention-2-style prefill (kernels/triton_prefill.py), and its ablation that
-reads K and V by pointers where the GPU has TMA.
+reads K and V by pointers where the GPU has TMA. Both take windows, softcap and packed
+sequences (varlen).
 
 The kernel module is imported on first call (`lazy`): Triton picks compiler or interpreter
 when it is imported, and a command on a machine without a GPU picks the interpreter first.
@@ -12,7 +13,8 @@ from attnlab.kernels.registry import lazy, register_kernel, triton_probe
 
 KERNEL = "attnlab.kernels.triton_prefill"
 COMMON = dict(devices=("cpu", "cuda"), dtypes=(torch.float16, torch.bfloat16, torch.float32),
-              head_dims=range(16, 257), probe=triton_probe, emulated_on=("cpu",))  # the interpreter
+              head_dims=range(16, 257), probe=triton_probe, emulated_on=("cpu",),  # the interpreter
+              options=("window", "softcap"))
 
 
 def _tune(tma):
@@ -25,10 +27,12 @@ def _tune(tma):
 
 
 register_kernel(
-    "triton", prefill=lazy(f"{KERNEL}:attention"), speed_rank={"cuda": 30, "cpu": 90}, tune=_tune(None),
+    "triton", prefill=lazy(f"{KERNEL}:attention"), varlen=lazy(f"{KERNEL}:attention_varlen"),
+    speed_rank={"cuda": 30, "cpu": 90}, tune=_tune(None),
     description="Triton FlashAttention-2-style forward (tiled, online softmax)", **COMMON)
 
 register_kernel(
-    "triton-ptr", prefill=lazy(f"{KERNEL}:attention", tma=False), speed_rank={"cuda": 31, "cpu": 91},
+    "triton-ptr", prefill=lazy(f"{KERNEL}:attention", tma=False),
+    varlen=lazy(f"{KERNEL}:attention_varlen", tma=False), speed_rank={"cuda": 31, "cpu": 91},
     tune=_tune(False), ablation_of="triton",
     description="the triton kernel with K/V read by pointers (cp.async), never by TMA", **COMMON)

@@ -1,5 +1,6 @@
 """The Triton split-KV decode (kernels/triton_decode.py), and its ablation that launches the
-merge after the split grid rather than by programmatic dependent launch (PDL).
+merge after the split grid rather than by programmatic dependent launch (PDL). Both take
+windows and softcap.
 
 Imported on first call, as the prefill is (see impls/triton.py).
 """
@@ -12,7 +13,9 @@ from attnlab.kernels.registry import lazy, register_kernel, triton_probe
 KERNEL = "attnlab.kernels.triton_decode"
 COMMON = dict(devices=("cpu", "cuda"), dtypes=(torch.float16, torch.bfloat16, torch.float32),
               head_dims=range(16, 257), probe=triton_probe, emulated_on=("cpu",),  # the interpreter
-              prefill_partner="triton")  # an end-to-end run of this decode prefills with its family's kernel
+              prefill_partner="triton",  # an end-to-end run of this decode prefills with its family's kernel
+              options=("window", "softcap"))
+
 
 register_kernel(
     "triton-decode", decode=lazy(f"{KERNEL}:decode"), speed_rank={"cuda": 15, "cpu": 90},

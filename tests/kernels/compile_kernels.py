@@ -6,7 +6,10 @@ imported, and the tests import them in interpreter mode.
 Each kernel is compiled as Triton's JIT would compile it for the llama3-8b shapes: an integer
 argument equal to 1 becomes a constant, and pointers and integers divisible by 16 are marked
 so. Without that, loads neither vectorise nor pipeline, and the build would not be the one a
-GPU runs.
+GPU runs. Arguments the kernel marks do_not_specialize (the window) are plain integers.
+
+Besides the plain kernels it builds their variants (a window with softcap, packed sequences),
+so a variant that no longer compiles fails here too.
 """
 import json
 import os
@@ -25,7 +28,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from attnlab.kernels import triton_decode, triton_prefill  # noqa: E402
 
-POINTERS = {"Opart": "*fp32", "Lpart": "*fp32", "Lens": "*i32"}
+POINTERS = {"Opart": "*fp32", "Lpart": "*fp32", "Lens": "*i32", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32"}
+FLOATS = ("qk_scale", "cap_log2")
 HEADS, KV_HEADS = 32, 8  # llama3-8b
 
 
@@ -37,14 +41,22 @@ def contiguous_strides(shape):
 
 
 def named_strides(prefix, shape):
-    return {f"stride_{prefix}{axis}": s for axis, s in zip("bmhd" if prefix in "qo" else "bnhd",
-                                                            contiguous_strides(shape))}
+    axes = "bmhd" if prefix in "qo" else "bnhd"
+    return {f"stride_{prefix}{axis}": s for axis, s in zip(axes[-len(shape):], contiguous_strides(shape))}
 
 
 def prefill_ints(seqlen, head_dim):
     ints = dict(seqlen_q=seqlen, seqlen_k=seqlen, heads=HEADS, groups=HEADS // KV_HEADS, seq_bucket=seqlen)
     for prefix, heads in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS), ("o", HEADS)):
         ints.update(named_strides(prefix, [1, seqlen, heads, head_dim]))
+    return ints
+
+
+def varlen_ints(total, head_dim):
+    """Packed sequences (total, heads, head_dim): no batch stride, no lengths on the host."""
+    ints = dict(heads=HEADS, groups=HEADS // KV_HEADS, seq_bucket=total)
+    for prefix, heads in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS), ("o", HEADS)):
+        ints.update(named_strides(prefix, [total, heads, head_dim]))
     return ints
 
 
@@ -74,8 +86,10 @@ def compile_for(fn, capability, tensor_type, ints, constexprs, descriptors=(), *
         elif name[0].isupper():  # tensors are the capitalised arguments
             signature[name] = POINTERS.get(name, tensor_type)
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "qk_scale":
+        elif name in FLOATS:
             signature[name] = "fp32"
+        elif fn.params[i].do_not_specialize:
+            signature[name] = "i32"
         elif ints[name] == 1:
             constexprs[name], signature[name] = 1, "constexpr"
         else:
@@ -104,14 +118,18 @@ def ptxas_usage(ptx, capability):
                 spill_bytes=int(spills.group(1)) + int(spills.group(2)))
 
 
-def prefill(capability, tensor_type, head_dim, causal, config, tma):
+def prefill(capability, tensor_type, head_dim, causal, config, tma, window=False, softcap=False, varlen=False):
+    """The prefill kernel ("prefill"), or with a window, softcap or packed sequences, its variant
+    ("prefill_window", "prefill_varlen")."""
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton_prefill.block_d(head_dim), IS_CAUSAL=causal,
-                      UPCAST_DOT=False, DOT_PRECISION="ieee", TMA=tma, **config.kwargs)
-    result = compile_for(triton_prefill._attention_fwd, capability, tensor_type, prefill_ints(16384, head_dim),
-                         constexprs, descriptors=("K", "V") if tma else (),
+                      WINDOW=window, SOFTCAP=softcap, UPCAST_DOT=False, DOT_PRECISION="ieee", TMA=tma, **config.kwargs)
+    kernel = triton_prefill._attention_varlen_fwd if varlen else triton_prefill._attention_fwd
+    ints = varlen_ints(16384, head_dim) if varlen else prefill_ints(16384, head_dim)
+    result = compile_for(kernel, capability, tensor_type, ints, constexprs, descriptors=("K", "V") if tma else (),
                          num_warps=config.num_warps, num_stages=config.num_stages)
-    return dict(result, kernel="prefill", capability=capability, dtype=tensor_type, head_dim=head_dim,
-                causal=causal, tma=tma, config=str(config))
+    name = "prefill_varlen" if varlen else "prefill_window" if window or softcap else "prefill"
+    return dict(result, kernel=name, capability=capability, dtype=tensor_type, head_dim=head_dim,
+                causal=causal, tma=tma, window=window, softcap=softcap, config=str(config))
 
 
 def tuned_configs(dtype, head_dim):
@@ -121,15 +139,28 @@ def tuned_configs(dtype, head_dim):
 
 
 def decode(capability):
-    """The split and merge kernels as Hopper builds them: with programmatic dependent launch."""
+    """The split and merge kernels as Hopper builds them: with programmatic dependent launch; and
+    the split kernel with a window and softcap ("decode_split_window")."""
     splits, rows, bd = 32, 16, 128
-    split = compile_for(triton_decode._decode_split, capability, "*bf16", decode_ints(32768, splits, rows, bd),
-                        dict(HEAD_DIM=128, BLOCK_D=bd, BLOCK_M=rows, BLOCK_N=64, UPCAST_DOT=False,
-                             DOT_PRECISION="ieee", PDL=True), num_warps=4, num_stages=3)
-    merge = compile_for(triton_decode._decode_merge, capability, "*bf16", decode_ints(32768, splits, rows, bd),
+    ints = decode_ints(32768, splits, rows, bd)
+
+    def split(window):
+        return compile_for(triton_decode._decode_split, capability, "*bf16", ints,
+                           dict(HEAD_DIM=128, BLOCK_D=bd, BLOCK_M=rows, BLOCK_N=64, WINDOW=window, SOFTCAP=window,
+                                UPCAST_DOT=False, DOT_PRECISION="ieee", PDL=True), num_warps=4, num_stages=3)
+    merge = compile_for(triton_decode._decode_merge, capability, "*bf16", ints,
                         dict(HEAD_DIM=128, BLOCK_D=bd, SPLIT_BLOCK=32, PDL=True), launch_pdl=True)
-    return [dict(split, kernel="decode_split", capability=capability),
-            dict(merge, kernel="decode_merge", capability=capability)]
+    return [dict(split(False), kernel="decode_split", capability=capability),
+            dict(merge, kernel="decode_merge", capability=capability),
+            dict(split(True), kernel="decode_split_window", capability=capability)]
+
+
+def variants():
+    """Hopper builds of the prefill's variants, on the first tile autotuning may pick."""
+    config = tuned_configs(torch.bfloat16, 128)[0]
+    return [prefill(90, "*bf16", 128, True, config, True, window=True, softcap=True),
+            prefill(90, "*bf16", 128, True, config, True, varlen=True),
+            prefill(90, "*bf16", 128, False, config, False, window=True, varlen=True)]
 
 
 def main():
@@ -142,6 +173,7 @@ def main():
     results.append(prefill(90, "*fp16", 59, False, triton_prefill._configs()[0], False))
     results.append(prefill(80, "*bf16", 128, True, triton_prefill._configs()[0], False))
     results += decode(90)
+    results += variants()
     json.dump(results, sys.stdout)
 
 
