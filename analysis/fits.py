@@ -287,6 +287,8 @@ def fit_all(results, *, environments=None, modes=FIT_MODES, n_boot: int = 2000, 
         return [], []
     results = with_selection(results)
     in_modes = results[results["mode"].isin(modes) & results["valid"]]
+    if in_modes.empty:              # only calibration, end-to-end or ring records: no curve to fit
+        return [], []
     in_modes = in_modes.assign(_curve=_curve_keys(in_modes))
     ok = in_modes[in_modes["status"] == "ok"]
     fits, skipped = [], []

@@ -37,7 +37,8 @@ KERNEL_MODES = (PREFILL, DECODE)
 CALIBRATION = "calibration"                   # a run's own matmul and copy: its reference rates
 E2E_DECODE, E2E_PREFILL_DECODE = "e2e-decode", "e2e-prefill-decode"
 E2E_MODES = (E2E_DECODE, E2E_PREFILL_DECODE)
-MODES = (*KERNEL_MODES, CALIBRATION, *E2E_MODES)
+RING = "ring"                                 # ring attention across ranks, one record per length (attnlab ring)
+MODES = (*KERNEL_MODES, CALIBRATION, *E2E_MODES, RING)
 
 
 def family(schema: str) -> str:

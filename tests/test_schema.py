@@ -96,7 +96,7 @@ def test_the_modules_name_the_same_words():
     assert (select.STATUSES, select.MODES) == (schema.STATUSES, schema.MODES)
     assert workloads.MODES == schema.KERNEL_MODES == (schema.PREFILL, schema.DECODE)
     assert (e2e.MODE_DECODE, e2e.MODE_PREFILL_DECODE) == schema.E2E_MODES
-    assert set(schema.MODES) == {*schema.KERNEL_MODES, schema.CALIBRATION, *schema.E2E_MODES}
+    assert set(schema.MODES) == {*schema.KERNEL_MODES, schema.CALIBRATION, *schema.E2E_MODES, schema.RING}
 
 
 def test_schema_names_are_spelled_only_in_the_schema_module():
