@@ -74,6 +74,7 @@ class Implementation:
     tune: Optional[Callable] = None
     options: tuple = ()
     varlen: Optional[Callable] = None
+    builds: Optional[Callable] = None
     origin: str = ""
 
     def attention_memory(self, device_type: str) -> AttentionMemory:
@@ -142,7 +143,8 @@ def register_kernel(name: str, *, prefill: Optional[Callable] = None, decode: Op
                     limits: Optional[Callable] = None, input_rules: Optional[Callable] = None,
                     prepare_decode: Optional[Callable] = None, memory=None, emulated_on=(),
                     ablation_of: str = "", baseline: bool = False, prefill_partner: str = "",
-                    tune: Optional[Callable] = None, options=(), varlen: Optional[Callable] = None) -> Implementation:
+                    tune: Optional[Callable] = None, options=(), varlen: Optional[Callable] = None,
+                    builds: Optional[Callable] = None) -> Implementation:
     """Add an attention implementation to the lab; returns what was registered.
 
     The calls, on tensors in the (batch, seqlen, heads, head_dim) layout that the API has
@@ -182,6 +184,8 @@ def register_kernel(name: str, *, prefill: Optional[Callable] = None, decode: Op
           run measures one stack.
       `tune(q, k, v, causal, scale)`: where the kernel autotunes, a list of dicts, one per variant
           tuned, with what each chose and every candidate's time (`attnlab tune`).
+      `builds(capability)`: for a Triton kernel, the launches of a call as kernels/inspect.py's
+          `Build`s for the llama3-8b shapes, so `attnlab inspect` shows what they compile to.
     """
     impl = Implementation(
         name=_checked_name(name), description=description, dtypes=_dtypes(dtypes),
@@ -192,7 +196,7 @@ def register_kernel(name: str, *, prefill: Optional[Callable] = None, decode: Op
         prepare_decode=prepare_decode, emulated_on=_names("emulated_on", emulated_on, empty=True),
         ablation_of=ablation_of, memory=_memory(memory), baseline=bool(baseline),
         prefill_partner=prefill_partner, tune=tune, options=_options(options),
-        varlen=_callable("varlen", varlen), origin=_caller_module())
+        varlen=_callable("varlen", varlen), builds=_callable("builds", builds), origin=_caller_module())
     if not impl.modes:
         raise ValueError(f"prefill: {name!r} registers neither prefill nor decode; give at least one")
     if name in _REGISTRY:

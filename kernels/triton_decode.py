@@ -223,3 +223,38 @@ def decode(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | N
         SPLIT_BLOCK=min(64, triton.next_power_of_2(splits)), PDL=pdl, **({"launch_pdl": True} if pdl else {}),
     )
     return finished(out, q.dtype)
+
+
+# --- what `attnlab inspect` compiles: one llama3-8b decode step over a 32k cache ---------------------------
+
+def _inspect_ints(cache_len: int, splits: int, rows: int, head_dim: int) -> dict:
+    from attnlab.kernels.inspect import contiguous_strides, named_strides
+
+    heads, kv_heads = 32, 8
+    ints = dict(q_len=1, groups=heads // kv_heads, kv_heads=kv_heads, split_len=cache_len // splits, num_splits=splits)
+    for prefix, shape in (("q", [1, 1, heads, head_dim]), ("o", [1, 1, heads, head_dim]),
+                          ("k", [1, cache_len, kv_heads, head_dim]), ("v", [1, cache_len, kv_heads, head_dim])):
+        ints.update(named_strides(prefix, shape, "bmhd" if prefix in "qo" else "bnhd"))
+    ints.update(zip(("stride_pb", "stride_ph", "stride_ps", "stride_pm"), contiguous_strides([1, kv_heads, splits, rows])))
+    return ints
+
+
+def builds(capability: int, pdl: bool | None = None) -> list:
+    """The two launches of a decode call (the split grid, then the merge), bf16, head_dim 128, with
+    programmatic dependent launch where the GPU has it (Hopper on); and the split with a window and
+    softcap. `pdl` False: launched one after the other."""
+    from attnlab.kernels.inspect import Build
+
+    pdl = capability >= 90 if pdl is None else pdl
+    splits, rows, bd = 32, 16, 128
+    ints, pointers = _inspect_ints(32768, splits, rows, bd), {"Opart": "*fp32", "Lpart": "*fp32", "Lens": "*i32"}
+    labels = dict(mode="decode", dtype="bf16", head_dim=128, pdl=pdl, config="split 16x64/w4/s3")
+
+    def split(variant: bool) -> Build:
+        constexprs = dict(HEAD_DIM=128, BLOCK_D=bd, BLOCK_M=rows, BLOCK_N=64, WINDOW=variant, SOFTCAP=variant,
+                          UPCAST_DOT=False, DOT_PRECISION="ieee", PDL=pdl)
+        return Build("decode_split_window" if variant else "decode_split", _decode_split, ints, constexprs,
+                     pointers=pointers, options=dict(num_warps=4, num_stages=3), labels=labels, kernels_per_call=2)
+    merge = Build("decode_merge", _decode_merge, ints, dict(HEAD_DIM=128, BLOCK_D=bd, SPLIT_BLOCK=32, PDL=pdl),
+                  pointers=pointers, options=dict(launch_pdl=True) if pdl else {}, labels=labels, kernels_per_call=2)
+    return [split(False), merge, split(True)]

@@ -588,3 +588,62 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     meta = _meta(head_dim, causal, bounds, softcap, q.dtype, tma)
     _launch(_attention_varlen_fwd, _attention_varlen_fwd_tuned, args, meta, max_seqlen_q, batch * heads, q.dtype)
     return finished(out, q.dtype)
+
+
+# --- what `attnlab inspect` compiles: the launches of a call at the llama3-8b shapes ----------------------
+
+INSPECT_HEADS, INSPECT_KV_HEADS, INSPECT_SEQLEN = 32, 8, 16384
+
+
+def _inspect_ints(head_dim: int, varlen: bool) -> dict:
+    from attnlab.kernels.inspect import named_strides
+
+    ints = dict(heads=INSPECT_HEADS, groups=INSPECT_HEADS // INSPECT_KV_HEADS, seq_bucket=INSPECT_SEQLEN)
+    if not varlen:
+        ints.update(seqlen_q=INSPECT_SEQLEN, seqlen_k=INSPECT_SEQLEN)
+    for prefix, heads in (("q", INSPECT_HEADS), ("k", INSPECT_KV_HEADS), ("v", INSPECT_KV_HEADS), ("o", INSPECT_HEADS)):
+        shape = [INSPECT_SEQLEN, heads, head_dim] if varlen else [1, INSPECT_SEQLEN, heads, head_dim]
+        ints.update(named_strides(prefix, shape, "bmhd" if prefix in "qo" else "bnhd"))
+    return ints
+
+
+def inspect_build(capability: int, dtype: torch.dtype, head_dim: int, causal: bool, config, tma: bool,
+                  window: bool = False, softcap: bool = False, varlen: bool = False):
+    """One prefill launch as the JIT builds it for a llama3-8b-shaped call (16k tokens)."""
+    from attnlab.kernels.inspect import Build
+
+    bd = block_d(head_dim)
+    tensor_type = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=bd, IS_CAUSAL=causal, WINDOW=window, SOFTCAP=softcap,
+                      UPCAST_DOT=False, DOT_PRECISION="ieee", TMA=tma, **config.kwargs)
+    block = kv_block_shape(config.kwargs["BLOCK_N"], bd)
+    name = "prefill_varlen" if varlen else "prefill_window" if window or softcap else "prefill"
+    return Build(name, _attention_varlen_fwd if varlen else _attention_fwd, _inspect_ints(head_dim, varlen),
+                 constexprs, tensor_type, pointers={"CuSeqlensQ": "*i32", "CuSeqlensK": "*i32"},
+                 descriptors={"K": block, "V": block} if tma else {},
+                 options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
+                 labels=dict(mode="prefill", dtype=tensor_type[1:], head_dim=head_dim, causal=causal, tma=tma,
+                             window=window, softcap=softcap, varlen=varlen,
+                             config=f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}/w{config.num_warps}"
+                                    f"/s{config.num_stages}"))
+
+
+def tuned_configs(dtype: torch.dtype, head_dim: int) -> list:
+    """The tiles autotuning may try for this case."""
+    return _prune(_configs(), {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=block_d(head_dim))
+
+
+def builds(capability: int, tma: bool | None = None) -> list:
+    """What a prefill call compiles to: every tile autotuning may pick, bf16 causal, head dims 64 to
+    256, by TMA where the GPU has it and by pointers; fp32 and an unaligned head_dim; and the
+    variants (window with softcap, packed sequences). `tma` False: the pointer path only."""
+    paths = [p for p in (capability >= 90, False) if tma is None or p == tma]
+    result = [inspect_build(capability, torch.bfloat16, head_dim, True, config, path)
+              for head_dim in (64, 128, 256) for config in tuned_configs(torch.bfloat16, head_dim)
+              for path in dict.fromkeys(paths if head_dim == 128 else paths[:1])]
+    result.append(inspect_build(capability, torch.float32, 64, False, tuned_configs(torch.float32, 64)[0], paths[0]))
+    result.append(inspect_build(capability, torch.float16, 59, False, _configs()[0], False))
+    first = tuned_configs(torch.bfloat16, 128)[0]
+    return result + [inspect_build(capability, torch.bfloat16, 128, True, first, paths[0], window=True, softcap=True),
+                     inspect_build(capability, torch.bfloat16, 128, True, first, paths[0], varlen=True),
+                     inspect_build(capability, torch.bfloat16, 128, False, first, False, window=True, varlen=True)]

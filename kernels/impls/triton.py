@@ -28,11 +28,13 @@ def _tune(tma):
 
 register_kernel(
     "triton", prefill=lazy(f"{KERNEL}:attention"), varlen=lazy(f"{KERNEL}:attention_varlen"),
+    builds=lazy(f"{KERNEL}:builds"),
     speed_rank={"cuda": 30, "cpu": 90}, tune=_tune(None),
     description="Triton FlashAttention-2-style forward (tiled, online softmax)", **COMMON)
 
 register_kernel(
     "triton-ptr", prefill=lazy(f"{KERNEL}:attention", tma=False),
-    varlen=lazy(f"{KERNEL}:attention_varlen", tma=False), speed_rank={"cuda": 31, "cpu": 91},
+    varlen=lazy(f"{KERNEL}:attention_varlen", tma=False), builds=lazy(f"{KERNEL}:builds", tma=False),
+    speed_rank={"cuda": 31, "cpu": 91},
     tune=_tune(False), ablation_of="triton",
     description="the triton kernel with K/V read by pointers (cp.async), never by TMA", **COMMON)

@@ -18,10 +18,12 @@ COMMON = dict(devices=("cpu", "cuda"), dtypes=(torch.float16, torch.bfloat16, to
 
 
 register_kernel(
-    "triton-decode", decode=lazy(f"{KERNEL}:decode"), speed_rank={"cuda": 15, "cpu": 90},
+    "triton-decode", decode=lazy(f"{KERNEL}:decode"), builds=lazy(f"{KERNEL}:builds"),
+    speed_rank={"cuda": 15, "cpu": 90},
     description="Triton split-KV decode (flash-decoding) with LSE merge", **COMMON)
 
 register_kernel(
-    "triton-decode-nopdl", decode=lazy(f"{KERNEL}:decode", pdl=False), speed_rank={"cuda": 16, "cpu": 91},
+    "triton-decode-nopdl", decode=lazy(f"{KERNEL}:decode", pdl=False), builds=lazy(f"{KERNEL}:builds", pdl=False),
+    speed_rank={"cuda": 16, "cpu": 91},
     ablation_of="triton-decode", description="triton-decode with the merge launched after the split grid, not by PDL",
     **COMMON)

@@ -2,7 +2,8 @@
 
 The interpreter runs kernels as Python and never meets the compiler, so a kernel that passes
 on the CPU could still fail to build for a GPU. Triton compiles for a named target without a
-device (compile_kernels.py), specialised as its JIT would for the llama3-8b shapes. These
+device (kernels/inspect.py, what `attnlab inspect` runs), specialised as its JIT would for the
+llama3-8b shapes, from the builds each implementation declares. These
 tests hold the properties the kernels' speed rests on: wgmma on Hopper, loads pipelined
 (TMA or cp.async), no register spills, and tiles that fit shared memory.
 """
@@ -10,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -22,10 +22,11 @@ HOPPER_SHARED_BYTES = 227 * 1024
 @pytest.fixture(scope="module")
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).with_name("compile_kernels.py")
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    command = [sys.executable, "-m", "attnlab.kernels.inspect", "--arch=90", "--arch=80",
+               "--kernels=triton,triton-decode"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+    return [dict(r, capability=r["arch"], dtype="*" + r.get("dtype", "bf16")) for r in json.loads(done.stdout)]
 
 
 def hopper_16bit_prefill(compiled):
@@ -34,8 +35,8 @@ def hopper_16bit_prefill(compiled):
 
 def test_prefill_uses_wgmma_on_hopper_and_mma_on_ampere(compiled):
     assert all(r["wgmma"] for r in hopper_16bit_prefill(compiled))
-    ampere = [r for r in compiled if r["kernel"] == "prefill" and r["capability"] == 80]
-    assert ampere and all(r["mma_sync"] and not r["wgmma"] for r in ampere)
+    ampere = [r for r in compiled if r["kernel"] == "prefill" and r["capability"] == 80 and r["dtype"] != "*fp32"]
+    assert ampere and all(r["mma_sync"] and not r["wgmma"] for r in ampere)   # fp32 stays on FMA units: true fp32
 
 
 def test_every_tuned_tile_fits_shared_memory(compiled):
