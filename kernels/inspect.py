@@ -74,7 +74,7 @@ def compile_build(build: Build, capability: int) -> dict:
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=build.options)
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
     return dict(kernel=build.kernel, arch=capability, **build.labels, kernels_per_call=build.kernels_per_call,
-                warps=_warps(ttgir, compiled.metadata.num_warps), shared_bytes=compiled.metadata.shared,
+                warps=_warps(ptx, compiled.metadata.num_warps), shared_bytes=compiled.metadata.shared,
                 wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx,
                 tma_copies=ttgir.count("async_tma_copy"), cp_async=ttgir.count("async_copy_global_to_local"),
                 warp_specialized="ttg.warp_specialize" in ttgir, setmaxnreg=sorted(set(
@@ -107,10 +107,10 @@ def _signature(build: Build) -> tuple:
     return signature, constexprs, attrs
 
 
-def _warps(ttgir: str, num_warps: int) -> int:
-    """Warps a program runs: num_warps, plus those of warp-specialised partitions."""
-    partitions = re.findall(r"partition\d*\s*\(.*?\)\s*num_warps\((\d+)\)", ttgir)
-    return num_warps + sum(int(n) for n in partitions)
+def _warps(ptx: str, num_warps: int) -> int:
+    """Warps a program runs, warp-specialised partitions included: the threads PTX requires, in warps."""
+    threads = re.search(r"\.(?:reqntid|maxntid)\s+(\d+)", ptx)
+    return int(threads.group(1)) // 32 if threads else num_warps
 
 
 def _tool(name: str, capability: int):

@@ -5,11 +5,12 @@
 #
 # Side by side in one run, each sweep opening with its calibration records (bf16 matmul peak,
 # device copy bandwidth):
-#   prefill.jsonl   llama3-8b causal prefill, 4k to 128k: triton, triton-ptr (its pointer-path
-#                   ablation), sdpa-flash, sdpa-cudnn
+#   prefill.jsonl   llama3-8b causal prefill, 4k to 128k: triton, triton-ws (warp-specialised),
+#                   triton-ptr (its pointer-path ablation), sdpa-flash, sdpa-cudnn
 #   fa-paper.jsonl  fa-paper non-causal prefill at 16k, the same kernels
-#   decode.jsonl    llama3-8b decode, 16k to 128k and 1k: triton-decode, triton-decode-nopdl (its
-#                   ablation without programmatic dependent launch), sdpa-flash, sdpa-cudnn
+#   decode.jsonl    llama3-8b decode, 16k to 128k and 1k: triton-decode, triton-decode-fused (one
+#                   kernel per call), triton-decode-nopdl (the ablation without programmatic
+#                   dependent launch), sdpa-flash, sdpa-cudnn
 #   decode-read-flush.jsonl  triton-decode and sdpa-flash at 32k to 128k, the L2 emptied by a read
 #   tuning.json     the tile autotuning chose for triton and triton-ptr, with every tile's time
 # after the float64 check (check.txt), and then the GPU correctness matrix
@@ -22,7 +23,7 @@ SUITE_DEFAULT_S=420
 source "$(dirname "$0")/suite_steps.sh"
 setup_steps "kernel suite"
 
-PREFILL_KERNELS=triton,triton-ptr,sdpa-flash,sdpa-cudnn
+PREFILL_KERNELS=triton,triton-ws,triton-ptr,sdpa-flash,sdpa-cudnn
 # sweep NAME SECONDS RESERVE ARGS...: an attnlab sweep that stops starting points 15 s
 # before its box closes, room for the point in flight.
 sweep() {
@@ -34,11 +35,12 @@ sweep() {
 sweep prefill 110 190 --workload llama3-8b --modes prefill --kernels $PREFILL_KERNELS \
     --seq-lens 16k,128k,4k,64k,32k,8k
 sweep fa-paper 35 160 --workload fa-paper --modes prefill --kernels $PREFILL_KERNELS --seq-lens 16k
-sweep decode 45 150 --workload llama3-8b --modes decode --kernels triton-decode,triton-decode-nopdl,sdpa-flash,sdpa-cudnn \
+sweep decode 45 150 --workload llama3-8b --modes decode \
+    --kernels triton-decode,triton-decode-fused,triton-decode-nopdl,sdpa-flash,sdpa-cudnn \
     --seq-lens 32k,64k,128k,16k,1k
 # The same decode with the L2 emptied by a read rather than a write: does the write-back of the
 # default flush cost the streaming kernels their fixed ~30 us?
-sweep decode-read-flush 30 120 --workload llama3-8b --modes decode --kernels triton-decode,sdpa-flash \
+sweep decode-read-flush 30 120 --workload llama3-8b --modes decode --kernels triton-decode,triton-decode-fused,sdpa-flash \
     --seq-lens 32k,64k,128k --l2-flush read
 step tuning 40 90 "$PY" -m attnlab tune --workload llama3-8b --seq-lens 16k,128k --out "$RUN/tuning.json"
 

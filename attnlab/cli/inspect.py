@@ -48,7 +48,10 @@ def _inspect(args) -> list:
     if args.kernels:
         from attnlab.kernels import get
         for name in args.kernels:
-            get(name)
+            try:
+                get(name)
+            except ValueError as exc:
+                raise ValueError(f"kernels: {str(exc).partition(': ')[2]}") from None
         command.append(f"--kernels={','.join(args.kernels)}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(command, env=env, capture_output=True, text=True)
