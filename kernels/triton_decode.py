@@ -25,6 +25,31 @@ from attnlab.kernels.triton_prefill import (_attend_keys, _load_tile, _normalise
                                             upcast_dot)
 
 
+@triton.jit
+def split_bounds(seqlen, q_len, pos, split, split_len, window_left, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+    """The keys one split of a sequence attends: per row, the visible keys [key_start, key_limit)
+    (the last q_len positions, causal); for the split, [start, end), of which the tiles in
+    [unmasked_start, unmasked_end) are seen whole by every row."""
+    key_limit = seqlen - q_len + 1 + pos
+    if WINDOW:
+        # Row r sees keys [key_limit - 1 - left, key_limit): together the rows reach back to
+        # seqlen - q_len - left, and the splits tile from that key's tile on. Tiles from
+        # seqlen - 1 - left on are inside every row's window.
+        key_start = key_limit - 1 - window_left
+        start = tl.maximum(seqlen - q_len - window_left, 0) // BLOCK_N * BLOCK_N + split * split_len
+        end = tl.minimum(start + split_len, seqlen)
+        unmasked_start = tl.minimum(tl.maximum((tl.maximum(seqlen - 1 - window_left, 0) + BLOCK_N - 1)
+                                               // BLOCK_N * BLOCK_N, start), end)
+    else:
+        key_start = key_limit
+        start = split * split_len
+        end = tl.minimum(start + split_len, seqlen)
+        unmasked_start = start
+    unmasked_end = tl.maximum(tl.minimum(end, seqlen - q_len + 1), unmasked_start)
+    unmasked_end = unmasked_start + (unmasked_end - unmasked_start) // BLOCK_N * BLOCK_N
+    return key_limit, key_start, start, end, unmasked_start, unmasked_end
+
+
 @triton.jit(do_not_specialize=["window_left"])  # one build serves every window
 def _decode_split(
     Q, K, V, Lens, Opart, Lpart,
@@ -56,23 +81,8 @@ def _decode_split(
         q = q.to(tl.float32)
 
     seqlen = tl.load(Lens + b)
-    key_limit = seqlen - q_len + 1 + pos          # the last q_len positions, causal
-    if WINDOW:
-        # Row r sees keys [key_limit - 1 - left, key_limit): together the rows reach back to
-        # seqlen - q_len - left, and the splits tile from that key's tile on. Tiles from
-        # seqlen - 1 - left on are inside every row's window.
-        key_start = key_limit - 1 - window_left
-        start = tl.maximum(seqlen - q_len - window_left, 0) // BLOCK_N * BLOCK_N + split * split_len
-        end = tl.minimum(start + split_len, seqlen)
-        unmasked_start = tl.minimum(tl.maximum((tl.maximum(seqlen - 1 - window_left, 0) + BLOCK_N - 1)
-                                               // BLOCK_N * BLOCK_N, start), end)
-    else:
-        key_start = key_limit
-        start = split * split_len
-        end = tl.minimum(start + split_len, seqlen)
-        unmasked_start = start
-    unmasked_end = tl.maximum(tl.minimum(end, seqlen - q_len + 1), unmasked_start)
-    unmasked_end = unmasked_start + (unmasked_end - unmasked_start) // BLOCK_N * BLOCK_N
+    key_limit, key_start, start, end, unmasked_start, unmasked_end = split_bounds(
+        seqlen, q_len, pos, split, split_len, window_left, BLOCK_N, WINDOW)
 
     k_ptrs = K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd

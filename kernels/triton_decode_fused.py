@@ -22,7 +22,7 @@ import triton.language as tl
 
 from attnlab.kernels.masks import FULL
 from attnlab.kernels.registry import triton_interpreting
-from attnlab.kernels.triton_decode import _inspect_ints, _sm_count, split_span, window_left
+from attnlab.kernels.triton_decode import _inspect_ints, _sm_count, split_bounds, split_span, window_left
 from attnlab.kernels.triton_prefill import (_attend_keys, _load_tile, _normalise, block_d, dot_precision, finished,
                                             output_buffer, positive_scale, score_factors, upcast_dot)
 
@@ -59,24 +59,10 @@ def _decode_fused(
     if UPCAST_DOT:
         q = q.to(tl.float32)
 
-    # This split's keys, as triton_decode._decode_split bounds them: the last q_len positions
-    # are causal, and with a window the splits tile from the tile of the first key any row
-    # reaches; tiles from unmasked_start to unmasked_end are seen whole by every row.
+    # This split's keys, bounded as the two-kernel decode bounds them (triton_decode.split_bounds).
     seqlen = tl.load(Lens + b)
-    key_limit = seqlen - q_len + 1 + pos
-    if WINDOW:
-        key_start = key_limit - 1 - window_left
-        start = tl.maximum(seqlen - q_len - window_left, 0) // BLOCK_N * BLOCK_N + split * split_len
-        end = tl.minimum(start + split_len, seqlen)
-        unmasked_start = tl.minimum(tl.maximum((tl.maximum(seqlen - 1 - window_left, 0) + BLOCK_N - 1)
-                                               // BLOCK_N * BLOCK_N, start), end)
-    else:
-        key_start = key_limit
-        start = split * split_len
-        end = tl.minimum(start + split_len, seqlen)
-        unmasked_start = start
-    unmasked_end = tl.maximum(tl.minimum(end, seqlen - q_len + 1), unmasked_start)
-    unmasked_end = unmasked_start + (unmasked_end - unmasked_start) // BLOCK_N * BLOCK_N
+    key_limit, key_start, start, end, unmasked_start, unmasked_end = split_bounds(
+        seqlen, q_len, pos, split, split_len, window_left, BLOCK_N, WINDOW)
 
     # The online softmax over the slice: the window's left edge (masked), the tiles every row
     # sees whole, then the causal diagonal of the last q_len keys and the ragged end (masked).
