@@ -12,6 +12,7 @@
 #                   kernel per call), triton-decode-nopdl (the ablation without programmatic
 #                   dependent launch), sdpa-flash, sdpa-cudnn
 #   decode-read-flush.jsonl  triton-decode and sdpa-flash at 32k to 128k, the L2 emptied by a read
+#   prefill-again.jsonl, decode-again.jsonl  the core lengths measured a second time
 #   tuning.json     the tile autotuning chose for triton and triton-ptr, with every tile's time
 # after the float64 check (check.txt), and then the GPU correctness matrix
 # (tests/kernels/test_kernels_gpu.py, gpu-tests.xml) with what is left: a fresh machine compiles and
@@ -32,17 +33,22 @@ sweep() {
     step "$name" "$limit" "$reserve" "$PY" -m attnlab sweep --device cuda --budget-s $(( limit - 15 )) \
         --out "$RUN/$name.jsonl" "$@"
 }
-sweep prefill 110 190 --workload llama3-8b --modes prefill --kernels $PREFILL_KERNELS \
+sweep prefill 110 300 --workload llama3-8b --modes prefill --kernels $PREFILL_KERNELS \
     --seq-lens 16k,128k,4k,64k,32k,8k
-sweep fa-paper 35 160 --workload fa-paper --modes prefill --kernels $PREFILL_KERNELS --seq-lens 16k
-sweep decode 45 150 --workload llama3-8b --modes decode \
+sweep fa-paper 35 265 --workload fa-paper --modes prefill --kernels $PREFILL_KERNELS --seq-lens 16k
+sweep decode 45 220 --workload llama3-8b --modes decode \
     --kernels triton-decode,triton-decode-fused,triton-decode-nopdl,sdpa-flash,sdpa-cudnn \
     --seq-lens 32k,64k,128k,16k,1k
 # The same decode with the L2 emptied by a read rather than a write: does the write-back of the
 # default flush cost the streaming kernels their fixed ~30 us?
-sweep decode-read-flush 30 120 --workload llama3-8b --modes decode --kernels triton-decode,triton-decode-fused,sdpa-flash \
+sweep decode-read-flush 30 190 --workload llama3-8b --modes decode --kernels triton-decode,triton-decode-fused,sdpa-flash \
     --seq-lens 32k,64k,128k --l2-flush read
-step tuning 40 90 "$PY" -m attnlab tune --workload llama3-8b --seq-lens 16k,128k --out "$RUN/tuning.json"
+# The core lengths again, a second run of the same kernels (interleaved within each length, as
+# every sweep orders its points): two runs of one point say how far a difference is noise.
+sweep prefill-again 45 130 --workload llama3-8b --modes prefill --kernels $PREFILL_KERNELS --seq-lens 16k,128k,4k
+sweep decode-again 30 100 --workload llama3-8b --modes decode \
+    --kernels triton-decode,triton-decode-fused,sdpa-flash,sdpa-cudnn --seq-lens 32k,128k
+step tuning 40 60 "$PY" -m attnlab tune --workload llama3-8b --seq-lens 16k,128k --out "$RUN/tuning.json"
 
 step gpu-tests 240 0 "$PY" -m pytest -m gpu tests/kernels/test_kernels_gpu.py -q -p no:cacheprovider \
     --junitxml="$RUN/gpu-tests.xml"
