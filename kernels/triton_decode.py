@@ -50,23 +50,14 @@ def split_bounds(seqlen, q_len, pos, split, split_len, window_left, BLOCK_N: tl.
     return key_limit, key_start, start, end, unmasked_start, unmasked_end
 
 
-@triton.jit(do_not_specialize=["window_left"])  # one build serves every window
-def _decode_split(
-    Q, K, V, Lens, Opart, Lpart,
-    stride_qb, stride_qm, stride_qh, stride_qd,
-    stride_kb, stride_kn, stride_kh, stride_kd,
-    stride_vb, stride_vn, stride_vh, stride_vd,
-    stride_pb, stride_ph, stride_ps, stride_pm,
-    q_len, groups, kv_heads, split_len, qk_scale, cap_log2, window_left,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
-):
-    if PDL:  # the merge may launch now, and waits in gdc_wait for this grid's results
-        gdc_launch_dependents()
-    b = tl.program_id(0) // kv_heads
-    kv_h = tl.program_id(0) % kv_heads
-    split = tl.program_id(2)
+@triton.jit
+def split_partial(Q, K, V, Lens, b, kv_h, split, stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn,
+                  stride_kh, stride_kd, stride_vb, stride_vn, stride_vh, stride_vd, q_len, groups, split_len, qk_scale,
+                  cap_log2, window_left, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """One split of one (sequence, kv head, row block): the online softmax over the split's keys,
+    as (acc, m_i, l_i) unnormalised, with the tile's rows and head_dim offsets."""
     # Row r of the tile is query position r % q_len of query head kv_h * groups + r // q_len.
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_rows = groups * q_len
@@ -103,6 +94,31 @@ def _decode_split(
                                  offs_n, offs_d, key_start, key_limit, acc, m_i, l_i, qk_scale,
                                  cap_log2, HEAD_DIM, BLOCK_N, BLOCK_D, True, WINDOW, SOFTCAP, False, False,
                                  UPCAST_DOT, DOT_PRECISION)
+
+    return acc, m_i, l_i, rows, offs_d
+
+
+@triton.jit(do_not_specialize=["window_left"])  # one build serves every window
+def _decode_split(
+    Q, K, V, Lens, Opart, Lpart,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_pb, stride_ph, stride_ps, stride_pm,
+    q_len, groups, kv_heads, split_len, qk_scale, cap_log2, window_left,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+):
+    if PDL:  # the merge may launch now, and waits in gdc_wait for this grid's results
+        gdc_launch_dependents()
+    b = tl.program_id(0) // kv_heads
+    kv_h = tl.program_id(0) % kv_heads
+    split = tl.program_id(2)
+    acc, m_i, l_i, rows, offs_d = split_partial(
+        Q, K, V, Lens, b, kv_h, split, stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh,
+        stride_kd, stride_vb, stride_vn, stride_vh, stride_vd, q_len, groups, split_len, qk_scale, cap_log2,
+        window_left, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, WINDOW, SOFTCAP, UPCAST_DOT, DOT_PRECISION)
 
     # Partial result of this split: normalised output and log2-sum-exp2. A row that saw no key
     # here contributes nothing (output 0, lse -inf); a row that met a NaN has lse NaN, and the

@@ -22,9 +22,9 @@ import triton.language as tl
 
 from attnlab.kernels.masks import FULL
 from attnlab.kernels.registry import triton_interpreting
-from attnlab.kernels.triton_decode import _inspect_ints, _sm_count, split_bounds, split_span, window_left
-from attnlab.kernels.triton_prefill import (_attend_keys, _load_tile, _normalise, block_d, dot_precision, finished,
-                                            output_buffer, positive_scale, score_factors, upcast_dot)
+from attnlab.kernels.triton_decode import _inspect_ints, _sm_count, split_partial, split_span, window_left
+from attnlab.kernels.triton_prefill import (_normalise, block_d, dot_precision, finished, output_buffer, positive_scale,
+                                            score_factors, upcast_dot)
 
 MIN_TILES_PER_SPLIT = 4     # K/V tiles a split reads at least, against the partial it writes and the merge reads
 MAX_SPLITS = 64             # what one program merges at most: its reads are the call's tail
@@ -45,45 +45,12 @@ def _decode_fused(
     b = tl.program_id(0) // kv_heads
     kv_h = tl.program_id(0) % kv_heads
     split = tl.program_id(2)
-    # Row r of the tile is query position r % q_len of query head kv_h * groups + r // q_len.
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_rows = groups * q_len
-    valid = rows < n_rows
-    head = kv_h * groups + rows // q_len
-    pos = rows % q_len
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-
-    q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + pos[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = _load_tile(q_ptrs, rows, n_rows, offs_d, HEAD_DIM, BLOCK_D, True)
-    if UPCAST_DOT:
-        q = q.to(tl.float32)
-
-    # This split's keys, bounded as the two-kernel decode bounds them (triton_decode.split_bounds).
-    seqlen = tl.load(Lens + b)
-    key_limit, key_start, start, end, unmasked_start, unmasked_end = split_bounds(
-        seqlen, q_len, pos, split, split_len, window_left, BLOCK_N, WINDOW)
-
-    # The online softmax over the slice: the window's left edge (masked), the tiles every row
-    # sees whole, then the causal diagonal of the last q_len keys and the ragged end (masked).
-    k_ptrs = K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if WINDOW:
-        acc, m_i, l_i = _attend_keys(q, k_ptrs, v_ptrs, b, kv_h, 0, start, unmasked_start, end, stride_kn,
-                                     stride_vn, offs_n, offs_d, key_start, key_limit, acc, m_i, l_i, qk_scale,
-                                     cap_log2, HEAD_DIM, BLOCK_N, BLOCK_D, True, True, SOFTCAP, False, False,
-                                     UPCAST_DOT, DOT_PRECISION)
-    acc, m_i, l_i = _attend_keys(q, k_ptrs, v_ptrs, b, kv_h, 0, unmasked_start, unmasked_end, end, stride_kn,
-                                 stride_vn, offs_n, offs_d, key_start, key_limit, acc, m_i, l_i, qk_scale,
-                                 cap_log2, HEAD_DIM, BLOCK_N, BLOCK_D, False, WINDOW, SOFTCAP, False, False,
-                                 UPCAST_DOT, DOT_PRECISION)
-    acc, m_i, l_i = _attend_keys(q, k_ptrs, v_ptrs, b, kv_h, 0, unmasked_end, end, end, stride_kn, stride_vn,
-                                 offs_n, offs_d, key_start, key_limit, acc, m_i, l_i, qk_scale,
-                                 cap_log2, HEAD_DIM, BLOCK_N, BLOCK_D, True, WINDOW, SOFTCAP, False, False,
-                                 UPCAST_DOT, DOT_PRECISION)
+    acc, m_i, l_i, rows, offs_d = split_partial(
+        Q, K, V, Lens, b, kv_h, split, stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh,
+        stride_kd, stride_vb, stride_vn, stride_vh, stride_vd, q_len, groups, split_len, qk_scale, cap_log2,
+        window_left, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, WINDOW, SOFTCAP, UPCAST_DOT, DOT_PRECISION)
+    valid = rows < groups * q_len
+    head, pos = kv_h * groups + rows // q_len, rows % q_len      # query head and position of each row
 
     # Partial result of this split, for the rows that exist: normalised output and
     # log2-sum-exp2. A row that saw no key here has output 0 and lse -inf; one that met a NaN
