@@ -328,7 +328,8 @@ def test_ctrl_c_during_start_up_prints_no_traceback(tmp_path, delay_s):
     time.sleep(delay_s)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err, err
+    # 130, or ended by the signal itself where it lands as Python shuts down: a shell reports 130 for both
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err
 
 
 def _wait_for_exec(pid: int, timeout_s: float = 30.0) -> None:
