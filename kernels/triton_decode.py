@@ -203,6 +203,21 @@ def split_span(max_seqlen: int, q_len: int, left: int, block_n: int) -> int:
     return max_seqlen if left < 0 else min(max_seqlen, q_len + left + block_n - 1)
 
 
+def split_plan(batch, kv_heads, n_rows, head_dim, q_len, max_seqlen, window, num_splits, choose, device) -> tuple:
+    """The tiles and splits of a split-KV decode: (BLOCK_D, BLOCK_M, row blocks, BLOCK_N, the window's
+    left reach, keys per split, splits); `choose(programs, span, block_n, device)` picks the split
+    count where `num_splits` does not."""
+    bd = block_d(head_dim)
+    block_m = max(16, min(64, triton.next_power_of_2(n_rows)))
+    row_blocks = triton.cdiv(n_rows, block_m)
+    block_n = 32 if triton_interpreting() else (64 if bd <= 128 else 32)
+    left = window_left(window, max_seqlen)
+    span = split_span(max_seqlen, q_len, left, block_n)
+    splits = num_splits or choose(batch * kv_heads * row_blocks, span, block_n, device)
+    split_len = triton.cdiv(triton.cdiv(span, splits), block_n) * block_n
+    return bd, block_m, row_blocks, block_n, left, split_len, triton.cdiv(span, split_len)
+
+
 def decode(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | None = None,
            pdl: bool | None = None, window=FULL, softcap: float = 0.0) -> torch.Tensor:
     """q (B, q_len, H, D); caches (B, max_seqlen, KVH, D); cache_seqlens int32 (B,); `window` and
@@ -220,16 +235,9 @@ def decode(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | N
                          f"capability 9.0 or later ({q.device})")
     pdl = supported if pdl is None else pdl
     groups = heads // kv_heads
-    bd = block_d(head_dim)
-    block_m = max(16, min(64, triton.next_power_of_2(groups * q_len)))
-    row_blocks = triton.cdiv(groups * q_len, block_m)
     interpreting = triton_interpreting()
-    block_n = 32 if interpreting else (64 if bd <= 128 else 32)
-    left = window_left(window, max_seqlen)
-    span = split_span(max_seqlen, q_len, left, block_n)
-    splits = num_splits or choose_splits(batch * kv_heads * row_blocks, span, block_n, q.device)
-    split_len = triton.cdiv(triton.cdiv(span, splits), block_n) * block_n
-    splits = triton.cdiv(span, split_len)
+    bd, block_m, row_blocks, block_n, left, split_len, splits = split_plan(
+        batch, kv_heads, groups * q_len, head_dim, q_len, max_seqlen, window, num_splits, choose_splits, q.device)
 
     rows_padded = row_blocks * block_m
     lse_part = torch.empty(batch, kv_heads, splits, rows_padded, device=q.device, dtype=torch.float32)

@@ -22,8 +22,8 @@ import triton.language as tl
 
 from attnlab.kernels.masks import FULL
 from attnlab.kernels.registry import triton_interpreting
-from attnlab.kernels.triton_decode import _inspect_ints, _sm_count, split_partial, split_span, window_left
-from attnlab.kernels.triton_prefill import (_normalise, block_d, dot_precision, finished, output_buffer, positive_scale,
+from attnlab.kernels.triton_decode import _inspect_ints, _sm_count, split_partial, split_plan
+from attnlab.kernels.triton_prefill import (_normalise, dot_precision, finished, output_buffer, positive_scale,
                                             score_factors, upcast_dot)
 
 MIN_TILES_PER_SPLIT = 4     # K/V tiles a split reads at least, against the partial it writes and the merge reads
@@ -125,16 +125,9 @@ def decode(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | N
     q, scale = positive_scale(q, scale)
     groups = heads // kv_heads
     n_rows = groups * q_len
-    bd = block_d(head_dim)
-    block_m = max(16, min(64, triton.next_power_of_2(n_rows)))
-    row_blocks = triton.cdiv(n_rows, block_m)
     interpreting = triton_interpreting()
-    block_n = 32 if interpreting else (64 if bd <= 128 else 32)
-    left = window_left(window, max_seqlen)
-    span = split_span(max_seqlen, q_len, left, block_n)
-    splits = num_splits or choose_splits(batch * kv_heads * row_blocks, span, block_n, q.device)
-    split_len = triton.cdiv(triton.cdiv(span, splits), block_n) * block_n
-    splits = triton.cdiv(span, split_len)
+    bd, block_m, row_blocks, block_n, left, split_len, splits = split_plan(
+        batch, kv_heads, n_rows, head_dim, q_len, max_seqlen, window, num_splits, choose_splits, q.device)
 
     groups_total = batch * kv_heads * row_blocks
     if counters is None:
