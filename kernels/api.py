@@ -24,8 +24,9 @@ def attention(q, k, v, *, causal=False, scale=None, window=FULL, softcap=0.0, im
     q: (batch, seqlen_q, heads, head_dim); k, v: (batch, seqlen_k, kv_heads, head_dim),
     heads % kv_heads == 0 (MHA, GQA, MQA). `scale` defaults to 1/sqrt(head_dim).
     `causal` is bottom-right aligned: query i sits at p = i + seqlen_k - seqlen_q and sees key
-    j iff j <= p. `window` = (left, right) keeps keys in [p - left, p + right] (-1: unbounded);
-    `softcap` > 0 caps each scaled score s to softcap * tanh(s / softcap) (masks.py). A query row
+    j iff j <= p. `window` = (left, right) keeps keys in [p - left, p + right] (-1, or a side wider
+    than the context: unbounded); `softcap` > 0 caps each scaled score s to softcap * tanh(s /
+    softcap) (masks.py), within float32's range (larger is refused, naming it). A query row
     that sees no key returns zeros. Returns (batch, seqlen_q, heads, head_dim) in q's dtype.
     `impl` names a registered implementation or "auto" (the fastest here that takes these
     inputs and options); a named one that lacks an option refuses it, naming it.
@@ -38,8 +39,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, window=F
 
     q: (batch, q_len, heads, head_dim) with 1 <= q_len <= 16; k_cache, v_cache:
     (batch, max_seqlen, kv_heads, head_dim); cache_seqlens: int32 (batch,) with
-    0 <= len <= max_seqlen. Sequence b attends to keys [0, cache_seqlens[b]); its q_len
-    queries are the last q_len positions (bottom-right causal), within `window` and with
+    0 <= len <= max_seqlen, any view (strided, expanded) read as given. Sequence b attends to
+    keys [0, cache_seqlens[b]); its q_len queries are the last q_len positions (bottom-right
+    causal), within `window` and with
     `softcap` as in `attention`. Rows that see no key are 0.
     """
     return prepare_decode(q, k_cache, v_cache, cache_seqlens, scale=scale, window=window, softcap=softcap,
@@ -52,8 +54,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
     q: (total_q, heads, head_dim); k, v: (total_k, kv_heads, head_dim); cu_seqlens_q and
     cu_seqlens_k: int32 (batch + 1,), starting at 0, non-decreasing, ending at total_q and
-    total_k: sequence b is q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] over its own keys. Each
-    sequence is attended on its own by the rules of `attention`. Returns (total_q, heads,
+    total_k, any view read as given: sequence b is q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] over
+    its own keys, attended on its own by the rules of `attention`. Returns (total_q, heads,
     head_dim) in q's dtype.
     """
     return prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
@@ -68,7 +70,8 @@ def prepare_attention(q, k, v, *, causal=False, scale=None, window=FULL, softcap
     """
     _check_qkv(q, k, v, "k", "v", "seqlen_k")
     _check_causal(causal)
-    scale, variant = _check_scale(scale, q.shape[-1]), checked_variant(window, softcap)
+    scale = _check_scale(scale, q.shape[-1])
+    variant = checked_variant(window, softcap, scale=scale, seqlen_q=q.shape[1], seqlen_k=k.shape[1])
     chosen = resolve(impl, PREFILL, q, k, v, causal=causal, scale=scale, variant=variant)
     if q.shape[1] == 0 or k.shape[1] == 0 or q.shape[0] == 0:
         return lambda: q.new_zeros(q.shape)
@@ -86,14 +89,15 @@ def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, scale=None, window=FUL
     if not 1 <= q_len <= MAX_DECODE_Q_LEN:
         raise ValueError(f"q: decode takes q_len from 1 to {MAX_DECODE_Q_LEN}, got q_len={q_len}")
     _check_cache_seqlens(cache_seqlens, q.shape[0], k_cache.shape[1], q.device)
-    scale, variant = _check_scale(scale, q.shape[-1]), checked_variant(window, softcap)
+    scale = _check_scale(scale, q.shape[-1])
+    variant = checked_variant(window, softcap, scale=scale, seqlen_q=q_len, seqlen_k=k_cache.shape[1])
     chosen = resolve(impl, DECODE, q, k_cache, v_cache, scale=scale, variant=variant)
     if q.shape[0] == 0 or k_cache.shape[1] == 0:
         return lambda: q.new_zeros(q.shape)
-    options = variant.kwargs()
+    options, lens = variant.kwargs(), as_given(cache_seqlens)
     if chosen.prepare_decode is not None:
-        return chosen.prepare_decode(q, k_cache, v_cache, cache_seqlens, scale, **options)
-    return lambda: chosen.decode(q, k_cache, v_cache, cache_seqlens, scale, **options)
+        return chosen.prepare_decode(q, k_cache, v_cache, lens(), scale, **options)
+    return lambda: chosen.decode(q, k_cache, v_cache, lens(), scale, **options)
 
 
 def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,
@@ -106,14 +110,21 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         raise ValueError(f"cu_seqlens_k: shape {tuple(cu_seqlens_k.shape)} must equal cu_seqlens_q's "
                          f"{tuple(cu_seqlens_q.shape)} (one entry per sequence, plus one)")
     _check_causal(causal)
-    scale, variant = _check_scale(scale, q.shape[-1]), checked_variant(window, softcap)
+    scale = _check_scale(scale, q.shape[-1])
+    variant = checked_variant(window, softcap, scale=scale, seqlen_q=max_seqlen_q, seqlen_k=max_seqlen_k)
     chosen = resolve(impl, PREFILL, q[None], k[None], v[None], causal=causal, scale=scale, variant=variant,
                      varlen=True)
     if q.shape[0] == 0:
         return lambda: q.new_zeros(q.shape)
-    options = variant.kwargs()
-    return lambda: chosen.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                                 **options)
+    options, cu_q, cu_k = variant.kwargs(), as_given(cu_seqlens_q), as_given(cu_seqlens_k)
+    return lambda: chosen.varlen(q, k, v, cu_q(), cu_k(), max_seqlen_q, max_seqlen_k, causal, scale, **options)
+
+
+def as_given(index: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The index tensor (lengths, offsets) a kernel reads at each call. Kernels read these by
+    pointer, element after element, so a strided or expanded view is copied into a contiguous
+    one at every call: read as given, and as it is then, since callers update lengths in place."""
+    return (lambda: index) if index.is_contiguous() else index.contiguous
 
 
 def resolve(impl: str, mode: str, q: torch.Tensor, k=None, v=None, *, causal=False,

@@ -8,6 +8,7 @@ softcap * tanh(s / softcap). A query that sees no key gives zeros.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,15 +38,28 @@ class Variant:
 PLAIN = Variant()
 
 
-def checked_variant(window=FULL, softcap=0.0) -> Variant:
-    """A Variant from the API's arguments, or an error naming the argument."""
+# Fused kernels apply a cap in float32 as tanh(s * (scale / softcap)) * (softcap * log2(e)): both
+# factors must be normal float32 numbers, or the scores silently become 0 or inf.
+_FP32 = torch.finfo(torch.float32)
+MAX_SOFTCAP = _FP32.max / math.log2(math.e)
+
+
+def checked_variant(window=FULL, softcap=0.0, *, scale=1.0, seqlen_q=0, seqlen_k=0) -> Variant:
+    """A Variant from the API's arguments, or an error naming the argument. A window side that
+    reaches past all seqlen_q + seqlen_k positions bounds nothing, so it becomes -1 (unbounded):
+    the same answer, and no huge number reaches a kernel's index arithmetic."""
     if (not isinstance(window, (tuple, list)) or len(window) != 2
             or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
         raise ValueError(f"window: expected (left, right), each a number of keys >= 0 or -1 for unbounded, "
                          f"got {window!r}")
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 <= softcap < float("inf"):
         raise ValueError(f"softcap: expected a finite number >= 0 (0: off), got {softcap!r}")
-    return Variant(tuple(int(w) for w in window), float(softcap))
+    if softcap > 0 and (softcap > MAX_SOFTCAP or 0 < abs(scale) / softcap < _FP32.tiny):
+        raise ValueError(f"softcap: {softcap!r} with scale {scale!r} is beyond float32 (scale / softcap must be "
+                         f"at least {_FP32.tiny:.3g} and softcap at most {MAX_SOFTCAP:.3g}); a cap that far above "
+                         f"the scores changes none of them: pass softcap=0")
+    reach = seqlen_q + seqlen_k
+    return Variant(tuple(-1 if w > reach else int(w) for w in window), float(softcap))
 
 
 def visible(seqlen_q: int, seqlen_k: int, causal: bool, device=None, window=FULL) -> torch.Tensor:
