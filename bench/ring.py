@@ -14,8 +14,9 @@ that rank's time.
 A length that fails before any block travels (one the ranks cannot cut evenly, inputs or a
 block's attention that do not fit) is recorded with its status and the run goes on. A failure
 inside the ring is recorded too, but the lengths after it are recorded `skipped`: its transfers
-may still be in flight. A rank that fails inside the ring while its peers wait on it leaves
-them waiting until the process group's timeout, and torchrun then ends the run.
+may still be in flight. A rank that dies or is stuck leaves its peers waiting at most the
+process group's timeout (`RingConfig.timeout_s`): then they raise `RingBroken`, naming the rank
+and the timeout, rank 0 having recorded the length with that reason.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ USAGE = "torchrun --nproc-per-node W -m attnlab ring --seq-lens 4k,16k --out run
 class RingConfig:
     """What to measure: `workload`'s shapes at `seq_lens` total tokens (None: its own lengths),
     on `device` "cpu" (gloo) or "cuda" (NCCL, each rank on cuda:LOCAL_RANK), the sequence cut as
-    `layout` says; `reps` timed repetitions after `warmup_reps` untimed ones."""
+    `layout` says; `reps` timed repetitions after `warmup_reps` untimed ones. `timeout_s` is the
+    process group's timeout: how long a rank waits for a dead or stuck peer before giving up."""
 
     workload: Workload
     out: Path = Path("attnlab-ring.jsonl")
@@ -60,6 +62,7 @@ class RingConfig:
     reps: int = 5
     warmup_reps: int = 2
     argv: Optional[list] = None
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -74,12 +77,17 @@ class RingResult:
     counts: Counter = field(default_factory=Counter)
 
 
+class RingBroken(RuntimeError):
+    """The ranks lost each other: a peer died, or did not answer within the process group's timeout."""
+
+
 def require_launch(environ=None) -> Launch:
-    """Where torchrun placed this process; ValueError saying to run under torchrun where it did not."""
-    launch = torchrun_launch(environ)
+    """Where torchrun placed this process; ValueError saying to run under torchrun where it did not
+    (torchrun's variables absent, or only some of them set)."""
+    launch, ignored = torchrun_launch(environ)
     if launch is None:
-        raise ValueError(f"torchrun: the ring needs one process per rank, and RANK and WORLD_SIZE are not set; "
-                         f"run it under torchrun: {USAGE}")
+        found = ignored or "RANK and WORLD_SIZE are not set"
+        raise ValueError(f"torchrun: the ring needs one process per rank, and {found}; run it under torchrun: {USAGE}")
     environ = os.environ if environ is None else environ
     if environ.get("MASTER_PORT") == "0":
         # torchrun --master-port 0 binds a free port for its own store but tells the ranks 0, where
@@ -101,6 +109,8 @@ def check_config(config: RingConfig) -> None:
     if w.window or w.softcap or w.docs > 1:
         raise ValueError(f"workload: the ring attends without a window, softcap or packed documents; {w.name} has "
                          f"window {w.window}, softcap {w.softcap:g}, docs {w.docs}")
+    if not config.timeout_s > 0:
+        raise ValueError(f"timeout: expected a number of seconds > 0, got {config.timeout_s!r}")
     if config.reps < 1 or config.warmup_reps < 0:
         raise ValueError(f"reps: expected at least 1 timed and 0 or more warm-up repetitions, got {config.reps} "
                          f"and {config.warmup_reps}")
@@ -110,24 +120,41 @@ def run_ring(config: RingConfig, launch: Launch) -> RingResult:
     """Measure every length on every rank; rank 0 appends one record per length to config.out.
     Joins the process group (this process's one), and leaves it at the end."""
     check_config(config)
-    device = _join(config.device, launch)
+    device = _join(config, launch)
     try:
         return _Run(config, device).all_lengths()
     finally:
         dist.destroy_process_group()
 
 
-def _join(device_type: str, launch: Launch) -> torch.device:
-    if device_type == "cpu":
-        dist.init_process_group(BACKENDS["cpu"])
-        return torch.device("cpu")
-    device = check_device(f"cuda:{launch.local_rank}")
-    torch.cuda.set_device(device)
-    # NCCL's wait() returns at once and holds back only the GPU's stream; a blocking wait makes the
-    # ring's wait_s the time the rank waited for its block rather than the time to queue the wait.
-    os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
-    dist.init_process_group(BACKENDS["cuda"], device_id=device)
+def _join(config: RingConfig, launch: Launch) -> torch.device:
+    """Join the process group with config.timeout_s as its timeout; RingBroken where the ranks do
+    not all arrive within it."""
+    timeout = _dt.timedelta(seconds=config.timeout_s)
+    if config.device == "cpu":
+        device = torch.device("cpu")
+        options = {}
+    else:
+        device = check_device(f"cuda:{launch.local_rank}")
+        torch.cuda.set_device(device)
+        # NCCL's wait() returns at once and holds back only the GPU's stream; a blocking wait makes the
+        # ring's wait_s the time the rank waited for its block rather than the time to queue the wait,
+        # and makes a collective that outlives the timeout raise here rather than abort the process.
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+        options = {"device_id": device}
+    try:
+        dist.init_process_group(BACKENDS[config.device], timeout=timeout, **options)
+    except RuntimeError as exc:     # the store's and the backends' errors (DistError) are RuntimeErrors
+        raise RingBroken(_broken(launch.rank, launch.world, "joining the process group", config.timeout_s,
+                                 exc)) from None
     return device
+
+
+def _broken(rank: int, world: int, what: str, timeout_s: float, exc: BaseException) -> str:
+    """Why a rank gave up on its peers, on one line."""
+    cause = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return (f"rank {rank} of {world} gave up {what}: a rank died or did not answer within the process group's "
+            f"timeout of {timeout_s:g} s (--timeout): {type(exc).__name__}: {cause}")
 
 
 # --- across ranks ---------------------------------------------------------------------------------
@@ -176,7 +203,8 @@ class _Run:
         self.config, self.device = config, device
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.workload = config.workload
-        self.run_id = _from_rank0(rec.new_run_id() if self.rank == 0 else None)
+        run_id = rec.new_run_id() if self.rank == 0 else None
+        self.run_id = self._together("starting the run", lambda: _from_rank0(run_id))
         self.device_name = rec.device_name(device)
         self.broken = None           # why lengths are no longer run, after a failure inside the ring
 
@@ -187,15 +215,42 @@ class _Run:
             if writer:
                 writer.write(self._environment())
             for seq_len in self.config.seq_lens or self.workload.seq_lens:
-                record = self._length(seq_len)
+                try:
+                    record = self._length(seq_len)
+                except RingBroken as exc:     # the ranks cannot go on together: rank 0 says where it stopped
+                    if writer:
+                        self._keep(writer, result, self._record(seq_len, "error", reason=str(exc)))
+                    raise
                 if writer:
-                    writer.write(record)
-                    result.records.append(record)
-                    result.counts[record["status"]] += 1
+                    self._keep(writer, result, record)
         finally:
             if writer:
                 writer.close()
         return result
+
+    @staticmethod
+    def _keep(writer, result: RingResult, record: dict) -> None:
+        writer.write(record)
+        result.records.append(record)
+        result.counts[record["status"]] += 1
+
+    def _together(self, what: str, collective):
+        """collective(), where every rank must take part; RingBroken naming this rank and the timeout
+        where a peer has died or does not answer within it (gloo and NCCL raise RuntimeErrors)."""
+        try:
+            return collective()
+        except RuntimeError as exc:
+            raise RingBroken(_broken(self.rank, self.world, what, self.config.timeout_s, exc)) from None
+
+    def _agree(self, failure, seq_len: int) -> list:
+        """Every rank's failure at seq_len (see `_agree`); where the ranks cannot meet, RingBroken also
+        holds this rank's own failure, often the first sign of a peer's (a receive that timed out)."""
+        try:
+            return self._together(f"at seq_len {seq_len}", lambda: _agree(failure))
+        except RingBroken as exc:
+            if failure is None:
+                raise
+            raise RingBroken(f"{exc}; before that, this rank's ring failed: {failure[1]}") from None
 
     def _open(self):
         """Rank 0's RecordWriter; every rank raises the reason where rank 0 cannot hold the file."""
@@ -205,7 +260,12 @@ class _Run:
                 writer = rec.RecordWriter(self.config.out)
             except (OSError, ValueError) as exc:
                 failure = str(exc)
-        failure = _from_rank0(failure)
+        try:
+            failure = self._together("opening the output", lambda: _from_rank0(failure))
+        except RingBroken:
+            if writer:
+                writer.close()
+            raise
         if failure:
             raise ValueError(failure)
         return writer
@@ -222,11 +282,11 @@ class _Run:
         if self.broken:
             return self._record(seq_len, "skipped", reason=self.broken)
         inputs, failure = _attempt(lambda: self._prepare(seq_len))
-        failures = _agree(failure)
+        failures = self._agree(failure, seq_len)
         if not failures:
             measured, failure = _attempt(lambda: self._measure(*inputs))
             del inputs
-            failures = _agree(failure)
+            failures = self._agree(failure, seq_len)
             if failures:
                 self.broken = f"not run: the ring failed at seq_len {seq_len}, its transfers perhaps in flight"
         else:
@@ -235,7 +295,7 @@ class _Run:
         if failures:
             return self._failed(seq_len, failures, time.perf_counter() - started)
         every = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(measured, every, dst=0)
+        self._together(f"gathering seq_len {seq_len}", lambda: dist.gather_object(measured, every, dst=0))
         return self._measured(seq_len, every, time.perf_counter() - started) if self.rank == 0 else None
 
     # --- measuring -------------------------------------------------------------------------------

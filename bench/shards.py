@@ -83,19 +83,39 @@ class Launch:
         return out.with_name(f"{out.name.removesuffix('.jsonl')}.rank{self.rank}.jsonl")
 
 
-def torchrun_launch(environ=None) -> Launch | None:
-    """The Launch torchrun's variables describe (RANK, WORLD_SIZE, LOCAL_RANK), or None."""
+# What torchrun sets for every rank (it sets more, such as LOCAL_WORLD_SIZE and TORCHELASTIC_RUN_ID;
+# these five are what a rank needs to join the group and find its GPU, and what any launcher sets).
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Those that would make a process measure only its share of the points.
+RANK_VARIABLES = LAUNCH_VARIABLES[:3]
+
+
+def torchrun_launch(environ=None) -> tuple[Launch | None, str]:
+    """(the Launch torchrun's variables describe, "") where a launcher set all LAUNCH_VARIABLES;
+    (None, why they were ignored) where only some are set, as a stray RANK or WORLD_SIZE left in
+    a shell would be; (None, "") where none of RANK_VARIABLES is set."""
     environ = os.environ if environ is None else environ
-    if "RANK" not in environ or "WORLD_SIZE" not in environ:
-        return None
+    present = [name for name in LAUNCH_VARIABLES if environ.get(name, "").strip()]
+    if len(present) < len(LAUNCH_VARIABLES):
+        if not any(name in present for name in RANK_VARIABLES):
+            return None, ""
+        missing = [name for name in LAUNCH_VARIABLES if name not in present]
+        return None, (f"ignoring {_names(present)} from the environment: a launcher such as torchrun sets "
+                      f"{_names(LAUNCH_VARIABLES)} together, and {_names(missing)} "
+                      f"{'is' if len(missing) == 1 else 'are'} not set")
     try:
-        launch = Launch(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)))
+        launch = Launch(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ["LOCAL_RANK"]))
     except ValueError:
         raise ValueError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers, got {environ['RANK']!r}, "
-                         f"{environ['WORLD_SIZE']!r}, {environ.get('LOCAL_RANK')!r}") from None
+                         f"{environ['WORLD_SIZE']!r}, {environ['LOCAL_RANK']!r}") from None
     if not 0 <= launch.rank < launch.world:
         raise ValueError(f"RANK {launch.rank} is not in [0, WORLD_SIZE {launch.world})")
-    return launch
+    return launch, ""
+
+
+def _names(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 @dataclass
@@ -110,20 +130,60 @@ class Outcome:
     error: str = ""
 
 
-def run_shard(config) -> dict:
-    """One shard's sweep, as a submitted task runs it (a top-level function, so it pickles)."""
-    from attnlab.bench.sweep import run_sweep
+def run_shard(config, kernel_modules=(), env_modules=None) -> dict:
+    """One shard's sweep, as a submitted task runs it (a top-level function, so it pickles).
 
+    The task loads the plugins the launching command loaded: ATTNLAB_KERNEL_MODULES set to
+    `env_modules` (the launcher's value, unset where None) and `kernel_modules` (its
+    --kernel-module list), both as `task_plugins` gives them. A plugin that fails to load
+    fails the task, named: its kernels would otherwise be recorded as unknown.
+    """
+    from attnlab.bench.sweep import run_sweep
+    from attnlab.kernels import ENV_VAR, load_plugins
+
+    if env_modules is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = env_modules
+    failures = load_plugins(list(kernel_modules))
+    if failures:
+        raise ValueError(f"kernel-module: {len(failures)} plugin(s) did not load in this task: "
+                         + "; ".join(map(str, failures)))
     result = run_sweep(config)
     return {"run_id": result.run_id, "counts": dict(result.counts)}
 
 
+def task_plugins(kernel_modules=(), environ=None) -> tuple[list, str | None]:
+    """(kernel_modules, ATTNLAB_KERNEL_MODULES) as a task elsewhere loads them: each plugin given as a
+    file made absolute, since a SLURM task's working folder may differ; module names as they are.
+    The variable is passed explicitly too, as a cluster may start tasks without the caller's
+    environment."""
+    from attnlab.kernels import ENV_VAR
+
+    environ = os.environ if environ is None else environ
+    value = environ.get(ENV_VAR)
+    if value is not None:
+        value = os.pathsep.join(_absolute(part) if part.strip() else part for part in value.split(os.pathsep))
+    return [_absolute(name) for name in kernel_modules], value
+
+
+def _absolute(name: str) -> str:
+    """A plugin named as a file (the rule load_plugins applies: a .py name, a path separator, or
+    an existing path) as an absolute path; a module name as it is."""
+    stripped = name.strip()
+    path = Path(stripped).expanduser()
+    if stripped.endswith(".py") or os.sep in stripped or path.exists():
+        return str(path.absolute())
+    return name
+
+
 def submit(config, shards: int, executor: str, *, partition: str | None = None, timeout_min: int = 60,
-           folder=None) -> list[Outcome]:
+           folder=None, kernel_modules=(), environ=None) -> list[Outcome]:
     """Run `shards` shards of the sweep `config` describes through submitit: a SLURM job array
     (`executor` "slurm"), or processes on this machine ("local"); wait for them all. Each task
-    writes its shard's file beside config.out; submitit's logs go to `folder` (default
-    OUT.submitit/ beside it)."""
+    writes its shard's file beside config.out and loads the plugins this process loaded
+    (`kernel_modules`, the --kernel-module list, and `environ`'s ATTNLAB_KERNEL_MODULES);
+    submitit's logs go to `folder` (default OUT.submitit/ beside it)."""
     submitit = _submitit()
     out = Path(config.out)
     folder = Path(folder or out.with_name(out.name.removesuffix(".jsonl") + ".submitit"))
@@ -133,7 +193,8 @@ def submit(config, shards: int, executor: str, *, partition: str | None = None, 
                              slurm_array_parallelism=shards, **({"slurm_partition": partition} if partition else {}))
     plans = [dataclasses.replace(config, shard=Shard(i, shards), out=Shard(i, shards).path(out), free_memory=None,
                                  device="cuda" if gpus else config.device) for i in range(shards)]
-    jobs = runner.map_array(run_shard, plans)
+    modules, env_modules = task_plugins(kernel_modules, environ)
+    jobs = runner.map_array(run_shard, plans, [modules] * shards, [env_modules] * shards)
     return [_outcome(job, plan) for job, plan in zip(jobs, plans)]
 
 
@@ -142,10 +203,47 @@ def _outcome(job, plan) -> Outcome:
     try:
         done = job.result()
     except Exception as exc:     # a failed task is reported with its error; the others stand
-        outcome.error = " ".join(str(exc).split())[:500]
+        outcome.error = task_error(str(exc))
         return outcome
     outcome.run_id, outcome.counts = done["run_id"], done["counts"]
     return outcome
+
+
+def task_error(message: str) -> str:
+    """Why a task failed, on one line, from submitit's message: the exception that ends the last
+    traceback in it (`Type: message`, every line of the message), after the message's first
+    line where that says more than that the task failed (a time limit, a lost node); the
+    message's opening lines where it holds no traceback."""
+    lines = message.splitlines()
+    head = " ".join(" ".join(_opening(lines)).split())
+    exception = _last_exception(lines)
+    if not exception:
+        return head or " ".join(message.split())
+    if "failed during processing" in head:      # the task raised: its exception is the reason
+        return exception
+    return f"{head}: {exception}"
+
+
+def _opening(lines: list) -> list:
+    """The lines before submitit's first rule of dashes or quoted log."""
+    stops = [i for i, line in enumerate(lines) if _is_rule(line) or line.startswith("Error stream produced")]
+    return lines[:stops[0]] if stops else lines
+
+
+def _last_exception(lines: list) -> str:
+    """The exception line(s) closing the last traceback in `lines`, joined on one line; '' if none."""
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if not starts:
+        return ""
+    body = lines[starts[-1] + 1:]
+    body = body[:next((i for i, line in enumerate(body) if _is_rule(line)), len(body))]
+    # Frames are indented; the exception starts at the first line that is not.
+    first = next((i for i, line in enumerate(body) if line.strip() and not line[0].isspace()), None)
+    return "" if first is None else " ".join(" ".join(body[first:]).split())
+
+
+def _is_rule(line: str) -> bool:
+    return len(line.strip()) >= 3 and set(line.strip()) == {"-"}
 
 
 def _submitit():

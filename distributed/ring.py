@@ -18,6 +18,7 @@ falls on the ranks:
 from __future__ import annotations
 
 import math
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -140,7 +141,9 @@ def ring_attention(q, k, v, *, causal=False, scale=None, layout="contiguous", gr
     """This rank's shard of attention over the whole sequence. Every rank of `group` (default: the
     whole world) calls it with its shards of one problem: q (B, Sq, H, D) and k, v (B, Sq, KVH, D),
     H a multiple of KVH, cut as `layout` says (see `shard`). `causal` over global positions,
-    `scale` 1/sqrt(D) by default. Returns (B, Sq, H, D) in q's dtype."""
+    `scale` 1/sqrt(D) by default. Shapes, dtype, layout, causal and the scale in use must agree
+    across the ranks: where they do not, every rank raises the same ValueError naming the argument
+    before any block travels. Returns (B, Sq, H, D) in q's dtype."""
     # Untimed: without a synchronisation per step, a GPU's next launches queue behind the current ones.
     out, _ = _ring(q, k, v, causal, scale, layout, group, naive.prefill_lse, timed=False)
     return out
@@ -155,8 +158,7 @@ def ring_attention_with_stats(q, k, v, *, causal=False, scale=None, layout="cont
 
 def _ring(q, k, v, causal, scale, layout, group, local_attention, timed: bool):
     """The ring; `timed` waits for a GPU after each step's attention so compute_s is its run time."""
-    _check_arguments(q, k, v, causal, scale, layout, group)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _check_arguments(q, k, v, causal, scale, layout, group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     send_to, recv_from = _peer(group, (rank + 1) % world), _peer(group, (rank - 1) % world)
     acc_dtype = torch.promote_types(q.dtype, torch.float32)
@@ -216,16 +218,23 @@ def _peer(group, group_rank: int) -> int:
 
 # --- checking the arguments ---------------------------------------------------------------------
 
-def _check_arguments(q, k, v, causal, scale, layout, group) -> None:
+# The dtypes a ring attends in (naive's prefill_lse accumulates them in float32 or float64), by
+# their code in the comparison across ranks.
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_arguments(q, k, v, causal, scale, layout, group) -> float:
     """Raise on every rank if any rank's arguments are wrong: a rank that raised alone would leave
-    the others waiting for it in the ring. So each rank checks its own, then all compare."""
+    the others waiting for it in the ring. So each rank checks its own, then all compare, in one
+    all-gather: shapes, layout, causal, dtype and the scale in use. Returns that scale."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("group: torch.distributed is not initialised; call torch.distributed.init_process_group "
                            "first (gloo on CPUs, nccl on GPUs)")
     problem = _local_problem(q, k, v, causal, scale, layout)
+    in_use = (q.shape[-1] ** -0.5 if scale is None else float(scale)) if not problem else 0.0
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    mine = torch.tensor([int(not problem), *_shape(q), *_shape(k), *_shape(v), _layout_code(layout), int(bool(causal))],
-                        dtype=torch.int64, device=device)
+    mine = torch.tensor([int(not problem), *_shape(q), *_shape(k), *_shape(v), _layout_code(layout), int(bool(causal)),
+                         _dtype_code(q), _float_bits(in_use)], dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
     if problem:
@@ -234,6 +243,7 @@ def _check_arguments(q, k, v, causal, scale, layout, group) -> None:
     if failed:
         raise ValueError(f"q, k, v: rank(s) {failed} of the group passed invalid arguments (their error says which)")
     _check_same_everywhere(every)
+    return in_use
 
 
 def _local_problem(q, k, v, causal, scale, layout) -> str:
@@ -248,6 +258,8 @@ def _local_problem(q, k, v, causal, scale, layout) -> str:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             return f"{name}: expected a 4-D tensor (batch, seqlen, heads, head_dim), got {_described(t)}"
+    if q.dtype not in DTYPES:
+        return f"q: expected a dtype of {', '.join(map(str, DTYPES))}, got {q.dtype}"
     if k.shape != v.shape or k.dtype != v.dtype or k.device != v.device:
         return f"v: expected k's shape, dtype and device {_described(k)}, got {_described(v)}"
     if k.dtype != q.dtype or k.device != q.device:
@@ -274,17 +286,40 @@ def _layout_code(layout) -> int:
     return LAYOUTS.index(layout) if layout in LAYOUTS else -1
 
 
+def _dtype_code(t) -> int:
+    return DTYPES.index(t.dtype) if isinstance(t, torch.Tensor) and t.dtype in DTYPES else -1
+
+
+def _float_bits(x: float) -> int:
+    """A float64's bits as an int64: the scale travels in the all-gather's int64 tensor exactly."""
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _bits_float(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+# Where each field sits in the row every rank contributes (after the ok flag in column 0).
+_SHAPES, _OPTIONS, _DTYPE, _SCALE = slice(1, 13), slice(13, 15), 15, 16
+
+
 def _check_same_everywhere(every) -> None:
-    """Every rank holds shards of one problem: the same shapes, layout and causal flag."""
+    """Every rank holds shards of one problem: the same shapes, layout, causal flag, dtype and scale."""
     first = every[0].tolist()
     for rank, row in enumerate(every[1:], start=1):
         row = row.tolist()
-        if row[1:13] != first[1:13]:
+        if row[_SHAPES] != first[_SHAPES]:
             raise ValueError(f"q, k, v: every rank must pass shards of the same shapes; rank 0 passed q, k, v "
                              f"{_shapes(first)}, rank {rank} {_shapes(row)}")
-        if row[13:] != first[13:]:
+        if row[_OPTIONS] != first[_OPTIONS]:
             raise ValueError(f"layout, causal: every rank must pass the same; rank 0 passed {_options(first)}, "
                              f"rank {rank} {_options(row)}")
+        if row[_DTYPE] != first[_DTYPE]:
+            raise ValueError(f"q, k, v: every rank must pass the same dtype; rank 0 passed {DTYPES[first[_DTYPE]]}, "
+                             f"rank {rank} {DTYPES[row[_DTYPE]]}")
+        if row[_SCALE] != first[_SCALE]:
+            raise ValueError(f"scale: every rank must use the same (None means 1/sqrt(head_dim)); rank 0 used "
+                             f"{_bits_float(first[_SCALE])!r}, rank {rank} {_bits_float(row[_SCALE])!r}")
 
 
 def _shapes(row) -> str:

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from attnlab.cli._args import device_or_default, error_line, parse_seq_lens, parse_workload, positive_int
+from attnlab.cli._args import device_or_default, error_line, parse_seq_lens, parse_workload, positive_int, seconds
 from attnlab.text import k, table
 
 HELP = "time ring attention across ranks under torchrun, and how much of its communication it hides"
@@ -28,6 +27,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="cpu (gloo) or cuda (NCCL, each rank on cuda:LOCAL_RANK); default cuda if present")
     parser.add_argument("--reps", type=positive_int, default=5, help="timed repetitions per length (default 5)")
+    parser.add_argument("--timeout", type=_timeout, default=600.0, metavar="SECONDS",
+                        help="the process group's timeout: how long a rank waits for a dead or stuck peer before "
+                             "every rank stops with an error naming it (default 600; gloo's own is 30 minutes)")
+
+
+def _timeout(text):
+    value = seconds(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
 
 
 def build_config(args):
@@ -37,34 +46,37 @@ def build_config(args):
     device = device_or_default(args.device)
     workload = preset(args.workload or default_preset(device)).override(causal=args.causal)
     config = RingConfig(workload=workload, out=args.out, seq_lens=args.seq_lens, device=device,
-                        layout=args.layout, reps=args.reps, argv=sys.argv)
+                        layout=args.layout, reps=args.reps, argv=sys.argv, timeout_s=args.timeout)
     check_config(config)
     return config
 
 
 def run(args) -> int:
     from attnlab.bench.output_file import WriteFailed
-    from attnlab.bench.ring import require_launch, run_ring
+    from attnlab.bench.ring import RingBroken, require_launch, run_ring
 
     try:
         launch = require_launch()
+    except ValueError as exc:     # not a launched rank: this process alone says it
+        print(error_line("ring", exc, args), file=sys.stderr)
+        return 2
+    try:
         config = build_config(args)
     except ValueError as exc:     # the same on every rank: rank 0 says it
-        if _rank0():
+        if launch.rank == 0:
             print(error_line("ring", exc, args), file=sys.stderr)
         return 2
     try:
         result = run_ring(config, launch)
+    except RingBroken as exc:     # names this rank and the timeout itself
+        print(error_line("ring", exc, args), file=sys.stderr)
+        return 1
     except (ValueError, WriteFailed) as exc:
         print(error_line("ring", exc, args) + f" (rank {launch.rank} of {launch.world})", file=sys.stderr)
         return 2
     if result.rank == 0:
         _report(result)
     return 0
-
-
-def _rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _report(result) -> None:

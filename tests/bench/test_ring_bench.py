@@ -2,15 +2,17 @@
 rank 0, with what the communication cost and how much of it the attention hid. Two gloo ranks
 under torchrun run the command end to end; one rank in this process shows how failures are
 recorded; without torchrun the command refuses, naming it."""
+import datetime
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from attnlab.bench import records as rec
-from attnlab.bench.ring import RingConfig, run_ring
+from attnlab.bench.ring import RingBroken, RingConfig, run_ring
 from attnlab.bench.shards import Launch
 from attnlab.bench.workloads import preset
 from attnlab.cli import main
@@ -90,11 +92,31 @@ def test_without_torchrun_it_refuses_naming_torchrun(tmp_path, monkeypatch, caps
 
 
 def test_a_master_port_of_zero_is_refused_before_the_ranks_wait_on_it(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("MASTER_PORT", "0")
+    for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="0").items():
+        monkeypatch.setenv(name, value)
     assert main(["ring", "--device", "cpu", "--seq-lens", "256", "--out", str(tmp_path / "ring.jsonl")]) == 2
     assert "--standalone" in capsys.readouterr().err
+
+
+def test_a_stray_rank_without_a_launcher_is_refused_naming_what_was_ignored(tmp_path, monkeypatch, capsys):
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "1")        # not rank 0, yet the only process: it must say why it stops
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "ring.jsonl"
+    assert main(["ring", "--device", "cpu", "--seq-lens", "256", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "run it under torchrun" in err
+    assert "ignoring RANK and WORLD_SIZE" in err and "LOCAL_RANK, MASTER_ADDR and MASTER_PORT are not set" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon"])
+def test_a_timeout_that_is_no_positive_number_of_seconds_is_refused(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exited:
+        main(["ring", "--timeout", value, "--out", str(tmp_path / "ring.jsonl")])
+    assert exited.value.code == 2 and "argument --timeout: expected a number of seconds" in capsys.readouterr().err
 
 
 # --- failures, on one rank in this process ----------------------------------------------------
@@ -133,3 +155,73 @@ def test_a_failure_inside_the_ring_is_recorded_and_later_lengths_are_skipped(one
     assert [r["status"] for r in records] == ["error", "skipped"]
     assert records[0]["reason"] == "rank 0: RuntimeError: the link went down"
     assert records[1]["reason"].startswith("not run: the ring failed at seq_len 128")
+
+
+def test_the_process_group_waits_for_a_peer_no_longer_than_the_timeout(one_rank, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    joined = []
+    real = dist.init_process_group
+    monkeypatch.setattr(dist, "init_process_group", lambda *args, **kw: joined.append(kw) or real(*args, **kw))
+    config = RingConfig(preset("cpu-small"), out=tmp_path / "ring.jsonl", seq_lens=[128], reps=1, timeout_s=7.5)
+    assert run_ring(config, one_rank).counts == {"ok": 1}
+    assert [kw["timeout"] for kw in joined] == [datetime.timedelta(seconds=7.5)]
+
+
+def test_ranks_that_do_not_all_join_in_time_are_named_with_the_timeout(one_rank, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    def never_joined(*args, **kwargs):
+        raise dist.DistStoreError("Timed out after 3 seconds waiting for clients. 1/2 clients joined.")
+
+    monkeypatch.setattr(dist, "init_process_group", never_joined)
+    config = RingConfig(preset("cpu-small"), out=tmp_path / "ring.jsonl", seq_lens=[128], timeout_s=3)
+    with pytest.raises(RingBroken) as broken:
+        run_ring(config, one_rank)
+    assert str(broken.value).startswith("rank 0 of 1 gave up joining the process group: a rank died or did not "
+                                        "answer within the process group's timeout of 3 s (--timeout)")
+    assert "1/2 clients joined" in str(broken.value)
+
+
+@pytest.mark.parametrize("content", [b"buy milk", b'{"event": "start"}\n'], ids=["text", "other-jsonl"])
+def test_a_file_the_ring_did_not_write_is_refused_untouched(one_rank, tmp_path, capsys, content):
+    out = tmp_path / "notes.jsonl"
+    out.write_bytes(content)
+    assert main(["ring", "--device", "cpu", "--seq-lens", "128", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"attnlab ring: error: --out: {out} is not an attnlab record")
+    assert out.read_bytes() == content
+    assert not list(tmp_path.glob("*.lock"))
+
+
+STUCK_RANK = """
+import os, sys, time
+from attnlab.bench import ring
+if os.environ["RANK"] == "1":      # this rank never takes part in the ring
+    ring.ring_attention_with_stats = lambda *args, **kwargs: time.sleep(120)
+from attnlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow    # two processes started by torchrun, one stuck: about 10 s
+def test_a_stuck_rank_ends_the_others_within_the_timeout_naming_it(tmp_path):
+    script = tmp_path / "stuck_rank.py"
+    script.write_text(STUCK_RANK)
+    out = tmp_path / "ring.jsonl"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               "ring", "--device", "cpu", "--workload", "cpu-small", "--seq-lens", "128,256", "--reps", "1",
+               "--timeout", "2", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=dict(env, OMP_NUM_THREADS="1"))
+    assert time.monotonic() - started < 30
+    assert done.returncode != 0
+    said = [line for line in done.stderr.splitlines() if line.startswith("attnlab ring: error: ")]
+    assert len(said) == 1, done.stderr[-3000:]
+    assert said[0].startswith("attnlab ring: error: rank 0 of 2 gave up at seq_len 128: a rank died or did not "
+                              "answer within the process group's timeout of 2 s (--timeout)")
+    records = rec.read_records(out)       # rank 0 recorded where the ring stopped, and why
+    assert [(r["seq_len"], r["status"]) for r in records] == [(128, "error")]
+    assert records[0]["reason"] == said[0].removeprefix("attnlab ring: error: ")

@@ -123,12 +123,19 @@ def _bad_calls(rank, world, group):
         "shapes_differ": dict(q=q[:, :-2], k=k[:, :-2], v=v[:, :-2]) if rank == 1 else {},
         "one_rank_bad_layout": dict(layout="zig-zag") if rank == 0 else {},
         "causal_differs": dict(causal=rank == 0),
+        "scale_differs": dict(scale=0.25 if rank == 0 else 0.5),
+        "scale_differs_with_stats": dict(scale=0.25 if rank == 0 else 0.5, call=ring_attention_with_stats),
+        "dtype_differs": dict(q=q.double(), k=k.double(), v=v.double()) if rank == 1 else {},
+        "int_dtype": dict(q=q.int(), k=k.int(), v=v.int()),
+        # the same scale, given explicitly on one rank and by default on the others: no error
+        "scale_default_equals_given": dict(scale=HEAD_DIM ** -0.5) if rank == 0 else {},
     }
     errors = {}
     for name, change in bad.items():
         args = {"q": q, "k": k, "v": v, "group": group, **change}
+        call = args.pop("call", ring_attention)
         try:
-            ring_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+            call(args.pop("q"), args.pop("k"), args.pop("v"), **args)
             errors[name] = ("no error", "")
         except Exception as exc:  # the test checks the type
             errors[name] = (type(exc).__name__, str(exc))
@@ -224,6 +231,14 @@ EXPECTED_ERRORS = {
     "scale": ("ValueError", "scale: expected a finite number > 0"),
     "shapes_differ": ("ValueError", "q, k, v: every rank must pass shards of the same shapes"),
     "causal_differs": ("ValueError", "layout, causal: every rank must pass the same"),
+    "scale_differs": ("ValueError", "scale: every rank must use the same (None means 1/sqrt(head_dim)); "
+                                    "rank 0 used 0.25, rank 1 0.5"),
+    "scale_differs_with_stats": ("ValueError", "scale: every rank must use the same"),
+    "dtype_differs": ("ValueError", "q, k, v: every rank must pass the same dtype; rank 0 passed torch.float32, "
+                                    "rank 1 torch.float64"),
+    "int_dtype": ("ValueError", "q: expected a dtype of torch.float64, torch.float32, torch.float16, torch.bfloat16, "
+                                "got torch.int32"),
+    "scale_default_equals_given": ("no error", ""),
 }
 
 
