@@ -5,7 +5,8 @@
 
 Per point: an unsupported kernel or mode is recorded as `unsupported`; a point predicted
 not to fit in free memory as `oom` without launching; a real out-of-memory error as `oom`
-after its memory is released; any other exception as `error`. Once `budget_s` is spent
+after its memory is released; any other exception as `error`, a SystemExit or other
+BaseException included (only Ctrl-C ends the sweep). Once `budget_s` is spent
 the remaining points are `skipped`. With `resume` the points already settled in the file
 (FINAL_STATUSES, same device) are not measured again. Ctrl-C ends the sweep after the
 records already written; the point in flight is dropped and a resume measures it.
@@ -125,6 +126,15 @@ def check_device(device) -> torch.device:
         raise ValueError(f"device: {text!r} asked for, but torch sees {count} CUDA device"
                          f"{'s' if count > 1 else ''} ({here})")
     return device
+
+
+def check_window(window: int, seq_lens) -> None:
+    """ValueError naming `window` where it is longer than the longest of `seq_lens`: a window of
+    that length already lets every query see every key, so a longer one measures nothing new."""
+    longest = max(seq_lens)
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= longest:
+        raise ValueError(f"window: expected a whole number of keys from 1 to the longest length swept, {longest} "
+                         f"(a window that long already masks nothing), got {window!r}")
 
 
 def check_nvml_csv(path) -> None:
@@ -269,7 +279,7 @@ class PointRunner:
             fields = self.measure(point)
         except KeyboardInterrupt:
             raise
-        except Exception as exc:
+        except BaseException as exc:    # a kernel's sys.exit() is its point's failure, not the sweep's end
             failure = (classify(exc), describe(exc))
         if failure is not None:
             # Outside the except block, so the traceback and the tensors its frames hold are gone.
@@ -428,8 +438,10 @@ def classify(exc: BaseException) -> str:
 
 
 def describe(exc: BaseException) -> str:
-    """A failure's `reason`: the exception's type and message, cut to 2000 characters."""
-    return f"{type(exc).__name__}: {exc}"[:2000]
+    """A failure's `reason`: the exception's type and message (a SystemExit's code), cut to 2000
+    characters."""
+    message = f"exit status {exc.code!r}" if isinstance(exc, SystemExit) else str(exc)
+    return f"{type(exc).__name__}: {message}"[:2000]
 
 
 def release_memory(device) -> None:

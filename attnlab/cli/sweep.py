@@ -37,7 +37,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None,
                         help="causal masking for prefill (default: the preset's)")
     parser.add_argument("--window", type=positive_int, default=None,
-                        help="a sliding window: each query sees at most this many keys (mistral-7b: 4096)")
+                        help="a sliding window: each query sees at most this many keys (mistral-7b: 4096); at most "
+                             "the longest length swept, a window that already masks nothing (a longer one would "
+                             "measure the same and only rename the workload)")
     parser.add_argument("--softcap", type=finite_positive, default=None,
                         help="cap the logits at S * tanh(s / S) (gemma2-9b: 50)")
     parser.add_argument("--docs", type=positive_int, default=None,
@@ -76,12 +78,15 @@ def _shard(text):
 def build_config(args, launch=None):
     """The SweepConfig the flags describe: a preset, then explicit flags over it; under torchrun
     (`launch`) the rank's shard, file and GPU."""
-    from attnlab.bench.sweep import SweepConfig, check_device
+    from attnlab.bench.sweep import SweepConfig, check_device, check_window
     from attnlab.bench.workloads import MODES, default_preset, preset
     from attnlab.kernels import get
 
     device = check_device(_device(args.device, launch))
-    workload = preset(args.workload or default_preset(device.type)).override(
+    base = preset(args.workload or default_preset(device.type))
+    if args.window is not None:
+        check_window(args.window, args.seq_lens or base.seq_lens)
+    workload = base.override(
         batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
         dtype=args.dtype, causal=args.causal, window=args.window, softcap=args.softcap, docs=args.docs)
     modes = tuple(args.modes or MODES)
@@ -106,17 +111,21 @@ def _device(given, launch) -> str:
 
 
 def _spread(args):
-    """(torchrun's Launch or None); refuses flags that contradict each other, naming them."""
+    """(torchrun's Launch or None, why torchrun's variables were ignored or ""); refuses flags that
+    contradict each other, naming them."""
     from attnlab.bench.shards import torchrun_launch
 
-    launch = torchrun_launch()
+    launch, ignored = torchrun_launch()
     if launch and (args.shard or args.executor):
         raise ValueError("shard: under torchrun each rank takes its own shard; drop --shard and --executor")
     if args.executor and args.shard:
         raise ValueError("shard: --executor runs every shard; drop --shard")
     if bool(args.executor) != bool(args.shards):
         raise ValueError("shards: --executor and --shards go together")
-    return launch
+    return launch, ignored
+
+
+FAILED_STATUSES = ("error",)
 
 
 def run(args) -> int:
@@ -125,7 +134,9 @@ def run(args) -> int:
     from attnlab.cli._progress import make_progress
 
     try:
-        launch = _spread(args)
+        launch, ignored = _spread(args)
+        if ignored:
+            print(f"attnlab sweep: warning: {ignored}; going on as if none were set", file=sys.stderr)
         config = build_config(args, launch)
         if args.executor:
             return _submit(args, config)
@@ -142,7 +153,18 @@ def run(args) -> int:
         print(f"interrupted: {len(result.records)} records written; rerun with --resume to finish",
               file=sys.stderr)
         return 130
-    return 0
+    return 1 if _failed(result.records) else 0
+
+
+def _failed(records) -> list:
+    """Points that failed (a kernel that raised, or gave a wrong answer): said on stderr, one line
+    a kernel, so that the exit status says what the file holds."""
+    failed = [r for r in records if r.get("status") in FAILED_STATUSES]
+    for kernel in dict.fromkeys(r["kernel"] for r in failed):
+        mine = [r for r in failed if r["kernel"] == kernel]
+        print(f"attnlab sweep: {kernel} failed {len(mine)} point(s), first: {' '.join(mine[0]['reason'].split())}",
+              file=sys.stderr)
+    return failed
 
 
 def _submit(args, config) -> int:
@@ -150,7 +172,7 @@ def _submit(args, config) -> int:
     from attnlab.bench.shards import submit
 
     outcomes = submit(config, args.shards, args.executor, partition=args.slurm_partition,
-                      timeout_min=args.slurm_timeout_min)
+                      timeout_min=args.slurm_timeout_min, kernel_modules=args.kernel_module)
     rows = [(str(o.shard), o.job_id, o.run_id or "-", ", ".join(f"{n} {s}" for s, n in sorted(o.counts.items()))
              or o.error, o.out) for o in outcomes]
     print(table(("shard", "job", "run", "records", "file"), rows))

@@ -244,6 +244,64 @@ def test_a_kernel_that_raises_is_an_error_record_and_the_sweep_goes_on(tmp_path,
     assert again.records == [] and again.already_done == 4
 
 
+@pytest.mark.parametrize("raised", [SystemExit(0), SystemExit(7), GeneratorExit("closed"),
+                                    RuntimeError("an ordinary error")], ids=["exit0", "exit7", "base", "ordinary"])
+def test_a_kernel_that_exits_is_its_points_failure_and_the_command_goes_on(tmp_path, register, capsys, raised):
+    """sys.exit() in a kernel is recorded like any error, and the command exits as it does for an
+    ordinary error: 1, naming the kernel, once every point is measured."""
+    def leaves(q, k, v, causal, scale):
+        raise raised
+
+    register("test-exits", prefill=leaves)
+    out = tmp_path / "run.jsonl"
+    assert main(["sweep", "--device", "cpu", "--workload", "cpu-small", "--kernels", "test-exits,naive",
+                 "--modes", "prefill", "--seq-lens", "128,256", "--out", str(out)]) == 1
+    records = {(r["kernel"], r["seq_len"]): r for r in rec.read_records(out)}
+    assert len(records) == 4 and all(records[("naive", n)]["status"] == "ok" for n in (128, 256))
+    expected = sw.describe(raised)
+    assert all(records[("test-exits", n)]["status"] == "error" for n in (128, 256))
+    assert all(records[("test-exits", n)]["reason"] == expected for n in (128, 256))
+    printed = capsys.readouterr()
+    assert "2 error, 2 ok" in printed.out
+    assert f"attnlab sweep: test-exits failed 2 point(s), first: {expected}" in printed.err
+
+
+def test_a_systemexit_reason_says_it_was_an_exit_and_its_status():
+    assert sw.describe(SystemExit(7)) == "SystemExit: exit status 7"
+    assert sw.describe(SystemExit()) == "SystemExit: exit status None"
+
+
+@pytest.mark.parametrize("window", [str(10 ** 30), "257"])
+def test_a_window_longer_than_every_length_is_refused_in_one_line(tmp_path, capsys, window):
+    out = tmp_path / "run.jsonl"
+    code = main(["sweep", "--device", "cpu", "--workload", "cpu-small", "--kernels", "naive", "--seq-lens", "128,256",
+                 "--window", window, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"attnlab sweep: error: --window: expected a whole number of keys from 1 to the longest length swept, 256 "
+        f"(a window that long already masks nothing), got {window}"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("window", ["1e30", "4096.5", "0"])
+def test_a_window_that_is_no_whole_number_of_keys_is_refused_by_argparse(tmp_path, capsys, window):
+    with pytest.raises(SystemExit) as exited:
+        main(["sweep", "--device", "cpu", "--window", window, "--out", str(tmp_path / "run.jsonl")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"argument --window: expected a positive integer, got {window!r}")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_window_up_to_the_longest_length_is_taken():
+    sw.check_window(256, [128, 256])
+    sw.check_window(1, [128])
+    for window in (0, 257, 2.5, True):
+        with pytest.raises(ValueError, match="^window: "):
+            sw.check_window(window, [128, 256])
+
+
 class _FakeClock:
     """Stands in for the sweep's clock: every call of the slow kernel takes 10 s of it."""
 
