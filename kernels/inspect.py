@@ -1,6 +1,6 @@
 """What the compiler makes of each Triton implementation, for a named GPU, without a GPU.
 
-    python -m attnlab.kernels.inspect --arch 90 [--kernels triton,triton-decode]   # JSON rows
+    python -m attnlab.kernels.inspect --arch 90 [--kernels triton,triton-decode] [--out FILE]   # JSON rows
 
 An implementation that declares `builds` (register_kernel) says which kernels one call
 launches and with which arguments; each is compiled as Triton's JIT would compile it for
@@ -11,7 +11,9 @@ mma, TMA and cp.async copies, warp specialisation, setmaxnreg, programmatic laun
 instruction counts where the Triton wheel's nvdisasm serves.
 
 Run in its own process without TRITON_INTERPRET (`attnlab inspect` does): Triton chooses
-compiler or interpreter when a kernel module is imported.
+compiler or interpreter when a kernel module is imported. The rows go to `--out` (default:
+stdout); whatever plugins and builds write to stdout meanwhile goes to stderr, so that stdout
+carries the JSON alone.
 """
 from __future__ import annotations
 
@@ -79,7 +81,8 @@ def compile_build(build: Build, capability: int) -> dict:
                 tma_copies=ttgir.count("async_tma_copy"), cp_async=ttgir.count("async_copy_global_to_local"),
                 warp_specialized="ttg.warp_specialize" in ttgir, setmaxnreg=sorted(set(
                     int(n) for n in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx))),
-                griddepcontrol="griddepcontrol" in ptx, launch_pdl=bool(getattr(compiled.metadata, "launch_pdl", False)),
+                griddepcontrol="griddepcontrol" in ptx,
+                launch_pdl=bool(getattr(compiled.metadata, "launch_pdl", False)),
                 **_ptxas(ptx, capability), sass=_sass(compiled.asm.get("cubin"), capability))
 
 
@@ -169,13 +172,22 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", action="append", choices=sorted(ARCHES), default=None)
     parser.add_argument("--kernels", default=None)
     parser.add_argument("--kernel-module", action="append", default=[])
+    parser.add_argument("--plugin-timeout", type=float, default=None)
+    parser.add_argument("--out", default="-", help="write the JSON rows here ('-': stdout)")
     args = parser.parse_args(argv)
     from attnlab.kernels import load_plugins
+    from attnlab.kernels.plugins import stdout_to_stderr
 
-    for failure in load_plugins(args.kernel_module):
+    for failure in load_plugins(args.kernel_module, timeout_s=args.plugin_timeout):
         print(f"warning: {failure}", file=sys.stderr)
     kernels = [k for k in (args.kernels or "").split(",") if k]
-    json.dump(inspect([ARCHES[a] for a in args.arch or ["90"]], kernels or None), sys.stdout)
+    with stdout_to_stderr():      # a plugin's builds may print
+        rows = inspect([ARCHES[a] for a in args.arch or ["90"]], kernels or None)
+    if args.out == "-":
+        json.dump(rows, sys.stdout)
+    else:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(rows, f)
     return 0
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -22,11 +24,14 @@ from attnlab.schema import DECODE, KERNEL_MODES as MODES, PREFILL  # noqa: F401 
 @dataclass(frozen=True)
 class Availability:
     """Whether an implementation can run; `reason` says why not, and `argument`, where one of
-    the call's own inputs is at fault ("q", "k", "v", "causal" or "scale"), which one."""
+    the call's own inputs is at fault ("q", "k", "v", "causal" or "scale"), which one. `broken`:
+    the probe itself raised or answered out of contract, a fault of the implementation rather
+    than of this machine."""
 
     ok: bool
     reason: str = ""
     argument: str = ""
+    broken: bool = False
 
     def __bool__(self) -> bool:
         return self.ok
@@ -135,6 +140,48 @@ class Implementation:
 
 _REGISTRY: dict[str, Implementation] = {}
 DEFAULT_SPEED_RANK = 100     # after every in-tree kernel: `auto` picks a plugin only where nothing else runs
+AUTO = "auto"                # the API's "choose for me": never an implementation's name
+_IN_TREE: set = set()        # names the kernels of impls/ registered: reserved for them
+_in_tree_loading = False     # set while impls/ is imported
+_REFUSED_FILES: dict = {}    # a plugin file that ran past its time limit -> why what it registers is refused
+_THREAD = threading.local()  # .gate: the RegistrationGate of a plugin imported in this thread
+_LOCK = threading.RLock()    # a registration and the closing of a gate do not interleave
+
+
+class RegistrationGate:
+    """Lets the registrations of the thread that entered it count until it is closed: a plugin
+    imported in a thread of its own, and left running past its time limit, registers nothing
+    that counts from then on."""
+
+    def __init__(self) -> None:
+        self.reason = ""
+
+    def enter(self) -> None:
+        """Called in the importing thread."""
+        _THREAD.gate = self
+
+    def close(self, reason: str) -> None:
+        with _LOCK:
+            self.reason = reason
+
+
+def refuse_file(path: str, reason: str) -> None:
+    """Refuse every later registration made from the file `path` (a plugin past its time limit,
+    or a thread it started), saying `reason`."""
+    with _LOCK:
+        _REFUSED_FILES[os.path.realpath(path)] = reason
+
+
+@contextmanager
+def in_tree_registrations():
+    """Mark what registers inside as the lab's own (impls/): those names stay reserved, and an
+    in-tree kernel takes its name back from anything that registered it first."""
+    global _in_tree_loading
+    _in_tree_loading = True
+    try:
+        yield
+    finally:
+        _in_tree_loading = False
 
 
 def register_kernel(name: str, *, prefill: Optional[Callable] = None, decode: Optional[Callable] = None,
@@ -199,10 +246,26 @@ def register_kernel(name: str, *, prefill: Optional[Callable] = None, decode: Op
         varlen=_callable("varlen", varlen), builds=_callable("builds", builds), origin=_caller_module())
     if not impl.modes:
         raise ValueError(f"prefill: {name!r} registers neither prefill nor decode; give at least one")
+    with _LOCK:
+        _check_free(name, impl.origin)
+        _REGISTRY[name] = impl
+        if _in_tree_loading:
+            _IN_TREE.add(name)
+    return impl
+
+
+def _check_free(name: str, origin: str) -> None:
+    """ValueError naming `name` where it is not this registration's to take."""
+    refused = getattr(getattr(_THREAD, "gate", None), "reason", "") or _REFUSED_FILES.get(os.path.realpath(origin))
+    if refused:
+        raise ValueError(f"name: {name!r} was not registered: {refused}")
+    if _in_tree_loading and name not in _IN_TREE:
+        return      # the lab's own kernel: its name is its own whatever registered it first
+    if name in _IN_TREE and not _in_tree_loading:
+        raise ValueError(f"name: {name!r} is the name of an in-tree kernel (kernels/impls); expected a name of "
+                         f"your own")
     if name in _REGISTRY:
         raise ValueError(f"name: implementation {name!r} is already registered (by {_REGISTRY[name].origin})")
-    _REGISTRY[name] = impl
-    return impl
 
 
 def _options(options) -> tuple:
@@ -216,6 +279,9 @@ def _options(options) -> tuple:
 def _checked_name(name) -> str:
     if not isinstance(name, str) or not name or name != name.strip() or "," in name:
         raise ValueError(f"name: expected a non-empty name without commas or edge spaces, got {name!r}")
+    if name == AUTO:
+        raise ValueError(f"name: {AUTO!r} is reserved (impl={AUTO!r} asks the API to choose an implementation); "
+                         f"expected another name")
     return name
 
 
@@ -302,11 +368,22 @@ def _cached_probe(name: str, device_type: str) -> Availability:
     # Optional backends are detected once per process and device type.
     try:
         status = _REGISTRY[name].probe(device_type)
-    except Exception as exc:  # a probe that breaks means "not here", with the reason
-        return no(f"probe failed: {type(exc).__name__}: {exc}")
+    except BaseException as exc:  # a probe that breaks, even by SystemExit, means "not here", with the reason
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        return Availability(False, f"probe failed: {one_line(exc)}", broken=True)
     if isinstance(status, Availability):
         return status
-    return YES if status is True else no(f"probe returned {status!r}, expected YES or no(reason)")
+    if status is True:
+        return YES
+    return Availability(False, one_line(f"probe returned {status!r}, expected YES or no(reason)"), broken=True)
+
+
+def one_line(text) -> str:
+    """An exception as `Type: message`, or any text, on one line."""
+    if isinstance(text, BaseException):
+        text = f"{type(text).__name__}: {text}" if str(text) else type(text).__name__
+    return " ".join(str(text).split())
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -13,7 +13,7 @@ import torch
 
 from attnlab.kernels.api import attention, attention_varlen, decode_attention
 from attnlab.kernels.masks import PLAIN, Variant
-from attnlab.kernels.registry import DECODE, PREFILL, implementations
+from attnlab.kernels.registry import DECODE, PREFILL, get, implementations, one_line
 
 # (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal): awkward lengths, GQA.
 PREFILL_CASES = [(1, 113, 203, 4, 2, 64, True), (2, 97, 64, 4, 1, 40, True), (1, 128, 128, 2, 2, 128, False)]
@@ -22,6 +22,7 @@ DECODE_CASES = [((0, 57, 203), 1, 8, 2, 64), ((130, 5), 4, 4, 4, 128)]  # (lengt
 # narrower than the sequence, a cap the scores reach, and packed sequences of unequal lengths.
 VARIANTS = [Variant(window=(24, -1)), Variant(softcap=2.0)]
 PACKED_LENGTHS = [(13, 13), (0, 5), (70, 91), (1, 40)]           # (seqlen_q, seqlen_k) per sequence
+REFERENCE = "naive"       # what the others are compared with in each dtype
 
 
 @dataclass
@@ -48,16 +49,31 @@ def _error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float("inf") if err != err else err  # NaN never passes
 
 
-def _usable(mode, device, dtype, head_dim, names, variant=PLAIN, varlen=False):
-    return [i.name for i in implementations()
-            if i.name != "naive" and (names is None or i.name in names)
-            and i.available(device) and i.supports(mode, dtype, head_dim, device) and i.takes(variant, varlen)]
+def _candidates(names) -> list:
+    return [i for i in implementations() if i.name != REFERENCE and (names is None or i.name in names)]
 
 
-def _compare(impls, mode, case, run, dtype):
-    ref, naive = run("naive", torch.float64), run("naive", dtype)
+def _usable(mode, device, dtype, head_dim, names, variant=PLAIN, varlen=False) -> tuple:
+    """(names of the implementations that take this case, failures of those whose declarations
+    raised deciding it): `limits` and `head_dims` are the implementation's own code too."""
+    usable, broken = [], []
+    for impl in _candidates(names):
+        try:
+            if impl.available(device) and impl.supports(mode, dtype, head_dim, device) and impl.takes(variant, varlen):
+                usable.append(impl.name)
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            broken.append((impl.name, f"deciding whether it runs raised {one_line(exc)}"))
+    return usable, broken
+
+
+def _compare(chosen, mode, case, run, dtype):
+    usable, broken = chosen
+    ref, naive = run(REFERENCE, torch.float64), run(REFERENCE, dtype)
     bound = _bound(_error(naive, ref), dtype)
-    return [_measure(name, mode, case, lambda: run(name, dtype), ref, bound) for name in impls]
+    return ([CheckResult(name, mode, case, float("inf"), bound, error) for name, error in broken]
+            + [_measure(name, mode, case, lambda: run(name, dtype), ref, bound) for name in usable])
 
 
 def _measure(name, mode, case, call, ref, bound) -> CheckResult:
@@ -66,8 +82,32 @@ def _measure(name, mode, case, call, ref, bound) -> CheckResult:
         if out.shape != ref.shape:
             raise ValueError(f"returned shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
         return CheckResult(name, mode, case, _error(out, ref), bound)
-    except Exception as exc:   # a kernel that raises fails its check and the rest still run
-        return CheckResult(name, mode, case, float("inf"), bound, f"{type(exc).__name__}: {exc}")
+    except BaseException as exc:   # a kernel that raises, even SystemExit, fails its check and the rest still run
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        return CheckResult(name, mode, case, float("inf"), bound, one_line(exc))
+
+
+def _broken_probes(device, names) -> list[CheckResult]:
+    """A failure for each implementation whose probe raised here: a fault of the kernel, not of the machine."""
+    statuses = [(impl.name, impl.available(device)) for impl in _candidates(names)]
+    return [CheckResult(name, "-", "probe", float("inf"), 0.0, status.reason)
+            for name, status in statuses if status.broken]
+
+
+def why_not(name: str, device: str, dtype: torch.dtype) -> str:
+    """Why the implementation `name` takes none of the check's cases on `device` in `dtype`, on
+    one line: the registry's reason."""
+    impl = get(name)
+    if name == REFERENCE:
+        return "it is the reference the others are checked against"
+    status = impl.available(device)
+    if not status:
+        return one_line(status.reason)
+    device_type = torch.device(device).type
+    cases = [(PREFILL, case[5]) for case in PREFILL_CASES] + [(DECODE, case[4]) for case in DECODE_CASES]
+    refused = [s for s in (impl.supports(mode, dtype, d, device_type) for mode, d in cases) if not s]
+    return one_line(refused[0].reason) if refused else "it takes none of the check's cases"
 
 
 def check(device: str = "cpu", dtype: torch.dtype = torch.float16, seed: int = 0,
@@ -76,7 +116,7 @@ def check(device: str = "cpu", dtype: torch.dtype = torch.float16, seed: int = 0
     measure its error."""
     gen = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=gen).to(device)
-    results = []
+    results = _broken_probes(device, kernels)
     for b, sq, sk, h, kvh, d, causal in PREFILL_CASES:
         q, k, v = randn(b, sq, h, d), randn(b, sk, kvh, d), randn(b, sk, kvh, d)
         run = lambda name, dt: attention(q.to(dt), k.to(dt), v.to(dt), causal=causal, impl=name)

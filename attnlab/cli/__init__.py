@@ -1,7 +1,7 @@
 """The `attnlab` command. Each module in this package is one subcommand: it defines
 `HELP`, `add_arguments(parser)` and `run(args) -> int`, and stays a thin wrapper over the
 library packages. A subcommand that reads the kernel registry sets `READS_KERNELS = True`:
-it gets `--kernel-module`, and plugins are loaded before it runs.
+it gets `--kernel-module` and `--plugin-timeout`, and plugins are loaded before it runs.
 """
 from __future__ import annotations
 
@@ -22,18 +22,20 @@ def _use_interpreter_without_gpu() -> None:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
-def _load_plugins(names) -> list:
+def _load_plugins(names, timeout_s) -> list:
     """Load kernel plugins after the Triton mode is chosen (a plugin may define Triton kernels);
     each that fails is named on stderr, and the command goes on without it."""
     from attnlab.kernels import load_plugins
 
-    failures = load_plugins(names)
+    failures = load_plugins(names, timeout_s=timeout_s)
     for failure in failures:
         print(f"attnlab: warning: {failure}", file=sys.stderr)
     return failures
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from attnlab.cli._args import finite_positive
+
     parser = argparse.ArgumentParser(prog="attnlab", description="Attention performance lab.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
@@ -46,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="a Python file or module that registers kernels with register_kernel "
                                   "(repeatable; ATTNLAB_KERNEL_MODULES and the attnlab.kernels entry points "
                                   "are read too)")
+            sub.add_argument("--plugin-timeout", type=finite_positive, default=None, metavar="SECONDS",
+                             help="how long each kernel plugin may take to import; one that takes longer is named "
+                                  "and skipped (default: ATTNLAB_PLUGIN_TIMEOUT, else 60)")
         sub.set_defaults(run=module.run)
     return parser
 
@@ -57,7 +62,11 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         _use_interpreter_without_gpu()
         if hasattr(args, "kernel_module"):
-            args.plugin_failures = _load_plugins(args.kernel_module)
+            try:
+                args.plugin_failures = _load_plugins(args.kernel_module, args.plugin_timeout)
+            except ValueError as exc:     # ATTNLAB_PLUGIN_TIMEOUT that is not a number of seconds
+                print(f"attnlab {args.command}: error: {exc}", file=sys.stderr)
+                return 2
         return args.run(args) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

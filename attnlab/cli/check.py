@@ -22,22 +22,36 @@ def run(args) -> int:
     import torch
 
     from attnlab.kernels import get
-    from attnlab.kernels.selfcheck import check
+    from attnlab.kernels.selfcheck import check, why_not
 
-    device = device_or_default(args.device)
+    device, dtype = device_or_default(args.device), getattr(torch, args.dtype)
     try:
         for name in args.kernels or ():
             get(name)
     except ValueError as exc:
         print(f"attnlab check: error: --kernels: {str(exc).partition(': ')[2]}", file=sys.stderr)
         return 2
-    results = check(device, getattr(torch, args.dtype), kernels=args.kernels)
+    results = check(device, dtype, kernels=args.kernels)
+    checked = {r.impl for r in results}
+    not_run = {name: why_not(name, device, dtype) for name in args.kernels or () if name not in checked}
+    if args.kernels and not checked:
+        _print_plugin_failures(args.plugin_failures)
+        reasons = "; ".join(f"{name} ({reason})" for name, reason in not_run.items())
+        print(f"attnlab check: error: --kernels: none of the named kernels runs here ({device}, {args.dtype}): "
+              f"{reasons}", file=sys.stderr)
+        return 2
     rows = [("ok" if r.ok else "FAIL", r.impl, r.mode, f"{r.max_error:.2e}", f"{r.bound:.2e}", r.error or r.case)
             for r in results]
     print(table(("result", "kernel", "mode", "error", "bound", "case"), rows, align="numbers"))
     failed = sorted({r.impl for r in results if not r.ok})
     print(f"{sum(r.ok for r in results)} passed, {len(results) - sum(r.ok for r in results)} failed "
           f"({device}, {args.dtype})" + (f": {', '.join(failed)} wrong" if failed else ""))
-    for failure in args.plugin_failures:
-        print(f"FAIL {failure}")
+    for name, reason in not_run.items():
+        print(f"not run: {name}: {reason}")
+    _print_plugin_failures(args.plugin_failures)
     return 1 if failed or args.plugin_failures or not results else 0
+
+
+def _print_plugin_failures(failures) -> None:
+    for failure in failures:
+        print(f"FAIL {failure}")

@@ -16,6 +16,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from attnlab.kernels import implementations
+    from attnlab.kernels.registry import one_line
 
     device = device_or_default(args.device)
     rows = []
@@ -25,7 +26,7 @@ def run(args) -> int:
                      ",".join(str(d).removeprefix("torch.").replace("float", "fp").replace("bfp", "bf")
                               for d in impl.dtypes),
                      impl.head_dims_text, _options(impl), ",".join(impl.devices), _origin(impl.origin),
-                     "available" if status else f"unavailable: {status.reason}"))
+                     "available" if status else f"unavailable: {one_line(status.reason)}"))
     print(table(("name", "modes", "dtypes", "head_dim", "options", "devices", "from", f"on {device}"), rows))
     for failure in args.plugin_failures:
         print(f"not loaded: {failure}")

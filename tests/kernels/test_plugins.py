@@ -127,7 +127,8 @@ def test_a_plugin_named_twice_loads_once(outside, monkeypatch):
     ("head_dims", dict(head_dims="64"), "a range, sizes"),
     ("speed_rank", dict(speed_rank="fast"), "a number"),
     ("memory", dict(memory=3), "AttentionMemory"),
-    ("name", dict(name="naive"), "already registered"),
+    ("name", dict(name="naive"), "in-tree kernel"),
+    ("name", dict(name="auto"), "reserved"),
 ])
 def test_register_kernel_names_the_bad_argument(argument, fields, message):
     call = dict(name="test-bad", prefill=lambda *args: args[0], devices=("cpu",), dtypes=(torch.float32,))
