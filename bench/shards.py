@@ -130,13 +130,14 @@ class Outcome:
     error: str = ""
 
 
-def run_shard(config, kernel_modules=(), env_modules=None) -> dict:
+def run_shard(config, kernel_modules=(), env_modules=None, plugin_timeout_s=None) -> dict:
     """One shard's sweep, as a submitted task runs it (a top-level function, so it pickles).
 
     The task loads the plugins the launching command loaded: ATTNLAB_KERNEL_MODULES set to
     `env_modules` (the launcher's value, unset where None) and `kernel_modules` (its
-    --kernel-module list), both as `task_plugins` gives them. A plugin that fails to load
-    fails the task, named: its kernels would otherwise be recorded as unknown.
+    --kernel-module list), both as `task_plugins` gives them, each within `plugin_timeout_s` (its
+    --plugin-timeout). A plugin that fails to load fails the task, named: its kernels would
+    otherwise be recorded as unknown.
     """
     from attnlab.bench.sweep import run_sweep
     from attnlab.kernels import ENV_VAR, load_plugins
@@ -145,7 +146,7 @@ def run_shard(config, kernel_modules=(), env_modules=None) -> dict:
         os.environ.pop(ENV_VAR, None)
     else:
         os.environ[ENV_VAR] = env_modules
-    failures = load_plugins(list(kernel_modules))
+    failures = load_plugins(list(kernel_modules), timeout_s=plugin_timeout_s)
     if failures:
         raise ValueError(f"kernel-module: {len(failures)} plugin(s) did not load in this task: "
                          + "; ".join(map(str, failures)))
@@ -178,7 +179,7 @@ def _absolute(name: str) -> str:
 
 
 def submit(config, shards: int, executor: str, *, partition: str | None = None, timeout_min: int = 60,
-           folder=None, kernel_modules=(), environ=None) -> list[Outcome]:
+           folder=None, kernel_modules=(), environ=None, plugin_timeout_s=None) -> list[Outcome]:
     """Run `shards` shards of the sweep `config` describes through submitit: a SLURM job array
     (`executor` "slurm"), or processes on this machine ("local"); wait for them all. Each task
     writes its shard's file beside config.out and loads the plugins this process loaded
@@ -194,7 +195,8 @@ def submit(config, shards: int, executor: str, *, partition: str | None = None, 
     plans = [dataclasses.replace(config, shard=Shard(i, shards), out=Shard(i, shards).path(out), free_memory=None,
                                  device="cuda" if gpus else config.device) for i in range(shards)]
     modules, env_modules = task_plugins(kernel_modules, environ)
-    jobs = runner.map_array(run_shard, plans, [modules] * shards, [env_modules] * shards)
+    jobs = runner.map_array(run_shard, plans, [modules] * shards, [env_modules] * shards,
+                            [plugin_timeout_s] * shards)
     return [_outcome(job, plan) for job, plan in zip(jobs, plans)]
 
 

@@ -125,7 +125,7 @@ def _spread(args):
     return launch, ignored
 
 
-FAILED_STATUSES = ("error",)
+FAILED_STATUSES = ("wrong", "error")
 
 
 def run(args) -> int:
@@ -172,7 +172,8 @@ def _submit(args, config) -> int:
     from attnlab.bench.shards import submit
 
     outcomes = submit(config, args.shards, args.executor, partition=args.slurm_partition,
-                      timeout_min=args.slurm_timeout_min, kernel_modules=args.kernel_module)
+                      timeout_min=args.slurm_timeout_min, kernel_modules=args.kernel_module,
+                      plugin_timeout_s=args.plugin_timeout)
     rows = [(str(o.shard), o.job_id, o.run_id or "-", ", ".join(f"{n} {s}" for s, n in sorted(o.counts.items()))
              or o.error, o.out) for o in outcomes]
     print(table(("shard", "job", "run", "records", "file"), rows))

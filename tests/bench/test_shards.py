@@ -180,13 +180,14 @@ def test_tasks_get_the_launchers_plugins_as_absolute_paths(tmp_path, monkeypatch
     monkeypatch.setattr(shards, "_submitit", lambda: type("submitit", (), {"AutoExecutor": _Executor}))
     config = SweepConfig(workload=preset("cpu-small"), device="cpu", out=tmp_path / "sweep.jsonl")
     outcomes = shards.submit(config, 2, "slurm", kernel_modules=["mine.py", "plugins/more", "my_pkg.kernels"],
-                             environ={ENV_VAR: f"env.py{os.pathsep}my_pkg.other"})
-    for _, modules, env_modules in _Executor.calls:
+                             environ={ENV_VAR: f"env.py{os.pathsep}my_pkg.other"}, plugin_timeout_s=5.0)
+    for _, modules, env_modules, timeout_s in _Executor.calls:
+        assert timeout_s == 5.0
         assert modules == [str(tmp_path / "mine.py"), str(tmp_path / "plugins" / "more"), "my_pkg.kernels"]
         assert env_modules == f"{tmp_path / 'env.py'}{os.pathsep}my_pkg.other"
     assert [o.error for o in outcomes] == ["", "ValueError: kernel-module: no"]
     shards.submit(config, 1, "local", environ={})
-    assert _Executor.calls[0][1:] == ([], None)        # none set: none in the task either
+    assert _Executor.calls[0][1:] == ([], None, None)     # none set: none in the task either
 
 
 def test_a_plugin_that_fails_in_a_task_fails_the_task_naming_it(tmp_path, monkeypatch):
