@@ -16,8 +16,11 @@ records: the one standing for each point, or with `all_runs` every valid one, a 
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import textwrap
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +28,9 @@ import numpy as np
 
 from attnlab import text as fmt
 from attnlab.analysis import _deps
-from attnlab.analysis.select import POINT_KEY
+from attnlab.analysis.claim import E2E_SETTINGS
 from attnlab.analysis.roofline import match_gpu
+from attnlab.analysis.select import POINT_KEY, SAME_POINT, WHOLE_NUMBER_FIELDS, describe, point_labels
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 FIGSIZE = (9.0, 5.4)
@@ -42,18 +46,12 @@ KERNEL_STYLE = {
 }
 RATE_LABELS = {"tflops": ("Prefill compute rate", "TFLOP/s"), "gbps": ("Decode memory bandwidth", "GB/s")}
 OTHER_COLORS = ("#e377c2", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
-# What may tell apart records of one kernel at one length, in the order a series label names it.
-LABEL_FIELDS = ("workload", "mode", "device", "dtype", "batch", "heads", "kv_heads", "head_dim", "causal", "q_len",
-                "run_id")
 # What a drawn row keeps of its record: the run and the point it measured.
-RECORD_COLUMNS = ("run_id", "kernel", "device", "dtype", "mode", "workload", "batch", "heads", "kv_heads", "head_dim",
-                  "causal", "seq_len", "q_len")
+RECORD_COLUMNS = ("run_id", *POINT_KEY)
 # The CSV beside each chart; a chart may add columns after these (p10_ms, baseline_ms, ...).
-CSV_COLUMNS = ("chart", "series", "kernel", "seq_len", "y", "y_unit", "y_from", "run_id", "device", "dtype", "mode",
-               "workload", "batch", "heads", "kv_heads", "head_dim", "causal", "q_len", "note")
-WHOLE_NUMBER_COLUMNS = ("seq_len", "batch", "heads", "kv_heads", "head_dim", "q_len")
-# A speedup divides times of the same point: every field of the point but the kernel.
-SAME_POINT = tuple(f for f in POINT_KEY if f != "kernel")
+CSV_COLUMNS = ("chart", "series", "kernel", "seq_len", "y", "y_unit", "y_from", "run_id",
+               *(f for f in POINT_KEY if f not in ("kernel", "seq_len")), "note")
+WHOLE_NUMBER_COLUMNS = ("seq_len", *WHOLE_NUMBER_FIELDS)
 
 
 @dataclass
@@ -84,8 +82,8 @@ def _figure(title: str, caption: str, ncols: int = 1, legend_outside: bool = Tru
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85):
         fig = Figure(figsize=(FIGSIZE[0] * (1 if ncols == 1 else 1.25), FIGSIZE[1]), dpi=DPI)
         axes = fig.subplots(1, ncols, squeeze=False)[0]
-    fig.suptitle(title, fontsize=12, fontweight="bold", x=0.01, ha="left")
-    fig.text(0.01, 0.015, "\n".join(textwrap.wrap(caption, 130)), fontsize=7.5, color="#333333",
+    fig.suptitle(_literal(title), fontsize=12, fontweight="bold", x=0.01, ha="left")
+    fig.text(0.01, 0.015, "\n".join(textwrap.wrap(_literal(caption), 130)), fontsize=7.5, color="#333333",
              va="bottom", ha="left", gid="caption")
     right = 0.97 if not legend_outside else 0.76 if ncols == 1 else 0.82
     fig.subplots_adjust(left=0.09, right=right, top=0.9, bottom=0.25, wspace=0.28)
@@ -116,7 +114,14 @@ def _spaced(ticks: list, min_octaves: float = 0.25) -> list:
 
 
 def caption_of(fig) -> str:
-    return next((t.get_text().replace("\n", " ") for t in fig.texts if t.get_gid() == "caption"), "")
+    return next((t.get_text().replace("\n", " ").replace(r"\$", "$") for t in fig.texts if t.get_gid() == "caption"),
+                "")
+
+
+def _literal(text) -> str:
+    """Text from records as a chart draws it, literally: each '$' escaped, so that a kernel named
+    'a$b$' is not read as mathtext (which fails on symbols it does not know)."""
+    return str(text).replace("$", r"\$")
 
 
 def _plain_numbers(axis) -> None:
@@ -131,7 +136,7 @@ def _legend_outside(ax) -> None:
     """The legend right of the axes; long labels (a run's id) wrap to fit the margin."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        ax.legend(handles, [textwrap.fill(label, 24) for label in labels], loc="upper left",
+        ax.legend(handles, [textwrap.fill(_literal(label), 24) for label in labels], loc="upper left",
                   bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
 
 
@@ -180,30 +185,7 @@ def caption_for(rows, extra: str = "") -> str:
 
 # --- series and the rows a chart draws ---------------------------------------------------------
 
-def series_labels(records, base, by_run: bool = False) -> tuple:
-    """(labels, fields): `base` (a Series beside `records`, e.g. the kernel) followed by every
-    field of LABEL_FIELDS that tells apart records sharing a base and a length, and the run
-    where `by_run`. Two records then share a label and a length only if they are the same
-    point of the same run, which the drawn rows refuse."""
-    at_length = records.groupby([base.rename("_base"), records["seq_len"]], dropna=False)
-    fields = [f for f in LABEL_FIELDS if f in records
-              and ((by_run and f == "run_id") or bool((at_length[f].nunique(dropna=False) > 1).any()))]
-    labels = base.astype(str)
-    for name in fields:
-        labels = labels + ", " + records[name].map(lambda value, name=name: _describe(name, value))
-    return labels, fields
-
-
-def _describe(name: str, value) -> str:
-    if fmt.missing(value):
-        return f"{name} ?"
-    if name == "run_id":
-        return f"run {value}"
-    if name == "causal":
-        return "causal" if bool(value) else "non-causal"
-    if name in ("batch", "heads", "kv_heads", "head_dim", "q_len"):
-        return f"{name.replace('_', ' ')} {int(value)}"
-    return str(value)
+series_labels = point_labels     # a series is its kernel and what tells its records apart (select)
 
 
 def _series(records, by_run, palette, markers) -> tuple:
@@ -294,7 +276,7 @@ def _horizontal_lines(ax, lines, x0, text, apart: float = 0.04) -> None:
         if any(abs(row["y"] / y - 1) < apart for y in labelled):
             continue
         labelled.append(row["y"])
-        ax.annotate(text(row), (x0, row["y"]), textcoords="offset points", xytext=(2, 3), fontsize=7,
+        ax.annotate(_literal(text(row)), (x0, row["y"]), textcoords="offset points", xytext=(2, 3), fontsize=7,
                     color="#333333")
 
 
@@ -332,28 +314,34 @@ FIT_FORMULAS = {"linear": "fitted a + b*n", "quadratic": "fitted a + b*n + c*n^2
 
 def _fit_points(ok, fits, fields):
     """The fitted curves of the records drawn, at 64 whole lengths across each fit's range; a
-    curve is named as its records' series are, but for the run (a fit may span runs)."""
+    curve is named as its records' series are, but for the run (a fit may span runs), and by the
+    options that tell it from the kernel's other curves drawn (which may share no length)."""
+    from attnlab.analysis.fits import fit_labels
+
+    drawn = [(fit, fitted) for fit in fits if len(fitted := _fitted_records(ok, fit))]
+    _, apart = fit_labels([fit for fit, _ in drawn])
     curves = []
-    for fit in fits:
-        fitted = _fitted_records(ok, fit)
-        if len(fitted):
-            first = fitted.iloc[0]
-            name = ", ".join([f"fit {fit.kernel}", *(_describe(f, first[f]) for f in fields if f != "run_id")])
-            n = np.unique(np.geomspace(min(fit.seq_lens), max(fit.seq_lens), 64).round())
-            where = first[["kernel", "device", "dtype", "mode", "workload"]].to_dict()
-            curves.append(_line_points(name, n, fit.predict_ms(n), "ms", **where,
-                                       note=FIT_FORMULAS[getattr(fit, "model", "quadratic")]))
+    for fit, fitted in drawn:
+        first = fitted.iloc[0]
+        named = [f for f in fields if f != "run_id"] + [f for f in apart if f not in fields]
+        name = ", ".join([f"fit {fit.kernel}", *(describe(f, first.get(f)) for f in named)])
+        n = np.unique(np.geomspace(min(fit.seq_lens), max(fit.seq_lens), 64).round())
+        where = first[["kernel", "device", "dtype", "mode", "workload"]].to_dict()
+        curves.append(_line_points(name, n, fit.predict_ms(n), "ms", **where,
+                                   note=FIT_FORMULAS[getattr(fit, "model", "quadratic")]))
     pd = _pd()
     return pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["series", "seq_len", "note"])
 
 
 def _fitted_records(ok, fit):
     """The records of `ok` a fit describes: same kernel, mode, workload, device and dtype, and
-    the same shape where the fit records one."""
+    the same shape and options (q_len, window, ...) where the fit records them."""
     wanted = {"kernel": fit.kernel, "mode": fit.mode, "workload": fit.workload, "device": fit.device,
               "dtype": fit.dtype, **(getattr(fit, "shape", None) or {})}
     hit = np.ones(len(ok), dtype=bool)
     for column, value in wanted.items():
+        if column not in ok:     # a table built by hand, without the newer point fields
+            continue
         target = _plain(value)
         hit &= ok[column].map(lambda v, target=target: _plain(v) == target).to_numpy(dtype=bool)
     return ok[hit]
@@ -453,7 +441,7 @@ def rate_bars(rows, roof, quantity: str, palette=None, markers=None, *, by_run: 
         ok, _joined(f"one context length ({length}); dashed lines: peak {_peak_text(peaks, label[1])}", runs_note)),
         legend_outside=False)
     colors = [look(row)[0] for _, row in points.iterrows()]
-    bars = ax.bar(points["series"], points["y"], color=colors)
+    bars = ax.bar(points["series"].map(_literal), points["y"], color=colors)
     ax.bar_label(bars, labels=[f"{y:,.0f}" for y in points["y"]], fontsize=8, padding=2)
     _horizontal_lines(ax, peaks, -0.45, lambda r: f"peak {r['y']:,.0f} {label[1]} ({r['note'].split(':')[0]})")
     ax.set_ylim(0, max([points["y"].max()] + list(peaks["y"])) * 1.15)
@@ -490,14 +478,15 @@ def speedup_chart(rows, baseline: str, palette=None, markers=None, chosen_automa
     ax.axhline(1.0, color=GREY, ls="--", lw=1)
     _context_axis(ax, ok["seq_len"])
     _plain_numbers(ax.yaxis)
-    ax.set_ylabel(f"speedup over {baseline} (x)")
+    ax.set_ylabel(_literal(f"speedup over {baseline} (x)"))
     _legend_outside(ax)
     return _attach(fig, drawn)
 
 
 def _with_baseline(ok, baseline: str, same_run: bool):
-    """`ok` with the baseline's median_ms and run_id of the same point beside each record."""
-    keys = [*SAME_POINT, *(["run_id"] if same_run else [])]
+    """`ok` with the baseline's median_ms and run_id of the same point (SAME_POINT) beside each
+    record."""
+    keys = [*(f for f in SAME_POINT if f in ok), *(["run_id"] if same_run else [])]
     base = ok[ok["kernel"] == baseline]
     _refuse_stacked(base, keys, f"baseline {baseline}")
     point = ok[keys].map(str).agg("\x1f".join, axis=1) if len(ok) else ok["run_id"]
@@ -670,7 +659,8 @@ def _plot_what_ifs(ax, lines) -> None:
 
 def _claim_measured_points(measured: list):
     """End-to-end points as the claim document lists them: y is tok_s, run_id the item's."""
-    items = _pd().DataFrame(measured, columns=["seq_len", "tok_s", "batch", "mode", "kernel", "device", "run_id"])
+    items = _pd().DataFrame(measured, columns=["seq_len", "tok_s", "batch", "mode", "kernel", "device", "run_id",
+                                               *E2E_SETTINGS])
     base = "measured " + items["mode"].astype(str) + ", " + items["kernel"].astype(str)
     labels, _ = series_labels(items, base)
     return _record_points(items, labels, "tok_s", "tok/s")
@@ -709,7 +699,11 @@ def save(fig, path_stem, formats=("png", "svg")) -> dict:
     files = {}
     for kind in formats:
         path = stem.parent / f"{stem.name}.{kind}"
-        fig.savefig(path, format=kind, dpi=DPI)
+        if kind == "svg":
+            path.write_text(svg_text(fig), encoding="utf-8")
+        else:
+            with _missing_glyphs_unsaid():
+                fig.savefig(path, format=kind, dpi=DPI)
         files[kind] = path
     drawn = getattr(fig, "drawn", None)
     if drawn is not None:
@@ -719,12 +713,32 @@ def save(fig, path_stem, formats=("png", "svg")) -> dict:
     return files
 
 
+def svg_text(fig, **options) -> str:
+    """The figure as an SVG document that is valid XML whatever text the records gave its labels
+    (a NUL in a kernel's name is replaced; matplotlib writes it as it is)."""
+    buffer = io.StringIO()
+    with _missing_glyphs_unsaid():
+        fig.savefig(buffer, format="svg", dpi=DPI, **options)
+    return fmt.xml_safe(buffer.getvalue())
+
+
+@contextmanager
+def _missing_glyphs_unsaid():
+    """No warning of characters the font lacks: a record's text may hold any, and the chart
+    shows each as a box, which says as much."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+        yield
+
+
 def _whole_numbers(frame):
-    """Lengths and shape fields as integers (4096, not 4096.0), where they are whole."""
+    """Lengths and shape fields as integers (4096, not 4096.0), where they are whole (and fit
+    an integer column: a file may hold 1e30)."""
     pd = _pd()
     for column in (c for c in WHOLE_NUMBER_COLUMNS if c in frame):
         values = pd.to_numeric(frame[column], errors="coerce")
-        if values.dropna().mod(1).eq(0).all():
+        present = values.dropna()
+        if present.mod(1).eq(0).all() and present.abs().lt(2**63).all():
             frame[column] = values.round().astype("Int64")
     return frame
 

@@ -42,6 +42,8 @@ STREAMING = AttentionMemory()                     # a decode kernel that reads K
 WHAT_IF_FORMS = ("kv-fp8, window-W, cartridge-C or weights (W and C positive token counts, k for x1024: "
                  "window-4096, window-4k, cartridge-2k)")
 _SIZED_WHAT_IF = re.compile(r"(window|cartridge)-([1-9][0-9]*)(k?)")
+# What an end-to-end point was measured with besides its model and context (point fields too).
+E2E_SETTINGS = ("decode_tokens", "prefill_kernel")
 
 
 def model_config(model) -> ModelConfig:
@@ -480,7 +482,8 @@ def measured_points(results, serving: ServingModel) -> tuple[list, list]:
             points.append({"seq_len": int(row["seq_len"]), "batch": _int_or_none(batch), "tok_s": float(tok_s),
                            "step_ms": float(step_ms) if step_ms > 0 else None, "mode": row["mode"],
                            "kernel": row["kernel"], "device": row["device"], "run_id": row["run_id"],
-                           "cuda_graph": _flag(row.get("cuda_graph"))})
+                           "cuda_graph": _flag(row.get("cuda_graph")),
+                           **{name: _setting(row.get(name)) for name in E2E_SETTINGS}})
     notes = [f"left out {count} end-to-end record(s): {why}" for why, count in left_out.items()]
     return sorted(points, key=lambda p: (p["mode"], p["kernel"], p["seq_len"])), notes
 
@@ -489,22 +492,31 @@ def _flag(value):
     return None if fmt.missing(value) else bool(value)
 
 
+def _setting(value):
+    """An end-to-end setting as JSON holds it: a whole number as an integer, missing as None."""
+    if fmt.missing(value):
+        return None
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _int_or_none(value):
     return int(value) if value == value and value is not None else None
 
 
 def measured_ratios(points) -> list:
-    """Short over long tokens/s per (mode, kernel), between its shortest and longest context."""
+    """Short over long tokens/s per (mode, kernel, settings), between its shortest and longest
+    context: points measured with other settings (tokens decoded, prefill kernel) are not one
+    curve."""
     groups = {}
     for p in points:
-        groups.setdefault((p["mode"], p["kernel"]), []).append(p)
+        groups.setdefault((p["mode"], p["kernel"], *(str(p.get(s)) for s in E2E_SETTINGS)), []).append(p)
     out = []
-    for (mode, kernel), group in sorted(groups.items()):
+    for key, group in sorted(groups.items()):
         first, last = min(group, key=lambda p: p["seq_len"]), max(group, key=lambda p: p["seq_len"])
         if last["seq_len"] > first["seq_len"]:
-            out.append({"mode": mode, "kernel": kernel, "short_ctx": first["seq_len"], "long_ctx": last["seq_len"],
-                        "short_batch": first["batch"], "long_batch": last["batch"],
-                        "ratio": first["tok_s"] / last["tok_s"]})
+            out.append({"mode": first["mode"], "kernel": first["kernel"], "short_ctx": first["seq_len"],
+                        "long_ctx": last["seq_len"], "short_batch": first["batch"], "long_batch": last["batch"],
+                        "ratio": first["tok_s"] / last["tok_s"], **{s: first.get(s) for s in E2E_SETTINGS}})
     return out
 
 

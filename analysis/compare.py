@@ -7,8 +7,9 @@ Calibration records are left out: they measure the GPU (its matmul and copy rate
 code under test, and a GPU that changed shows in the environment difference. Where a side
 holds several runs, the record that stands for each point (see `select`) is used, or the
 records of the run named by `run_id_base` / `run_id_new`. Points match on the point key of
-`select` (device, kernel, mode, workload, dtype, batch, heads, kv_heads, head_dim, causal,
-seq_len and q_len); a point one side lacks is `only-base` or `only-new`.
+`select` (device, kernel, mode, workload, dtype, shape, seq_len, q_len and the options a record
+was measured with: window, softcap, docs, l2_flush, ...; `attnlab.schema.POINT_FIELDS`); a point
+one side lacks is `only-base` or `only-new`.
 
 For each matched point:
 - base_ms, new_ms: the medians of the raw repetitions; ratio = new_ms / base_ms (above 1: slower);
@@ -32,7 +33,6 @@ the reader can see how far it reaches.
 from __future__ import annotations
 
 import html
-import io
 import json
 import math
 import zlib
@@ -64,10 +64,10 @@ ENVIRONMENT_FIELDS = (
     "persistence_mode", "throttle_reasons", "torch", "triton", "flash_attn", "cudnn", "attnlab", "python",
     "git_commit", "git_dirty", "host", "cpu", "synthetic",
 )
-# Numeric fields in the order points are listed: by shape, then length (e2e batches follow the length).
-ORDER_FIELDS = ("heads", "kv_heads", "head_dim", "seq_len", "batch", "q_len")
-# What the loader says of a file it could not parse: a comparison refuses such input rather than miss points.
-MALFORMED_MARKS = ("not JSON", "not valid JSON")
+# Numeric fields in the order points are listed: by shape, then length (e2e batches follow the length),
+# then the options.
+ORDER_FIELDS = ("heads", "kv_heads", "head_dim", "seq_len", "batch", "q_len", "window", "softcap", "docs",
+                "decode_tokens")
 CHART_NAME = "ratio"
 MODE_LINES = {"prefill": "-", "decode": "--", "e2e-decode": ":", "e2e-prefill-decode": "-."}
 RATIO_TICKS = (0.25, 0.33, 0.5, 0.67, 0.8, 0.9, 0.95, 1, 1.05, 1.1, 1.25, 1.5, 2, 3, 4)
@@ -129,7 +129,13 @@ def _side_summary(side: Side) -> dict:
 # --- arguments -------------------------------------------------------------------------------
 
 def parse_threshold(text) -> float:
-    """A practical threshold from '5%' or '0.05' (a fraction below 1; larger ones as a percentage)."""
+    """A practical threshold as a fraction, from a percentage of any size ('5%', '0.05%',
+    '500%') or a bare fraction below 1 ('0.05'); a bare 5 could mean 5% or 500%, so it is
+    refused. A number (not text) is taken as the fraction itself."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if math.isfinite(text) and text >= 0:
+            return float(text)
+        raise ValueError(f"threshold: expected a fraction of 0 or more such as 0.05, got {text!r}")
     raw = str(text).strip()
     percent = raw.endswith("%")
     try:
@@ -137,8 +143,8 @@ def parse_threshold(text) -> float:
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value >= 0 and (percent or value < 1)):
-        raise ValueError(f"threshold: expected a fraction from 0 to below 1 such as 0.05, or a percentage such as "
-                         f"5%, got {text!r}")
+        raise ValueError(f"threshold: expected a percentage of 0% or more such as 5% or 0.5%, or a fraction from 0 "
+                         f"to below 1 such as 0.05, got {text!r}")
     return value
 
 
@@ -180,13 +186,13 @@ def _measured(side: Side) -> str:
 
 def read_side(name: str, paths, run_id=None) -> Side:
     """The records one side compares: ok, with raw times, in a compared mode, one per point."""
-    from attnlab.analysis.load import load
+    from attnlab.analysis.load import Malformed, load
 
     try:
         loaded = load(paths)
     except (FileNotFoundError, ValueError) as exc:
         raise ValueError(f"{name}: {_without_name(str(exc))}") from None
-    malformed = [w for w in loaded.warnings if any(mark in w for mark in MALFORMED_MARKS)]
+    malformed = [w for w in loaded.warnings if isinstance(w, Malformed)]
     if malformed:
         raise ValueError(f"{name}: a malformed file: {malformed[0]}")
     results = loaded.results.assign(_key=joined_key(loaded.results, POINT_KEY) if len(loaded.results) else [])
@@ -251,12 +257,13 @@ def _ordered_keys(base: Side, new: Side) -> list:
     def order(key):
         row = rows[key]
         return (mode_rank.get(row["mode"], len(mode_rank)), row["workload"], row["kernel"], row["device"],
-                row["dtype"], str(row["causal"]), *(_number_or_zero(row[f]) for f in ORDER_FIELDS))
+                row["dtype"], str(row["causal"]), *(_number_or_zero(row[f]) for f in ORDER_FIELDS),
+                str(row["l2_flush"]), str(row["prefill_kernel"]))
     return sorted(rows, key=order)
 
 
 def _number_or_zero(value) -> float:
-    return 0.0 if fmt.missing(value) else float(value)
+    return 0.0 if fmt.missing(value) or not isinstance(value, (int, float)) else float(value)
 
 
 # --- one point -------------------------------------------------------------------------------
@@ -295,11 +302,17 @@ def _row(side: Side, key: str):
 
 
 def _point_fields(row) -> dict:
-    fields = {name: row[name] for name in ("kernel", "mode", "workload", "device", "dtype")}
-    for name in ("seq_len", "q_len", "batch", "heads", "kv_heads", "head_dim"):
-        fields[name] = None if fmt.missing(row[name]) else int(row[name])
-    causal = row["causal"]
-    fields["causal"] = None if fmt.missing(causal) else bool(causal)
+    """The point key of a record as plain JSON values: whole numbers as integers, missing as None."""
+    fields = {}
+    for name in POINT_KEY:
+        value = row[name]
+        if fmt.missing(value):
+            value = None
+        elif name == "causal" and str(value) in ("True", "False"):
+            value = str(value) == "True"
+        elif isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_)):
+            value = int(value) if float(value).is_integer() else float(value)
+        fields[name] = value
     return fields
 
 
@@ -403,7 +416,7 @@ def _plain_value(name: str, value):
 
 POINT_HEADERS = ("kernel", "mode", "length")
 # Fields given a column only where the points differ in them, so the common case stays compact.
-VARYING_FIELDS = ("workload", "device", "dtype", "batch", "heads", "kv_heads", "head_dim", "causal", "q_len")
+VARYING_FIELDS = tuple(f for f in POINT_KEY if f not in ("kernel", "mode", "seq_len"))
 
 
 def environment_rows(comparison: Comparison) -> tuple:
@@ -442,8 +455,8 @@ def point_rows(comparison: Comparison, points=None, *, with_mode: bool = True) -
 
 
 def shown_fields(points: list) -> list:
-    """The fields of VARYING_FIELDS the points differ in; q_len only where it alone tells two
-    points apart (a prefill's grows with its length, a decode's is 1)."""
+    """The fields of VARYING_FIELDS the points differ in; q_len only where it tells two points
+    apart that the others do not (a prefill's grows with its length, a decode's is 1)."""
     varying = [f for f in VARYING_FIELDS if len({str(p[f]) for p in points}) > 1]
     if "q_len" not in varying:
         return varying
@@ -477,7 +490,7 @@ def counts_text(comparison: Comparison) -> str:
 
 
 def method_text(comparison: Comparison) -> str:
-    return (f"Threshold {comparison.threshold:.1%}, alpha {comparison.alpha:g}; test: {TEST}; interval: "
+    return (f"Threshold {fmt.percent(comparison.threshold)}, alpha {comparison.alpha:g}; test: {TEST}; interval: "
             f"{LEVEL:.0%} {INTERVAL}, {comparison.draws} draws, seed {comparison.seed}. Rule: {RULE}.")
 
 
@@ -525,14 +538,14 @@ def html_page(comparison: Comparison) -> tuple:
     caption = html.escape(_caption_text(fig))
     figure = f"<h2>Ratio against context</h2>\n<figure>{svg}<figcaption>{caption}</figcaption></figure>\n"
     page, end, rest = render_html(sections(comparison)).rpartition("</body></html>")
-    return page + figure + end + rest, fig.drawn
+    return fmt.xml_safe(page + figure + end + rest), fig.drawn
 
 
 def _inline_svg(fig) -> str:
     """The figure as an <svg> element: no XML prolog, no timestamp, so one comparison gives one page."""
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", metadata={"Date": None})
-    text = buffer.getvalue()
+    from attnlab.analysis.charts import svg_text
+
+    text = svg_text(fig, metadata={"Date": None})
     return text[text.index("<svg"):].replace("<svg ", '<svg style="max-width:100%;height:auto" ', 1)
 
 
@@ -572,11 +585,12 @@ def ratio_chart(comparison: Comparison):
     drawn = drawn_rows(comparison)
     band = (1 / (1 + comparison.threshold), 1 + comparison.threshold)
     extra = (f"bars: {LEVEL:.0%} bootstrap intervals ({comparison.draws} draws); band: threshold "
-             f"{comparison.threshold:.1%}; hollow: p >= {comparison.alpha:g} ({TEST})")
+             f"{fmt.percent(comparison.threshold)}; hollow: p >= {comparison.alpha:g} ({TEST})")
     fig, axes = charts._figure("Time of NEW over BASE against context (above 1: slower)",
                                charts.caption_for(drawn, extra))
     ax = axes[0]
-    ax.axhspan(*band, color="#dddddd", alpha=0.6, lw=0, label=f"threshold {comparison.threshold:.1%}, either way")
+    ax.axhspan(*band, color="#dddddd", alpha=0.6, lw=0,
+               label=f"threshold {fmt.percent(comparison.threshold)}, either way")
     ax.axhline(1.0, color=charts.GREY, lw=1)
     palette, markers = charts.palette_for(drawn["kernel"]), charts.kernel_markers(drawn["kernel"])
     for label, series in drawn.sort_values("seq_len").groupby("series", sort=True):
@@ -621,23 +635,12 @@ def drawn_rows(comparison: Comparison):
     matched = [p for p in comparison.points if p["ratio"] is not None and p["seq_len"] is not None]
     frame = pd.DataFrame.from_records(matched, columns=list(comparison.points[0]) if comparison.points else None)
     frame = frame.assign(run_id=frame["base_run_id"].astype(str) + " vs " + frame["new_run_id"].astype(str))
-    labels = _series_labels(frame)
+    labels, _ = charts.series_labels(frame, frame["kernel"])
     ci = frame["ci"].tolist()
     return frame.assign(series=labels, y=frame["ratio"], y_unit="ratio", y_from="new_ms / base_ms",
                         ci_lo=[c[0] for c in ci], ci_hi=[c[1] for c in ci]).reindex(
         columns=[*charts.CSV_COLUMNS[1:], "ci_lo", "ci_hi", "p_value", "verdict", "base_ms", "new_ms", "base_run_id",
                  "new_run_id"])
-
-
-def _series_labels(frame):
-    """A series per kernel and whatever else tells its points apart at one length (the mode,
-    the workload...); q_len only where needed, as a prefill's grows with its length."""
-    from attnlab.analysis import charts
-
-    labels, _ = charts.series_labels(frame.drop(columns="q_len"), frame["kernel"])
-    if labels.to_frame().assign(seq_len=frame["seq_len"]).duplicated().any():
-        labels, _ = charts.series_labels(frame, frame["kernel"])
-    return labels
 
 
 def _write_drawn(drawn, path: Path) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 from attnlab import text as fmt
 from attnlab.analysis import _deps
 from attnlab.analysis.roofline import match_gpu
-from attnlab.analysis.select import joined_key, recorded_memory, with_selection
+from attnlab.analysis.select import POINT_KEY, joined_key, point_labels, recorded_memory, with_selection
 
 FIT_MODES = ("prefill", "decode")
 MODELS = {"linear": 2, "quadratic": 3}                     # name -> number of coefficients
@@ -39,7 +39,8 @@ WHY_MODEL = {"decode": "decode reads the KV cache once per call: linear in conte
              "prefill": "prefill does n^2 work besides fixed and linear costs: quadratic in context"}
 STRONG_EVIDENCE = 10.0     # an AICc difference beyond which the data clearly favour one model
 GROUP_KEYS = ("kernel", "mode", "workload", "device")
-SHAPE_KEYS = ("dtype", "batch", "heads", "kv_heads", "head_dim", "causal")
+# The rest of the point key: a curve's records share it and differ in length alone.
+SHAPE_KEYS = tuple(f for f in POINT_KEY if f not in (*GROUP_KEYS, "seq_len"))
 EXTRAPOLATE_SEQ_LENS = {"256k": 262_144, "1m": 1_048_576}
 MIN_LENGTHS = 3            # three lengths at least, so a model is tested, not just drawn through
 MIN_REPS_FOR_BOOTSTRAP = 3
@@ -80,6 +81,7 @@ class Fit:
     aicc: dict = field(default_factory=dict)
     points: list = field(default_factory=list)
     shape: dict = field(default_factory=dict)
+    curve: str = ""          # the key its records share (`_curve_keys`), to tell which records it used
 
     def predict_ms(self, seq_len):
         n = np.asarray(seq_len, dtype=float)
@@ -300,8 +302,9 @@ def fit_all(results, *, environments=None, modes=FIT_MODES, n_boot: int = 2000, 
                                                 f"a fit needs at least {MIN_LENGTHS}"})
             continue
         everything = in_modes[in_modes["_curve"] == curve]
-        fits.append(_fit_curve_rows(rows, ok[ok["_curve"] == curve], everything, labels, environments,
-                                    n_boot, seed))
+        fit = _fit_curve_rows(rows, ok[ok["_curve"] == curve], everything, labels, environments, n_boot, seed)
+        fit.curve = curve
+        fits.append(fit)
     return fits, skipped
 
 
@@ -321,7 +324,8 @@ def _fit_curve_rows(standing, ok, everything, labels, environments, n_boot, seed
               for (_, r), (lo, hi), extra in zip(rows.iterrows(), intervals, other_runs)]
     evidence = {name: aicc(lengths, medians, name) for name in MODELS}
     first = rows.iloc[0]
-    shape = {k: _plain(first[k]) for k in SHAPE_KEYS}
+    lengthwise = first.get("q_len") == first["seq_len"]     # a prefill's q_len is its length: no curve has one
+    shape = {k: _plain(first.get(k)) for k in SHAPE_KEYS if not (k == "q_len" and lengthwise)}
     return Fit(**labels, **numbers, model=model, model_reason=_model_reason(labels["mode"], model, evidence, window),
                aicc=evidence, points=points, shape=shape)
 
@@ -357,8 +361,8 @@ def _times(row) -> list:
 
 def _curve_keys(rows):
     """One key per curve: the point key without the length (prefill's q_len is the length)."""
-    q = rows["q_len"].where(rows["q_len"] != rows["seq_len"], -1)
-    return joined_key(rows.assign(_q=q), (*GROUP_KEYS, *SHAPE_KEYS, "_q"))
+    q_len = rows.reindex(columns=["q_len"])["q_len"]
+    return joined_key(rows.assign(q_len=q_len.where(q_len != rows["seq_len"], -1)), (*GROUP_KEYS, *SHAPE_KEYS))
 
 
 def _plain(value):
@@ -367,6 +371,19 @@ def _plain(value):
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return None if fmt.missing(value) else value
+
+
+def fit_labels(fits) -> tuple[list, list]:
+    """(labels, fields): each fit's kernel and the options that tell its curve from the kernel's
+    others of the same mode, workload, device and dtype ('naive, q len 4'), and which fields
+    those are."""
+    if not fits:
+        return [], []
+    pd = _deps.pandas("labelling fits")
+    frame = pd.DataFrame([{**f.shape, **{k: getattr(f, k) for k in (*GROUP_KEYS, "dtype")}, "seq_len": 0}
+                          for f in fits])
+    labels, fields = point_labels(frame, frame["kernel"], within=(*GROUP_KEYS[1:], "dtype"))
+    return list(labels), fields
 
 
 def worst_miss(fit: Fit) -> float:
@@ -393,11 +410,11 @@ def left_out(results, fits, modes=FIT_MODES) -> list:
     failed status, a curve with too few lengths). Each: file, line, run_id, kernel, mode,
     workload, seq_len, status and reason."""
     results = with_selection(results)
-    used = {(p["run_id"], f.kernel, f.mode, f.workload, f.device, p["seq_len"]) for f in fits for p in f.points}
+    used = {(f.curve, p["run_id"], p["seq_len"]) for f in fits for p in f.points}
+    curves = _curve_keys(results) if len(results) else []
     out = []
-    for _, row in results.iterrows():
-        key = (row["run_id"], row["kernel"], row["mode"], row["workload"], row["device"],
-               None if fmt.missing(row["seq_len"]) else int(row["seq_len"]))
+    for (_, row), curve in zip(results.iterrows(), curves):
+        key = (curve, row["run_id"], None if fmt.missing(row["seq_len"]) else int(row["seq_len"]))
         reason = row["excluded"]
         if not reason and row["mode"] in modes and key not in used:
             reason = (f"status {row['status']}: {row['reason']}" if row["status"] != "ok"

@@ -7,8 +7,10 @@ data) are read from named folders and from the folder of every named file.
 
 Nothing here raises on odd content: unknown schemas, lines that are not JSON and files that
 are neither format become entries in `Loaded.warnings`; records whose values cannot be a
-measurement are kept, marked invalid with their file and line; a truncated last line (a run
-killed mid-write) is ignored. Missing files and empty input are errors that name the argument.
+measurement are kept, marked invalid with their file and line; an unfinished last line (a run
+killed mid-write) is ignored, with a warning that names it. Missing files, empty input and a
+file written by a newer attnlab (a newer schema of the lines it reads) are errors that name
+the argument or the file and line.
 """
 from __future__ import annotations
 
@@ -22,14 +24,16 @@ from attnlab import text as fmt
 from attnlab.analysis import _deps
 from attnlab.analysis import select
 from attnlab.analysis.select import standing_ok
-from attnlab.schema import ENVIRONMENT_SCHEMA, FIELDS, RESULT_SCHEMA, RETRACTION_SCHEMA, TUNING_SCHEMA
+from attnlab.schema import (COMPARE_SCHEMA, ENVIRONMENT_SCHEMA, FIELDS, POINT_FIELDS, RESULT_SCHEMA,
+                            RETRACTION_SCHEMA, TUNING_SCHEMA, newer_schema, parse_json, parse_json_lines,
+                            point_defaults, version)
 
 RETRACTIONS_FILE = "retractions.jsonl"
 
 NUMERIC_FIELDS = (
     "batch", "heads", "kv_heads", "head_dim", "seq_len", "q_len", "median_ms", "p10_ms", "p90_ms", "flops",
     "bytes", "tflops", "gbps", "tokens_per_s", "peak_mem_bytes", "predicted_mem_bytes", "power_w_mean",
-    "power_w_max", "energy_j", "joules_per_token",
+    "power_w_max", "energy_j", "joules_per_token", "window", "softcap", "docs", "decode_tokens",
 )
 ENVIRONMENT_FIELDS = (
     "run_id", "gpu_name", "gpu_uuid", "driver", "cuda", "torch", "triton", "flash_attn", "power_limit_w",
@@ -38,6 +42,11 @@ ENVIRONMENT_FIELDS = (
 # Missing key values would drop rows from pandas group-bys; these placeholders keep them visible.
 KEY_DEFAULTS = {"kernel": "unknown", "mode": "unknown", "workload": "custom", "dtype": "unknown",
                 "device": "unknown device", "run_id": "unknown run"}
+
+
+class Malformed(str):
+    """A warning that content could not be parsed (a file, or lines before the last): what a
+    comparison refuses rather than miss points."""
 
 
 @dataclass
@@ -76,7 +85,7 @@ def load(paths) -> Loaded:
         environments += got_envs
         warnings += got_warnings
     invalid = [select.invalid_reason(r) for r in records]
-    records = [_text_fields_as_text(r) for r in records]
+    records = [_hashable_point(r) for r in records]
     environments = [_plain_environment(e) for e in environments]
     warnings += _environment_conflicts(environments)
     results = _results_frame(pd, records, environments)
@@ -87,12 +96,18 @@ def load(paths) -> Loaded:
                   retractions=retractions)
 
 
-def _text_fields_as_text(record: dict) -> dict:
-    """The record with its key fields as text whatever the file held (a list for a run_id),
-    so that grouping by them works; `invalid_reason` has already named the record."""
-    odd = {k: json.dumps(record[k], default=str)[:200] for k in select.TEXT_FIELDS
+def _hashable_point(record: dict) -> dict:
+    """The record with the point fields it lacks at their defaults (`point_defaults`), its text
+    fields as text and its point fields as single values whatever the file held (a list for a
+    run_id), so that grouping by them works; `invalid_reason` has already named the record."""
+    odd = {k: _as_text(record[k]) for k in select.TEXT_FIELDS
            if record.get(k) is not None and not isinstance(record[k], str)}
-    return {**record, **odd} if odd else record
+    odd.update({k: _as_text(record[k]) for k in POINT_FIELDS if isinstance(record.get(k), (list, dict))})
+    return {**record, **odd, **point_defaults(record)}
+
+
+def _as_text(value) -> str:
+    return json.dumps(value, default=str)[:200]
 
 
 def _plain_environment(env: dict) -> dict:
@@ -177,65 +192,56 @@ def expand_paths(paths) -> list[Path]:
 
 
 def read_file(path) -> tuple[list, list, list]:
-    """(result records, environment records, warnings) of one file, by its content."""
+    """(result records, environment records, warnings) of one file, by its content; ValueError
+    naming the file and line where it was written by a newer attnlab."""
     path = Path(path)
     text = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix == ".json":
-        document, error = _parse(text)
+        document, error = parse_json(text)
         if error:
-            return [], [], [f"{path}: skipped, not valid JSON ({error})"]
+            return [], [], [Malformed(f"{path}: skipped, not valid JSON ({error})")]
         if isinstance(document, dict) and isinstance(document.get("benchmarks"), list):
             return read_pytest_benchmark(document, path)
         if isinstance(document, dict) and ("fits" in document or "claim" in document):
             return [], [], []   # fits.json or claim.json: this package's own output, not a measurement
-        if isinstance(document, dict) and document.get("schema") == TUNING_SCHEMA:
-            return [], [], []   # attnlab tune's per-tile times: a tuning document, not measurements to fit
+        if isinstance(document, dict) and document.get("schema") in (TUNING_SCHEMA, COMPARE_SCHEMA):
+            return [], [], []   # attnlab tune's per-tile times or compare's verdicts: not measurements to fit
         return [], [], [f"{path}: skipped, a JSON file without a 'benchmarks' list is not pytest-benchmark output"]
     return read_jsonl(text, path)
 
 
-def _parse(text: str):
-    """(object, None), or (None, why) for text that is not JSON, however it fails."""
-    try:
-        return json.loads(text), None
-    except json.JSONDecodeError as exc:
-        return None, f"{exc.msg} at line {exc.lineno}"
-    except (ValueError, RecursionError) as exc:   # numbers too long, arrays nested too deep
-        return None, f"{type(exc).__name__}: {str(exc)[:80]}"
-
-
 def read_jsonl(text: str, path="<text>") -> tuple[list, list, list]:
     """Parse sweep JSON Lines; see the module docstring for what is skipped."""
-    lines = text.splitlines()
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    records, environments, warnings, unknown, not_json = [], [], [], Counter(), []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        obj, error = _parse(line)
-        if error:
-            if i != last:   # a truncated last line is what a killed run leaves; it is not an error
-                not_json.append((i + 1, error))
-            continue
+    found = parse_json_lines(text, path)
+    records, environments, warnings, unknown = [], [], [], Counter()
+    for number, obj in found.values:
+        _refuse_newer(obj, f"{path}:{number}")
         schema = obj.get("schema") if isinstance(obj, dict) else None
-        if schema == RESULT_SCHEMA:
-            records.append(_with_source(obj, path, "sweep", i + 1))
+        if version(schema, of=RESULT_SCHEMA) is not None:
+            records.append(_with_source(obj, path, "sweep", number))
         elif schema == RETRACTION_SCHEMA:
-            retraction, why = select.parse_retraction(obj, f"{path}:{i + 1}")
+            retraction, why = select.parse_retraction(obj, f"{path}:{number}")
             records += [retraction] if retraction else []
             warnings += [why] if why else []
         elif schema == ENVIRONMENT_SCHEMA:
             environments.append(_with_source(obj, path, "sweep"))
         else:
             unknown[repr(schema)[:60]] += 1
-    if not_json:
-        verb = "is" if len(not_json) == 1 else "are"
-        warnings.append(f"{path}:{not_json[0][0]}: skipped {_some_lines(not_json)} that {verb} not JSON "
-                        f"({not_json[0][1]})")
+    if found.bad:
+        verb = "is" if len(found.bad) == 1 else "are"
+        warnings.append(Malformed(f"{path}:{found.bad[0][0]}: skipped {_some_lines(found.bad)} that {verb} not "
+                                  f"JSON ({found.bad[0][1]})"))
+    warnings += [found.partial_warning] if found.partial_warning else []
     for schema, count in unknown.items():
         warnings.append(f"{path}: skipped {count} line(s) with schema {schema}; this reader knows "
                         f"{RESULT_SCHEMA!r} and {ENVIRONMENT_SCHEMA!r}")
     return records, environments, warnings
+
+
+def _refuse_newer(obj, where: str) -> None:
+    why = newer_schema(obj, where)
+    if why:
+        raise ValueError(why)
 
 
 def _some_lines(found: list, shown: int = 5) -> str:
@@ -254,7 +260,8 @@ def read_pytest_benchmark(document: dict, path="<json>") -> tuple[list, list, li
     for bench in document["benchmarks"]:
         bench = _mapping(bench)
         extra, name = _mapping(bench.get("extra_info")), str(bench.get("name", "?"))
-        if extra.get("schema") != RESULT_SCHEMA:
+        _refuse_newer(extra, f"{path}: benchmark {name}")
+        if version(extra.get("schema"), of=RESULT_SCHEMA) is None:
             skipped[repr(extra.get("schema"))[:60]] += 1
             continue
         record = _with_source(dict(extra), path, "pytest-benchmark", f"benchmark {name}")
@@ -331,7 +338,7 @@ def _scaled(seconds):
 
 def _results_frame(pd, records: list, environments: list):
     frame = pd.DataFrame.from_records(records) if records else pd.DataFrame()
-    for column in (*FIELDS, "source", "source_line", "source_format"):
+    for column in (*FIELDS, *POINT_FIELDS, "source", "source_line", "source_format"):
         if column not in frame.columns:
             frame[column] = None
     for column in NUMERIC_FIELDS:

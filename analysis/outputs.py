@@ -7,6 +7,8 @@ wrote, with the command that wrote it. The rules:
 - No output replaces an input: an output folder may not hold (or link to) a file the run reads
   measurements from, nor any file named on the command line; a file output may not be one.
   `--force` does not override this.
+- No output is written through a link (it would land on whatever the link names), nor at a
+  path another output of the same run takes. `--force` does not override this either.
 - `analyze` and `report` own their folder: every file in it must be one the manifest lists,
   else the run stops before writing anything unless forced. Afterwards the manifest lists what
   the run wrote, and the files an earlier `analyze` or `report` listed that this run did not
@@ -64,7 +66,9 @@ class Manifest:
         kept = sorted(rel for rel in self.entries if (self.folder / rel).is_file())
         text = "\n".join([HEADER] + [f"{self.entries[rel]}\t{rel}" for rel in kept]) + "\n"
         temporary = self.folder / f"{MANIFEST}.tmp"
-        temporary.write_text(text, encoding="utf-8")
+        temporary.unlink(missing_ok=True)     # a killed run's, or a link: never written through
+        with open(temporary, "x", encoding="utf-8") as handle:
+            handle.write(text)
         os.replace(temporary, self.folder / MANIFEST)
 
 
@@ -85,19 +89,32 @@ def owned_folder(out, *, flag: str, inputs, command: str, force: bool = False):
         raise OutputError(f"{flag}: expected a folder, got {str(out)!r}, which is a file")
     before = _entries(folder)
     _refuse_inputs(flag, inputs, [folder, *(e for e in before if e.is_symlink())], str(out))
+    _refuse_links(flag, folder, before)
     manifest = Manifest.read(folder)
     if not force:
         _refuse_foreign(flag, folder, manifest, before)
+    existed = folder.exists()
     _make_folder(folder, flag)
     written = []
     try:
         yield written
     except BaseException:
-        _list(manifest, command, set(_entries(folder)) - set(before))   # what a failed run created
-        _write_quietly(manifest)
+        created = set(_entries(folder)) - set(before)
+        if created:
+            _list(manifest, command, created)   # what a failed run created, so that a rerun may replace it
+            _write_quietly(manifest)
+        elif not existed:
+            _remove_empty(folder)    # a run that failed before writing leaves no trace
         raise
     _remove(_replace_listing(manifest, command, written), folder)
     manifest.write()
+
+
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass     # not empty after all, or not ours to remove: it stays
 
 
 def _write_quietly(manifest: Manifest) -> None:
@@ -114,9 +131,18 @@ def _refuse_foreign(flag: str, folder: Path, manifest: Manifest, entries: list) 
                           f"pass --force")
     for entry in entries:
         rel = entry.relative_to(folder).as_posix()
-        if entry.is_symlink() or not manifest.owns(rel):   # attnlab writes no links: one there is not its own
+        if not manifest.owns(rel):
             raise OutputError(f"{flag}: {folder} holds {rel}, which no earlier attnlab run wrote there (it is not "
                               f"in {MANIFEST}); choose another folder, move the file, or pass --force")
+
+
+def _refuse_links(flag: str, folder: Path, entries: list) -> None:
+    """attnlab writes no links, and writes through none: a file written where one is would land
+    on whatever it names, so a folder holding one is refused, whatever --force says."""
+    link = next((entry for entry in entries if entry.is_symlink()), None)
+    if link is not None:
+        raise OutputError(f"{flag}: {folder} holds {link.relative_to(folder).as_posix()}, a link, which attnlab "
+                          f"would write through even with --force; remove the link or choose another folder")
 
 
 def _replace_listing(manifest: Manifest, command: str, written: list) -> list:
@@ -161,14 +187,30 @@ def check_output_file(path, *, flag: str, inputs, force: bool = False, is_own=No
     """Check that a command may write the file `path`: not an input, and absent, listed in its
     folder's manifest, recognised by `is_own(path)`, or `force`. Creates its folder."""
     target = Path(path)
+    if str(path) == "-":
+        raise OutputError(f"{flag}: expected a file path, got '-': this flag does not write to standard output")
     if target.is_dir():
         raise OutputError(f"{flag}: expected a file path, got {str(path)!r}, which is a folder")
     _refuse_inputs(flag, inputs, [target], str(path))
-    exists = target.exists() or target.is_symlink()
-    if exists and not force and not (Manifest.read(target.parent).owns(target.name) or (is_own and is_own(target))):
+    if target.is_symlink():
+        raise OutputError(f"{flag}: {str(path)!r} is a link, which attnlab would write through even with --force; "
+                          f"remove the link or choose another path")
+    own = Manifest.read(target.parent).owns(target.name) or (is_own and is_own(target))
+    if target.exists() and not force and not own:
         raise OutputError(f"{flag}: {str(path)!r} exists and attnlab did not write it; choose another path, "
                           f"move the file, or pass --force")
     _make_folder(target.parent, flag)
+
+
+def refuse_shared(outputs) -> None:
+    """OutputError where two of `outputs`, (flag, path) pairs of one run, name one file: the
+    second would replace the first."""
+    seen = {}
+    for flag, path in outputs:
+        key = Path(path).resolve()
+        if key in seen:
+            raise OutputError(f"{flag}: {str(path)!r} is also where {seen[key]} writes; give each output its own file")
+        seen[key] = flag
 
 
 def record_files(paths, command: str) -> None:

@@ -20,9 +20,9 @@ from attnlab.analysis.analyze import analyze
 from attnlab.analysis.conditions import conditions_blocks
 from attnlab.analysis.charts import pick_baseline
 from attnlab.analysis.claim import CLAIM
-from attnlab.analysis.fits import MIN_LENGTHS, SELECTION, extrapolated_text, worst_miss
+from attnlab.analysis.fits import MIN_LENGTHS, SELECTION, extrapolated_text, fit_labels, worst_miss
 from attnlab.analysis.roofline import roofline_summary
-from attnlab.analysis.select import exclusion_kind
+from attnlab.analysis.select import SAME_POINT, exclusion_kind, joined_key, point_labels
 from attnlab.models import DEFAULT_MODEL
 
 
@@ -151,36 +151,41 @@ def _record_counts(results):
 
 def _head_to_head_blocks(results, baseline=None) -> list:
     """Per run and workload, every kernel's median time at each length, its rate, and how many
-    times faster it is than the baseline (sdpa-flash unless asked otherwise). Only kernels
-    measured in the same run are set side by side: same card, same state, same code."""
+    times faster it is than the baseline (sdpa-flash unless asked otherwise) at the same point.
+    Only kernels measured in the same run are set side by side: same card, same state, same
+    code. A column is a kernel and the options that tell its records apart (q len 4, ...)."""
     ok = results[results["valid"] & (results["status"] == "ok") & results["mode"].isin(("prefill", "decode"))]
     blocks = []
-    for (run_id, mode, workload, device, dtype), rows in ok.groupby(["run_id", "mode", "workload", "device",
-                                                                       "dtype"]):
+    group = ["run_id", "mode", "workload", "device", "dtype"]
+    for (run_id, mode, workload, device, dtype), rows in ok.groupby(group):
         kernels = sorted(set(rows["kernel"]))
         if len(kernels) < 2:
             continue
         chosen = baseline if baseline in kernels else pick_baseline(kernels)[0]
         rate, unit = ("tflops", "TFLOP/s") if mode == "prefill" else ("gbps", "GB/s")
-        cells = rows.groupby(["seq_len", "kernel"])[["median_ms", rate]].last()   # one record each
-        table = []
-        for seq_len in sorted(set(rows["seq_len"])):
-            base = cells["median_ms"].get((seq_len, chosen))
-            table.append([fmt.k(seq_len)] + [_versus(cells, seq_len, kernel, base, rate, unit, kernel == chosen)
-                                             for kernel in kernels])
+        rows = rows.assign(label=point_labels(rows, rows["kernel"], within=group)[0],
+                           _point=joined_key(rows, SAME_POINT))
+        base_ms = rows[rows["kernel"] == chosen].groupby("_point")["median_ms"].last()
+        # One record each; of a point the run recorded twice, the later.
+        cells = rows.drop_duplicates(["seq_len", "label"], keep="last").set_index(["seq_len", "label"])
+        columns = sorted(set(rows["label"]))
+        table = [[fmt.k(seq_len)] + [_versus(cells, seq_len, label, base_ms, rate, unit, chosen) for label in columns]
+                 for seq_len in sorted(set(rows["seq_len"]))]
         blocks.append(("p", f"{mode}, {workload}, {dtype}, {device}, run {run_id}: median ms per call, rate, and "
-                            f"in brackets {chosen}'s time over the kernel's (above 1: faster than {chosen})."))
-        blocks.append(("table", ["context", *kernels], table))
+                            f"in brackets {chosen}'s time over the kernel's at the same point (above 1: faster than "
+                            f"{chosen})."))
+        blocks.append(("table", ["context", *columns], table))
     return blocks or [("p", "No run has ok records of two kernels for one workload.")]
 
 
-def _versus(cells, seq_len, kernel, base_ms, rate, unit, is_base) -> str:
-    if (seq_len, kernel) not in cells.index:
+def _versus(cells, seq_len, label, base_ms, rate, unit, chosen) -> str:
+    if (seq_len, label) not in cells.index:
         return "-"
-    ms, value = cells.loc[(seq_len, kernel)]
+    cell = cells.loc[(seq_len, label)]
+    ms, value, base = cell["median_ms"], cell[rate], base_ms.get(cell["_point"])
     text = f"{fmt.num(ms)} ms" + ("" if fmt.missing(value) else f", {fmt.num(value)} {unit}")
-    if not is_base and not fmt.missing(base_ms):
-        text += f" ({base_ms / ms:.2f}x)"
+    if cell["kernel"] != chosen and not fmt.missing(base):
+        text += f" ({base / ms:.2f}x)"
     return text
 
 
@@ -190,10 +195,10 @@ def _fit_blocks(fits) -> list:
     headers = ["kernel", "mode", "workload", "device", "dtype", "model", "a (ms)", "b (ms/token)", "c (ms/token^2)",
                "exponent [95% CI]", "R^2 (log)", "worst miss", "lengths (runs)", "c n^2 > b n beyond",
                "256k (ms) [95%]", "1M (ms) [95%]"]
-    rows = []
-    for f in fits:
+    rows, labels = [], fit_labels(fits)[0]
+    for f, label in zip(fits, labels):
         lo, hi = f.exponent_ci
-        rows.append([f.kernel, f.mode, f.workload, f.device, f.dtype, f.model, fmt.num(f.a_ms),
+        rows.append([label, f.mode, f.workload, f.device, f.dtype, f.model, fmt.num(f.a_ms),
                      fmt.num(f.b_ms_per_token), fmt.num(f.c_ms_per_token2), f"{f.exponent:.2f} [{lo:.2f}, {hi:.2f}]",
                      f"{f.r2:.4f}", fmt.pct(100 * worst_miss(f)), _lengths(f.points),
                      "never" if f.crossover_seq_len is None else f"{f.crossover_seq_len:,} tokens",
@@ -205,7 +210,8 @@ def _fit_blocks(fits) -> list:
             "over each record's repetitions, and, where several valid runs measured a length (the count in "
             "brackets), over those runs too, so they cover the spread between runs; the extrapolations assume the "
             "model holds beyond the data, and state no latency where the kernel does not fit in memory.")
-    reasons = [f"{f.kernel} {f.mode} ({f.workload}): {f.model_reason}; intervals: {f.ci_method}." for f in fits]
+    reasons = [f"{label} {f.mode} ({f.workload}): {f.model_reason}; intervals: {f.ci_method}."
+               for f, label in zip(fits, labels)]
     return [("p", note), ("table", headers, rows), ("list", reasons)]
 
 
@@ -218,7 +224,7 @@ def _roofline_blocks(roof) -> list:
         return [("p", "No ok prefill or decode records.")]
     summary = roofline_summary(roof)
     headers = ["kernel", "mode", "workload", "device", "% of peak at longest", "best % (at)", "peak", "peak source"]
-    rows = [[r["kernel"], r["mode"], r["workload"], r["device"],
+    rows = [[r["label"], r["mode"], r["workload"], r["device"],
              f"{fmt.pct(r['pct_at_longest'])} at {fmt.k(r['longest_seq_len'])}",
              f"{fmt.pct(r['best_pct'])} ({fmt.k(r['best_seq_len'])})", f"{fmt.num(r['peak'])} {r['peak_unit']}",
              r["peak_source"]] for _, r in summary.iterrows()]
@@ -317,7 +323,7 @@ def render_html(sections) -> str:
         parts.append(f"<h{1 if i == 0 else 2}>{html.escape(title)}</h{1 if i == 0 else 2}>")
         parts += [_html_block(block) for block in blocks]
     parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+    return fmt.xml_safe("\n".join(parts) + "\n")     # records' text may hold characters no page may
 
 
 def _html_block(block) -> str:
@@ -342,7 +348,7 @@ def render_markdown(sections, out_dir) -> str:
         lines += [f"{'#' if i == 0 else '##'} {title}", ""]
         for block in blocks:
             lines += _md_block(block, Path(out_dir)) + [""]
-    return "\n".join(lines)
+    return fmt.xml_safe("\n".join(lines))      # Markdown becomes HTML: the same characters are out
 
 
 def _md_block(block, out_dir: Path) -> list:

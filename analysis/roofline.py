@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from attnlab.analysis import _deps
-from attnlab.analysis.select import standing_ok
+from attnlab.analysis.select import point_labels, standing_ok
 
 # Spec peaks are for bf16/fp16 on tensor cores; other dtypes get no percentage.
 TENSOR_CORE_DTYPES = ("bf16", "bfloat16", "fp16", "float16", "half")
@@ -135,11 +135,13 @@ def roofline(results):
 
 
 def roofline_summary(roof):
-    """One row per (kernel, mode, workload, device, dtype): the share of peak at the longest
-    length and the best share, with the peak's source."""
-    keys = ["kernel", "mode", "workload", "device", "dtype"]
+    """One row per curve (kernel, mode, workload, device, dtype, and the options that tell its
+    records from the kernel's others, named in `label`: 'triton-decode, q len 4'): the share
+    of peak at the longest length and the best share, with the peak's source."""
+    keys = ["kernel", "mode", "workload", "device", "dtype", "label"]
+    labels = point_labels(roof, roof["kernel"], within=keys[1:5])[0] if len(roof) else roof["kernel"]
     out = []
-    for key, rows in roof.sort_values("seq_len").groupby(keys, sort=True):
+    for key, rows in roof.assign(label=labels).sort_values("seq_len").groupby(keys, sort=True):
         last = rows.iloc[-1]
         best = rows.loc[rows["pct_of_peak"].idxmax()] if rows["pct_of_peak"].notna().any() else last
         out.append({**dict(zip(keys, key)), "peak": last["peak"], "peak_unit": last["peak_unit"],

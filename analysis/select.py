@@ -1,6 +1,7 @@
 """Which record stands for each point, and why every other one is left out.
 
-A point is one thing to measure: (device, workload, kernel, mode, dtype, shape, seq_len).
+A point is one thing to measure: (device, workload, kernel, mode, dtype, shape, seq_len, and
+the options it was measured with: q_len, window, softcap, ...; `attnlab.schema.POINT_FIELDS`).
 Runs may measure it more than once; exactly one record stands for it, and charts, fits and
 the claim use that record alone, never a mean across runs. Every record keeps its row, with
 two columns that say what became of it:
@@ -19,11 +20,17 @@ from __future__ import annotations
 
 import math
 
-from attnlab.schema import CALIBRATION, MODES, STATUS_RANK, STATUSES
+from attnlab import text as fmt
+from attnlab.schema import CALIBRATION, MODES, POINT_FIELDS, STATUS_RANK, STATUSES
 
-POINT_KEY = ("device", "kernel", "mode", "workload", "dtype", "batch", "heads", "kv_heads", "head_dim",
-             "causal", "seq_len", "q_len")
-TEXT_FIELDS = ("run_id", "kernel", "mode", "workload", "device", "dtype", "status")
+POINT_KEY = POINT_FIELDS
+# Two kernels measured the same point where they agree on all of it but the kernel.
+SAME_POINT = tuple(f for f in POINT_KEY if f != "kernel")
+TEXT_FIELDS = ("run_id", "kernel", "mode", "workload", "device", "dtype", "status", "l2_flush", "prefill_kernel")
+# What may tell apart records of one kernel at one length, in the order a label names them.
+LABEL_FIELDS = (*(f for f in POINT_KEY if f not in ("kernel", "seq_len")), "run_id")
+WHOLE_NUMBER_FIELDS = ("batch", "heads", "kv_heads", "head_dim", "q_len", "window", "docs", "decode_tokens")
+NUMBER_FIELDS = (*WHOLE_NUMBER_FIELDS, "softcap")     # point fields that hold a number where they are given
 MAX_MEDIAN_MS = 86_400_000.0        # a day: no sweep or benchmark times a single call for longer
 MAX_SEQ_LEN = 2**31 - 1             # lengths are int32 in every kernel
 # What a retraction may narrow its run down to; lengths are inclusive bounds.
@@ -80,6 +87,11 @@ def invalid_reason(record: dict) -> str:
     odd = next((k for k in TEXT_FIELDS if record.get(k) is not None and not isinstance(record[k], str)), None)
     if odd:
         return f"invalid: {odd} {str(record[odd])[:40]} is not text"
+    if record.get("causal") is not None and not isinstance(record["causal"], bool):
+        return f"invalid: causal {str(record['causal'])[:40]} is not true or false"
+    odd = next((k for k in NUMBER_FIELDS if record.get(k) is not None and not _number(record[k])), None)
+    if odd:
+        return f"invalid: {odd} {str(record[odd])[:40]} is not a number"
     if status is None:
         return "invalid: the record has no status"
     if status not in STATUSES:
@@ -191,8 +203,9 @@ def _supersede(frame, started: dict) -> list:
 
 
 def joined_key(rows, columns):
-    """One string per row of its values in `columns`, missing values included (as "None")."""
-    return rows[list(columns)].apply(lambda column: column.map(str)).agg("\x1f".join, axis=1)
+    """One string per row of its values in `columns`, missing values and columns included (as
+    "None" or "nan": a table built by hand may lack the newer point fields)."""
+    return rows.reindex(columns=list(columns)).apply(lambda column: column.map(str)).agg("\x1f".join, axis=1)
 
 
 def _superseded_reason(row, best) -> str:
@@ -209,3 +222,46 @@ def _time_in_run_id(run_id) -> str | None:
     if len(text) >= 16 and text[8] == "T" and text[15] == "Z" and text[:8].isdigit():
         return f"{text[:4]}-{text[4:6]}-{text[6:8]}T{text[9:11]}:{text[11:13]}:{text[13:15]}+00:00"
     return None
+
+
+# --- labels ---------------------------------------------------------------------------------
+
+def point_labels(records, base, by_run: bool = False, within=()) -> tuple:
+    """(labels, fields): `base` (a Series beside `records`, e.g. the kernel) followed by each
+    field of LABEL_FIELDS that tells apart records which share a base, a length, the columns
+    `within` (told apart elsewhere, so never named) and the fields named before it, and the run
+    where `by_run`. Two records then share a label and a length only if they are the same point
+    of the same run; a field is named only where it is needed (a prefill's q_len, its length,
+    is not)."""
+    groups = [base.rename("_base"), records["seq_len"], *(records[c].map(str) for c in within)]
+    fields = []
+    for name in LABEL_FIELDS:
+        if name not in records or name in within:
+            continue
+        if (by_run and name == "run_id") or _varies(records, groups, name):
+            fields.append(name)
+            groups.append(records[name].map(str))
+    labels = base.astype(str)
+    for name in fields:
+        labels = labels + ", " + records[name].map(lambda value, name=name: describe(name, value))
+    return labels, fields
+
+
+def _varies(records, groups: list, name: str) -> bool:
+    values = records[name].map(str)     # as text: a file may hold values pandas cannot compare
+    return bool((values.groupby(groups, dropna=False).nunique() > 1).any())
+
+
+def describe(name: str, value) -> str:
+    """A point field's value as a label names it: 'q len 4', 'non-causal', 'run r2'."""
+    if fmt.missing(value):
+        return f"{name.replace('_', ' ')} ?"
+    if name == "run_id":
+        return f"run {value}"
+    if name == "causal":
+        return "causal" if str(value) == "True" else "non-causal"    # bool or numpy bool
+    if name in WHOLE_NUMBER_FIELDS and isinstance(value, (int, float)) and float(value).is_integer():
+        return f"{name.replace('_', ' ')} {int(value)}"
+    if name in ("workload", "mode", "device", "dtype"):
+        return str(value)
+    return f"{name.replace('_', ' ')} {value}"

@@ -9,14 +9,13 @@ from __future__ import annotations
 from collections import Counter
 
 from attnlab import text as fmt
-from attnlab.analysis.select import exclusion_kind, standing_ok
+from attnlab.analysis.select import POINT_KEY, SAME_POINT, exclusion_kind, point_labels, standing_ok
 
 RATE = {"prefill": ("tflops", "TFLOP/s", "matmul"), "decode": ("gbps", "GB/s", "copy")}
 HEADLINE_LENGTHS = 3
 MAX_SENTENCES = 5
 GROUP = ["mode", "workload", "device", "dtype"]
-PEER_KEY = ["run_id", "mode", "workload", "device", "dtype", "batch", "heads", "kv_heads", "head_dim", "causal",
-            "seq_len"]
+PEER_KEY = ["run_id", *SAME_POINT]      # a peer: another kernel's record of the same point in the same run
 
 
 def headline_blocks(results) -> list:
@@ -28,10 +27,11 @@ def headline_blocks(results) -> list:
     for key in _workloads(results):
         mode, workload, device, dtype = key
         rows = _of(ok, key)
+        rows = rows.assign(label=point_labels(rows, rows["kernel"], within=GROUP)[0])
         rate, unit, _ = RATE[mode]
         lengths = _some(sorted(set(rows["seq_len"])))
-        table = [[kernel] + [_cell(rows, peers, kernel, n, rate, unit) for n in lengths]
-                 for kernel in sorted(set(rows["kernel"]))]
+        table = [[label] + [_cell(rows, peers, label, n, rate, unit) for n in lengths]
+                 for label in sorted(set(rows["label"]))]
         table = [row for row in table if any(cell != "-" for cell in row[1:])]
         blocks.append(("p", f"{workload} {mode}, {dtype}, {device}: median ms per call and {unit}; in brackets the "
                             f"best other kernel of the same run over this one (above 1: this one is faster)."))
@@ -56,8 +56,9 @@ def _some(lengths: list) -> list:
     return [lengths[0], lengths[len(lengths) // 2], lengths[-1]]
 
 
-def _cell(rows, peers, kernel: str, seq_len, rate: str, unit: str) -> str:
-    mine = rows[(rows["kernel"] == kernel) & (rows["seq_len"] == seq_len)]
+def _cell(rows, peers, label: str, seq_len, rate: str, unit: str) -> str:
+    """The record of the series `label` (a kernel and what tells its records apart) at `seq_len`."""
+    mine = rows[(rows["label"] == label) & (rows["seq_len"] == seq_len)]
     if mine.empty:
         return "-"
     record = mine.iloc[0]
@@ -68,11 +69,16 @@ def _cell(rows, peers, kernel: str, seq_len, rate: str, unit: str) -> str:
 
 def best_peer(peers, record):
     """The fastest other kernel's record of the same point in the same run, or None."""
-    same = peers
-    for column in PEER_KEY:
-        same = same[same[column].astype(str) == str(record[column])]
+    same = _matching(peers, record, PEER_KEY)
     same = same[same["kernel"] != record["kernel"]]
     return None if same.empty else same.loc[same["median_ms"].idxmin()]
+
+
+def _matching(rows, record, columns):
+    """The rows of `rows` that agree with `record` on `columns` (those the rows have)."""
+    for column in (c for c in columns if c in rows):
+        rows = rows[rows[column].map(str) == str(record.get(column))]     # as text: a missing value matches itself
+    return rows
 
 
 # --- sentences ---------------------------------------------------------------------------------
@@ -105,10 +111,8 @@ def _fastest(results, roof, key) -> str | None:
     longest = rows[rows["seq_len"] == rows["seq_len"].max()]
     best = longest.loc[longest["median_ms"].idxmin()]
     rate, unit, peak_kind = RATE[mode]
-    same_run = _valid_ok(results)
-    same_run = _of(same_run, key)
-    same_run = same_run[(same_run["run_id"] == best["run_id"]) & (same_run["seq_len"] == best["seq_len"])]
-    others = same_run[same_run["kernel"] != best["kernel"]].sort_values("median_ms")
+    same_point = _matching(_valid_ok(results), best, PEER_KEY)
+    others = same_point[same_point["kernel"] != best["kernel"]].sort_values("median_ms")
     text = (f"{workload} {mode} at {fmt.k(best['seq_len'])} on {device}: {best['kernel']} is fastest, "
             f"{fmt.num(best['median_ms'])} ms ({fmt.num(best[rate])} {unit}{_share(roof, best, peak_kind)})")
     if not others.empty:
@@ -121,8 +125,7 @@ def _share(roof, record, peak_kind: str) -> str:
     """', 77% of the measured matmul' where the roofline has the record's share of its peak."""
     if roof is None or roof.empty:
         return ""
-    row = roof[(roof["run_id"] == record["run_id"]) & (roof["kernel"] == record["kernel"])
-               & (roof["seq_len"] == record["seq_len"]) & (roof["workload"] == record["workload"])]
+    row = _matching(roof, record, ("run_id", *POINT_KEY))
     if row.empty or fmt.missing(row.iloc[0]["pct_of_peak"]):
         return ""
     source = str(row.iloc[0]["peak_source"])

@@ -1,4 +1,5 @@
-"""Plain text shared by bench, analysis and the command line: numbers, context lengths, tables.
+"""Plain text shared by bench, analysis and the command line: numbers, context lengths, tables,
+and text from records made fit for a page.
 
 Standard library only, so that torch-free code (analysis, the CLI's argument parsing) can use it.
 """
@@ -31,6 +32,12 @@ def num(value) -> str:
 
 def pct(value) -> str:
     return "-" if missing(value) else f"{value:.0f}%"
+
+
+def percent(fraction) -> str:
+    """A fraction as a percentage with the digits it holds (six at most): 0.0005 -> 0.05%,
+    0.125 -> 12.5%, 5 -> 500%; '-' when missing."""
+    return "-" if missing(fraction) else f"{100 * fraction:.6g}%"
 
 
 def ratio(value) -> str:
@@ -102,3 +109,22 @@ def table(headers, rows, align=None) -> str:
     lines = [line(r) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# Characters XML 1.0 forbids (C0 controls but tab, newline and return; surrogates; U+FFFE and
+# U+FFFF) and the controls HTML reports as errors (DEL, C1): what no page or SVG may hold.
+_NOT_XML = re.compile("[^\t\n\r\x20-\x7e\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
+
+
+def xml_safe(text) -> str:
+    """`text` as an SVG, HTML or XML page may hold it: each character those forbid replaced by
+    U+FFFD, so that a NUL in a record's kernel name shows as a mark, not as an invalid page."""
+    return _NOT_XML.sub(REPLACEMENT, str(text))
+
+
+def encodable(text: str) -> str:
+    """`text` with its lone surrogates (a JSON string may hold '\\ud800') replaced by U+FFFD, so
+    that it can be written as UTF-8 at all."""
+    return _SURROGATE.sub(REPLACEMENT, text)

@@ -49,7 +49,7 @@ def test_every_status_and_mode_a_writer_may_use_is_valid_to_the_reader(mode, sta
 
 
 def test_an_unknown_status_is_refused_by_the_writer():
-    with pytest.raises(ValueError, match="status: expected one of ok, oom"):
+    with pytest.raises(ValueError, match=f"status: expected one of {', '.join(schema.STATUSES)}, got 'fine'"):
         rec.new_record(status="fine")
 
 
@@ -109,3 +109,25 @@ def test_schema_names_are_spelled_only_in_the_schema_module():
     spelled = sorted(str(path) for folder in folders for path in folder.rglob("*.py")
                      if any(name in path.read_text(encoding="utf-8") for name in names))
     assert spelled == [schema.__file__]
+
+
+def test_the_reader_replaces_lone_surrogates_and_keeps_pairs(tmp_path):
+    path = tmp_path / "run.jsonl"
+    path.write_text('{"schema": "attnlab.result/1", "kernel": "k\\ud800", "\\udc00": "\\ud83d\\ude00"}\n')
+    (record,) = schema.read_records(path)
+    assert record == {"schema": schema.RESULT_SCHEMA, "kernel": "k\ufffd", "\ufffd": "\U0001f600"}
+
+
+def test_the_reader_names_an_unfinished_last_line_and_tells_it_from_a_bad_one():
+    found = schema.parse_json_lines('{"a": 1}\n{"b": \n{"c": 3}\n{"d"', "run.jsonl")
+    assert [n for n, _ in found.values] == [1, 3] and [n for n, _ in found.bad] == [2] and found.partial == 4
+    assert found.partial_warning.startswith("run.jsonl:4: ignored an unfinished last line")
+    ended = schema.parse_json_lines('{"a": 1}\n{"d"\n')      # a newline ends it: not a line in flight
+    assert [n for n, _ in ended.bad] == [2] and ended.partial is None
+
+
+def test_a_newer_environment_or_retraction_is_refused_too(tmp_path):
+    path = tmp_path / "run.jsonl"
+    path.write_text('{"schema": "attnlab.result/1"}\n{"schema": "attnlab.environment/2", "run_id": "r"}\n')
+    with pytest.raises(ValueError, match=r"run.jsonl:2: written by a newer attnlab \(schema attnlab.environment/2"):
+        schema.read_records(path)

@@ -106,3 +106,22 @@ def test_progress_asked_for_off_a_terminal_is_plain_lines():
     stream = io.StringIO()
     _run(make_progress(enabled=True, stream=stream), [RECORD])
     assert stream.getvalue() == "[1/1] decode naive 1k: ok 1.250 ms\n"
+
+
+@pytest.mark.parametrize("given,expected", [("a\x00b", "a\ufffdb"), ("\x0b\x1f\x7f\x85", "\ufffd" * 4),
+                                            ("x\ud800y", "x\ufffdy"), ("\ufffe", "\ufffd"),
+                                            ("tab\tline\nret\r", "tab\tline\nret\r"),
+                                            ("é 😀 <&> $", "é 😀 <&> $")])
+def test_xml_safe_replaces_exactly_what_a_page_may_not_hold(given, expected):
+    assert text.xml_safe(given) == expected
+
+
+def test_encodable_replaces_lone_surrogates_only():
+    assert text.encodable("a\udc00b\U0001f600") == "a\ufffdb\U0001f600"
+    text.encodable("\ud800x").encode("utf-8")      # would raise with the surrogate in it
+
+
+@pytest.mark.parametrize("fraction,shown", [(0.05, "5%"), (0.0005, "0.05%"), (0.125, "12.5%"), (5.0, "500%"),
+                                            (0.0, "0%"), (None, "-")])
+def test_a_percentage_shows_the_digits_its_fraction_holds(fraction, shown):
+    assert text.percent(fraction) == shown

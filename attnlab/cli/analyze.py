@@ -98,21 +98,21 @@ def print_summary(analysis, out) -> None:
 
 
 def _fit_rows(fits):
-    from attnlab.analysis.fits import extrapolated_text
+    from attnlab.analysis.fits import extrapolated_text, fit_labels
 
     headers = ["kernel", "mode", "workload", "device", "model", "exponent [95% CI]", "R^2", "c n^2 > b n beyond",
                "1M (ms)"]
     rows = []
-    for f in fits:
+    for f, label in zip(fits, fit_labels(fits)[0]):
         lo, hi = f.exponent_ci
         crossover = "never" if f.crossover_seq_len is None else f"{f.crossover_seq_len:,} tokens"
-        rows.append([f.kernel, f.mode, f.workload, f.device, f.model, f"{f.exponent:.2f} [{lo:.2f}, {hi:.2f}]",
+        rows.append([label, f.mode, f.workload, f.device, f.model, f"{f.exponent:.2f} [{lo:.2f}, {hi:.2f}]",
                      f"{f.r2:.4f}", crossover, extrapolated_text(f.extrapolation[-1], interval=False)])
     return headers, rows
 
 
 def _roofline_rows(summary):
     headers = ["kernel", "mode", "device", "% of peak at longest", "best %", "peak source"]
-    rows = [[r["kernel"], r["mode"], r["device"], f"{text.pct(r['pct_at_longest'])} at {text.k(r['longest_seq_len'])}",
+    rows = [[r["label"], r["mode"], r["device"], f"{text.pct(r['pct_at_longest'])} at {text.k(r['longest_seq_len'])}",
              text.pct(r["best_pct"]), r["peak_source"]] for _, r in summary.iterrows()]
     return headers, rows

@@ -67,13 +67,14 @@ def run(args) -> int:
 
 def _check_outputs(args) -> None:
     """Before any work: refuse outputs over the inputs, or over files attnlab did not write."""
-    from attnlab.analysis.outputs import check_output_file
+    from attnlab.analysis.outputs import check_output_file, refuse_shared
 
-    if args.json and args.json != "-":
-        check_output_file(args.json, flag="--json", inputs=args.results, force=args.force,
-                          is_own=is_claim_document)
-    for path in _chart_files(args.chart) if args.chart else ():
-        check_output_file(path, flag="--chart", inputs=args.results, force=args.force)
+    outputs = [("--chart", path) for path in _chart_files(args.chart)] if args.chart else []
+    outputs += [("--json", args.json)] if args.json and args.json != "-" else []
+    refuse_shared(outputs)
+    for flag, path in outputs:   # a claim document may be replaced wherever it is
+        check_output_file(path, flag=flag, inputs=args.results, force=args.force,
+                          is_own=is_claim_document if flag == "--json" else None)
 
 
 def _write(args, document: dict) -> None:

@@ -28,8 +28,10 @@ def add_arguments(parser) -> None:
                                                      "or a folder of them")
     parser.add_argument("new", metavar="NEW", help="the run to judge against BASE, as BASE")
     parser.add_argument("--threshold", type=checked(compare.parse_threshold), default=compare.DEFAULT_THRESHOLD,
-                        metavar="T", help="the smallest change that matters, as 5%% or 0.05; symmetric: slower "
-                                          "than 1 + T or faster than 1 / (1 + T) (default 5%%)")
+                        metavar="T", help="the smallest change that matters: a percentage such as 5%% or 0.5%%, of "
+                                          "any size (500%% counts only changes beyond 6x), or a fraction below 1 "
+                                          "such as 0.05 (a bare 5 is refused: it could mean 5%% or 500%%); "
+                                          "symmetric: slower than 1 + T or faster than 1 / (1 + T) (default 5%%)")
     parser.add_argument("--alpha", type=checked(compare.parse_alpha), default=compare.DEFAULT_ALPHA,
                         help="significance level of the test (default %(default)s)")
     parser.add_argument("--run-id-base", default=None, metavar="ID",
@@ -84,9 +86,11 @@ def _report_paths(args) -> list:
 
 def _check_outputs(args) -> None:
     """Before any work: refuse outputs over the inputs, or over files attnlab did not write."""
-    from attnlab.analysis.outputs import check_output_file
+    from attnlab.analysis.outputs import check_output_file, refuse_shared
 
-    for flag, path in _report_paths(args):
+    outputs = _report_paths(args)
+    refuse_shared(outputs)
+    for flag, path in outputs:
         check_output_file(path, flag=flag, inputs=[args.base, args.new], force=args.force)
 
 
@@ -107,6 +111,6 @@ def render(comparison) -> str:
     if comparison.environment_diff:
         parts.append(text.table(*cmp.environment_rows(comparison)))
     parts += ["", text.table(*cmp.point_rows(comparison)), "",
-              f"{cmp.counts_text(comparison)} (threshold {comparison.threshold:.1%}, alpha {comparison.alpha:g}; "
-              f"'~': not significant)"]
+              f"{cmp.counts_text(comparison)} (threshold {text.percent(comparison.threshold)}, "
+              f"alpha {comparison.alpha:g}; '~': not significant)"]
     return "\n".join(parts)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from attnlab.cli._args import error_line, parse_device, parse_names, parse_seq_lens, parse_workload
 
@@ -29,6 +30,7 @@ def run(args) -> int:
     from attnlab.bench.workloads import preset
 
     try:
+        _check_out(args.out)
         if not args.device.startswith("cuda"):
             raise ValueError(f"device: autotuning times tiles on a GPU, got {args.device!r}")
         document = tune(preset(args.workload), args.seq_lens, args.device, args.out, argv=sys.argv,
@@ -36,7 +38,7 @@ def run(args) -> int:
     except WriteFailed as exc:
         print(error_line("tune", exc, args) + "; free space and run it again", file=sys.stderr)
         return 2
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         print(error_line("tune", exc, args), file=sys.stderr)
         return 2
     for case in document["cases"]:
@@ -48,6 +50,15 @@ def run(args) -> int:
         print(f"{case['seq_len']:>7} {path:22} chose {_tile(case['chosen'])}  (ms: {tiles})")
     print(f"written: {args.out}")
     return 0
+
+
+def _check_out(path) -> None:
+    """Refuse an --out that is not a tuning document before anything else is checked, so that
+    the flag is named wherever the command is run (`tune` checks it again, holding the file)."""
+    from attnlab.bench.tuning import check_replaceable
+
+    if Path(path).is_file():
+        check_replaceable(Path(path))
 
 
 def _tile(tile: dict) -> str:

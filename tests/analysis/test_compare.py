@@ -191,15 +191,32 @@ def test_the_verdict_needs_the_test_the_threshold_and_the_interval(ratio, ci, p,
 
 
 @pytest.mark.parametrize("text, expected", [("5%", 0.05), ("0.05", 0.05), ("12.5%", 0.125), ("0", 0.0),
-                                            ("150%", 1.5)])
+                                            ("150%", 1.5), ("0.05%", 0.0005), ("500%", 5.0), (5.0, 5.0)])
 def test_thresholds_read_as_percentages_or_fractions(text, expected):
     assert parse_threshold(text) == pytest.approx(expected)
+    assert parse_threshold(parse_threshold(text)) == parse_threshold(text)   # a parsed one passes as it is
 
 
-@pytest.mark.parametrize("text", ["5", "-1%", "x", "nan", ""])
-def test_a_threshold_that_is_neither_is_refused_by_name(text):
-    with pytest.raises(ValueError, match="^threshold: "):
+@pytest.mark.parametrize("text", ["5", "-1%", "x", "nan", "", -0.5, float("inf")])
+def test_a_threshold_that_is_neither_is_refused_by_name_quoting_what_was_given(text):
+    with pytest.raises(ValueError, match=rf"^threshold: expected .*, got {re.escape(repr(text))}$"):
         parse_threshold(text)
+
+
+@pytest.mark.parametrize("given", ["0.05%", "500%", "12.5%"])
+def test_the_threshold_is_shown_as_given(given, synthetic, tmp_path, capsys):
+    md = tmp_path / "compare.md"
+    status, out, _ = run_cli(capsys, *synthetic, f"--threshold={given}", "--md", md)
+    assert status in (0, 1)
+    assert out.rstrip().splitlines()[-1].endswith(f"(threshold {given}, alpha 0.05; '~': not significant)")
+    assert f"Threshold {given}, alpha 0.05" in md.read_text()
+
+
+def test_a_bare_number_from_1_is_refused_quoting_it_with_the_range(synthetic, capsys):
+    status, _, err = run_cli(capsys, *synthetic, "--threshold", "5")
+    (line,) = [line for line in err.splitlines() if "error:" in line]     # after argparse's usage
+    assert status == 2 and line.startswith("attnlab compare: error: argument --threshold: ")
+    assert "--threshold" in err and "a percentage of 0% or more" in err and "below 1" in err and "got '5'" in err
 
 
 def test_each_verdict_on_synthetic_runs(synthetic, capsys, tmp_path):

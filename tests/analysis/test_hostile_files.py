@@ -37,7 +37,11 @@ HOSTILE_RECORDS = {
     "seq_len 10^30": {"seq_len": 10**30},
     "an infinite median": {"median_ms": 1e999},
     "status a number": {"status": 1},
+    "causal a list": {"causal": [1]},
+    "l2_flush a number": {"l2_flush": 3},
 }
+# Values of any point field that must neither break a chart nor join the record to another point.
+ODD_VALUES = ([1, 2], {"a": 1}, "text", True, 10**30, -1, "", 1.5)
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_JSON))
@@ -87,3 +91,59 @@ def test_two_files_under_one_run_id_are_reported(tmp_path):
     assert any("run 'r' recorded 1 point(s) more than once" in w and "a.jsonl" in w and "b.jsonl" in w
                for w in loaded.warnings)
     assert len(loaded.ok) == 3   # still one record per point
+
+
+# --- one reader, one rule ---------------------------------------------------------------------
+
+def cut(record) -> str:
+    """The start of a record, as a writer killed mid-line leaves it: no newline after it."""
+    return json.dumps(record)[:30]
+
+
+@pytest.mark.parametrize("command", ["analyze", "report", "compare"])
+def test_an_unfinished_last_line_is_read_past_with_one_warning_naming_it(command, tmp_path, capsys):
+    from attnlab.cli import main
+
+    run = tmp_path / "run.jsonl"
+    run.write_text("".join(json.dumps(r) + "\n" for r in GOOD) + cut(rec(8192)))
+    argv = [str(run), str(run)] if command == "compare" else [str(run), "--out", str(tmp_path / "out"),
+                                                             "--bootstrap", "50", "--formats", "png"]
+    assert main([command, *argv]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "unfinished last line" in line]
+    assert len(warned) == (2 if command == "compare" else 1)      # compare reads the file as both sides
+    assert all(f"{run}:4: ignored an unfinished last line" in line for line in warned)
+
+
+def test_a_bad_line_before_the_last_stops_compare_but_analyze_reads_past_it(tmp_path, capsys):
+    from attnlab.cli import main
+
+    run = tmp_path / "run.jsonl"
+    run.write_text("".join(json.dumps(r) + "\n" for r in GOOD[:2]) + cut(rec(8192)) + "\n" + json.dumps(GOOD[2]))
+    assert main(["compare", str(run), str(run)]) == 2
+    assert f"{run}:3: skipped a line that is not JSON" in capsys.readouterr().err
+    assert main(["analyze", str(run), "--out", str(tmp_path / "out"), "--no-charts", "--bootstrap", "50"]) == 0
+    assert f"{run}:3: skipped a line that is not JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["analyze", "compare"])
+def test_a_file_of_a_newer_schema_is_named_as_written_by_a_newer_attnlab(command, tmp_path, capsys):
+    from attnlab.cli import main
+
+    newer = tmp_path / "newer.jsonl"
+    newer.write_text("".join(json.dumps({**r, "schema": "attnlab.result/2"}) + "\n" for r in GOOD))
+    argv = [str(newer), str(newer)] if command == "compare" else [str(newer), "--out", str(tmp_path / "out")]
+    assert main([command, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no" not in err
+    assert (f"{newer}:1: written by a newer attnlab (schema attnlab.result/2 is newer than this reader's "
+            f"attnlab.result/1); upgrade attnlab to read it") in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field", ["batch", "q_len", "window", "softcap", "docs", "l2_flush", "decode_tokens",
+                                   "prefill_kernel", "device", "workload"])
+def test_odd_values_of_a_point_field_are_charted_or_named_without_a_traceback(field, tmp_path):
+    lines = GOOD + [rec(n, **{field: value}) for n, value in zip(range(8192, 8192 + len(ODD_VALUES)), ODD_VALUES)]
+    (tmp_path / "run.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    result = analyze([tmp_path / "run.jsonl"], tmp_path / "out", n_boot=50, formats=("png",))
+    assert result.fits[0].n_points == 3 and result.charts

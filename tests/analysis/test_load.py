@@ -80,18 +80,44 @@ def test_failed_points_are_kept_with_their_reasons():
     assert "predicted peak" in oom["reason"] and oom["predicted_mem_bytes"] > 80e9
 
 
-def test_unknown_schemas_warn_and_a_truncated_last_line_is_ignored(tmp_path):
+def test_unknown_schemas_warn_and_an_unfinished_last_line_is_ignored_with_one_warning(tmp_path):
     path = tmp_path / "run.jsonl"
     env = {"schema": "attnlab.environment/1", "run_id": "r1", "gpu_name": "NVIDIA L4"}
-    text = lines(env, result(1024, device=None), {"schema": "attnlab.result/9", "x": 1}, result(2048))
+    text = lines(env, result(1024, device=None), {"schema": "other.tool/9", "x": 1}, result(2048))
     path.write_text(text + "not json at all\n" + json.dumps(result(4096))[:40])  # killed mid-write
     loaded = load(path)
     assert list(loaded.results["seq_len"]) == [1024, 2048]
-    assert any("'attnlab.result/9'" in w for w in loaded.warnings)
+    assert any("'other.tool/9'" in w for w in loaded.warnings)
     assert any(":5: skipped a line that is not JSON" in w for w in loaded.warnings)
-    assert not any(":6" in w for w in loaded.warnings)  # the truncated tail is not an error
+    # The unfinished tail is no error, but it is said once, by file and line.
+    (tail,) = [w for w in loaded.warnings if ":6" in w]
+    assert tail.startswith(f"{path}:6: ignored an unfinished last line")
     # A record without a device takes its run's GPU name.
     assert loaded.results.iloc[0]["device"] == "NVIDIA L4"
+
+
+def test_a_bad_line_that_ends_in_a_newline_is_not_taken_for_an_unfinished_one(tmp_path):
+    path = tmp_path / "run.jsonl"
+    path.write_text(lines(result(1024)) + json.dumps(result(2048))[:40] + "\n")
+    warnings = load(path).warnings
+    assert len(warnings) == 1 and warnings[0].startswith(f"{path}:2: skipped a line that is not JSON")
+
+
+@pytest.mark.parametrize("schema", ["attnlab.result/2", "attnlab.environment/7", "attnlab.retraction/2"])
+def test_a_line_of_a_newer_schema_is_refused_by_file_and_line(tmp_path, schema):
+    path = tmp_path / "run.jsonl"
+    path.write_text(lines(result(1024), {"schema": schema, "run_id": "r1", "reason": "?"}))
+    known = schema.rsplit("/", 1)[0] + "/1"
+    with pytest.raises(ValueError, match=rf"run.jsonl:2: written by a newer attnlab \(schema {schema} is newer than "
+                                         rf"this reader's {known}\)"):
+        load(path)
+
+
+def test_a_benchmark_of_a_newer_schema_is_refused_by_name(tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"benchmarks": [{"name": "b1", "extra_info": result(schema="attnlab.result/2")}]}))
+    with pytest.raises(ValueError, match=r"bench.json: benchmark b1: written by a newer attnlab"):
+        load(path)
 
 
 def test_missing_paths_are_named():

@@ -178,3 +178,91 @@ def test_the_committed_report_lists_its_own_files():
     manifest = Manifest.read(report)
     assert not manifest.foreign and set(manifest.entries) == files
     assert set(manifest.entries.values()) == {"report"}
+
+
+# --- every output flag, against a file attnlab did not write -----------------------------------
+
+NOTES = "my notes\n"
+
+
+def foreign_files(tmp_path, results):
+    """A user's notes and a sweep's records (attnlab's, but no output of these commands)."""
+    return {"notes": NOTES.encode(), "sweep": results.read_bytes()}
+
+
+# (argv with {out} where the output goes, the file put there first, the flag the refusal names)
+FLAG_CASES = {
+    "compare --json": (["compare", "{base}", "{base}", "--json", "{out}/x.json"], "x.json", "--json"),
+    "compare --md": (["compare", "{base}", "{base}", "--md", "{out}/x.md"], "x.md", "--md"),
+    "compare --html": (["compare", "{base}", "{base}", "--html", "{out}/x.html"], "x.html", "--html"),
+    "compare --html's chart data": (["compare", "{base}", "{base}", "--html", "{out}/x.html"], "x_ratio.csv",
+                                    "--html"),
+    "claim --json": (["claim", "--json", "{out}/x.json"], "x.json", "--json"),
+    "claim --chart": (["claim", "--chart", "{out}/x.png"], "x.svg", "--chart"),
+    "analyze --out": (["analyze", "{base}", "--out", "{out}", *FAST], "notes.txt", "--out"),
+    "report --out": (["report", "{base}", "--out", "{out}", "--bootstrap", "50"], "notes.txt", "--out"),
+}
+
+
+@pytest.mark.parametrize("kind", ["notes", "sweep"])
+@pytest.mark.parametrize("case", sorted(FLAG_CASES))
+def test_no_output_flag_writes_over_a_file_attnlab_did_not_write(case, kind, results, tmp_path, capsys):
+    argv, name, flag = FLAG_CASES[case]
+    out = tmp_path / "out"
+    out.mkdir()
+    foreign = out / name
+    content = foreign_files(tmp_path, results)[kind]
+    foreign.write_bytes(content)
+    argv = [a.format(base=results, out=out) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"attnlab {argv[0]}: error: {flag}: ") and name in err, err
+    assert foreign.read_bytes() == content and sorted(p.name for p in out.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["compare", "{base}", "{base}", "--json", "{out}/link.json", "--force"], "--json"),
+    (["claim", "--chart", "{out}/link.png", "--force"], "--chart"),
+    (["analyze", "{base}", "--out", "{out}", "--force", *FAST], "--out"),
+])
+def test_no_output_is_written_through_a_link_even_with_force(argv, flag, results, tmp_path, capsys):
+    out, notes = tmp_path / "out", tmp_path / "notes.txt"
+    out.mkdir()
+    notes.write_text(NOTES)
+    for name in ("link.json", "link.png", "fits.json"):
+        (out / name).symlink_to(notes)
+    assert main([a.format(base=results, out=out) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {flag}: " in err and "a link" in err
+    assert notes.read_text() == NOTES
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["compare", "{base}", "{base}", "--json", "{out}/same", "--md", "{out}/same"], "--md"),
+    (["compare", "{base}", "{base}", "--md", "{out}/page_ratio.csv", "--html", "{out}/page.html"], "--html"),
+    (["claim", "--chart", "{out}/claim.png", "--json", "{out}/claim.csv"], "--json"),
+])
+def test_two_outputs_of_one_run_may_not_share_a_file(argv, flag, results, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([a.format(base=results, out=out) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {flag}: " in err and "give each output its own file" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_report_flag_given_standard_output_is_refused_rather_than_written_to_a_file_named_dash(
+        results, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", str(results), str(results), "--md", "-"]) == 2
+    assert "error: --md: expected a file path, got '-'" in capsys.readouterr().err
+    assert not (tmp_path / "-").exists()
+
+
+def test_a_manifest_being_replaced_is_never_written_through_a_link(tmp_path):
+    out, notes = tmp_path / "out", tmp_path / "notes.txt"
+    out.mkdir()
+    notes.write_text(NOTES)
+    (out / f"{MANIFEST}.tmp").symlink_to(notes)     # what a killed run or a user may leave
+    (out / "x.json").write_text("{}")
+    record_files([out / "x.json"], "claim")
+    assert notes.read_text() == NOTES and Manifest.read(out).entries == {"x.json": "claim"}

@@ -118,3 +118,18 @@ def test_e2e_names_the_prefill_kernel_at_fault(tmp_path, capsys):
 def test_e2e_old_flag_names_are_gone(old, capsys):
     assert exit_status(["e2e", old, "x"]) == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["e2e", "--device", "cpu", "--seq-lens", "256"], ["tune"]])
+@pytest.mark.parametrize("foreign", ["my notes\n", '{"not": "attnlab"}\n'])
+def test_a_file_out_that_attnlab_did_not_write_is_left_as_it_was(command, foreign, tmp_path, capsys):
+    out = tmp_path / "notes.txt"
+    out.write_text(foreign)
+    assert_refused([*command, "--out", str(out)], "--out", capsys, str(out))
+    assert out.read_text() == foreign and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_tune_names_a_foreign_out_before_the_device_it_lacks(tmp_path, capsys):
+    out = tmp_path / "run.jsonl"
+    out.write_text('{"schema": "attnlab.result/1"}\n')     # a sweep's file: not a tuning document
+    assert_refused(["tune", "--device", "cuda", "--out", str(out)], "--out", capsys, "not an attnlab tuning document")
