@@ -1,9 +1,9 @@
 """Is an output right, at any length? A few query rows against float64 attention computed for
 those rows only, so a 128k prefill is checked in milliseconds and every point timed can be.
 
-The rows sampled: the first and the last, both sides of tile boundaries (every multiple of
-`TILE`, a power of two that smaller power-of-two tiles divide, spread over the sequence), and
-random ones from a seeded generator. The pass criterion is the test suite's and `attnlab
+The rows sampled: every row of a sequence up to `ALL_ROWS` long; past that the first and the
+last, both sides of tile boundaries (every multiple of `TILE`, a power of two that smaller
+power-of-two tiles divide, spread over the sequence), and random ones from a seeded generator. The pass criterion is the test suite's and `attnlab
 check`'s (FlashAttention's): the error against float64 at most twice that of the same rows
 computed the plain way in the input dtype (scores and P @ V in that dtype, softmax in float32),
 plus a small slack. The output's type, shape, dtype and device are checked first.
@@ -22,6 +22,7 @@ import torch
 from attnlab.kernels.masks import FULL, capped
 from attnlab.visibility import sees
 
+ALL_ROWS = 256         # a sequence this short is compared row by row
 TILE = 64              # rows on both sides of every multiple of this are tile edges for tiles of 16 to 64
 EDGES = 16             # tile boundaries sampled per sequence, spread evenly
 RANDOM_ROWS = 8
@@ -52,8 +53,8 @@ class RowCheck:
 
 def sample_rows(seqlen_q: int, seed: int = 0) -> list[int]:
     """Sorted distinct query rows of a sequence of seqlen_q to compare (see the module doc)."""
-    if seqlen_q <= 0:
-        return []
+    if seqlen_q <= ALL_ROWS:
+        return list(range(max(seqlen_q, 0)))
     edges = range(TILE, seqlen_q, TILE)
     step = max(1, math.ceil(len(edges) / EDGES))
     rows = {0, seqlen_q - 1, *itertools.chain.from_iterable((e - 1, e) for e in edges[::step])}

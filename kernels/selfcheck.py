@@ -1,28 +1,81 @@
 """A quick correctness check of every implementation that runs on a device.
 
-Each result is compared with naive attention in float64 on upcast inputs (exact up to
-float64 rounding); the bar is the test suite's: at most twice the error of naive attention
-in the same dtype, plus a small slack.
+Each output is judged by rowcheck.py, as every point a sweep times is: its type, shape, dtype
+and device first, then sampled query rows against float64 (every query row of a decode), with
+the test suite's bar: at most twice the error of the same rows computed plainly in the same
+dtype, plus a small slack. The cases reach past three tiles of the Triton kernels (128 rows or
+keys), hold NaN in every slot past a decode cache's lengths, and run each option on prefill and
+decode for the implementations that declare it. Each implementation gets its own copies of a
+case's inputs, and one that changes them fails, named, while the others see them unchanged.
 """
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 
 from attnlab.kernels.api import attention, attention_varlen, decode_attention
 from attnlab.kernels.masks import PLAIN, Variant
 from attnlab.kernels.registry import DECODE, PREFILL, get, implementations, one_line
+from attnlab.kernels.rowcheck import RowCheck, check_decode, check_prefill, check_varlen
 
-# (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal): awkward lengths, GQA.
-PREFILL_CASES = [(1, 113, 203, 4, 2, 64, True), (2, 97, 64, 4, 1, 40, True), (1, 128, 128, 2, 2, 128, False)]
-DECODE_CASES = [((0, 57, 203), 1, 8, 2, 64), ((130, 5), 4, 4, 4, 128)]  # (lengths, q_len, heads, kv_heads, d)
-# The options, each on one awkward case, for the implementations that declare them: a window
-# narrower than the sequence, a cap the scores reach, and packed sequences of unequal lengths.
+
+class PrefillShape(NamedTuple):
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+
+
+class DecodeShape(NamedTuple):
+    lengths: tuple      # cache_seqlens, one per sequence
+    max_seqlen: int     # the cache's slots: those past a sequence's length hold NaN
+    q_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+# Awkward lengths, GQA and MQA; the first case of each mode is longer than three 128-row tiles.
+PREFILL_CASES = [PrefillShape(1, 611, 700, 4, 2, 64, True), PrefillShape(2, 97, 64, 4, 1, 40, True),
+                 PrefillShape(1, 128, 128, 2, 2, 128, False)]
+DECODE_CASES = [DecodeShape((0, 57, 419, 700), 733, 1, 8, 2, 64), DecodeShape((130, 5), 130, 4, 4, 4, 128)]
+# The options, each on one awkward case per mode, for the implementations that declare them: a
+# window narrower than the sequences, a cap the scores reach (queries scaled by OPTION_Q_SCALE),
+# and packed sequences of unequal lengths.
 VARIANTS = [Variant(window=(24, -1)), Variant(softcap=2.0)]
+PREFILL_OPTION_CASE = PrefillShape(2, 97, 131, 4, 2, 64, True)
+DECODE_OPTION_CASE = DecodeShape((300, 45, 0), 307, 3, 8, 2, 64)
+OPTION_Q_SCALE = 3.0
 PACKED_LENGTHS = [(13, 13), (0, 5), (70, 91), (1, 40)]           # (seqlen_q, seqlen_k) per sequence
-REFERENCE = "naive"       # what the others are compared with in each dtype
+PACKED_HEADS = (4, 2, 64)                                         # heads, kv_heads, head_dim
+REFERENCE = "naive"       # the plain computation the bound is set by (rowcheck repeats it on the rows): not checked
+VARLEN = "varlen"         # the mode column of packed cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input set: `inputs` by the API's argument names, in the dtype checked, as every
+    implementation receives them (a copy each), tensors in the (batch, seqlen, heads, head_dim)
+    layout, packed ones (total, heads, head_dim); `call(impl, inputs)` attends over such a copy;
+    `judge(out)` is the verdict on an output against `inputs`."""
+
+    mode: str                 # prefill, decode or varlen
+    text: str                 # what the table shows
+    head_dim: int
+    inputs: dict
+    call: Callable[[str, dict], object]
+    judge: Callable[[object], RowCheck]
+    variant: Variant = PLAIN
+
+
+NO_VERDICT = RowCheck(math.inf, 0.0)     # the call raised, or was never made
 
 
 @dataclass
@@ -30,23 +83,25 @@ class CheckResult:
     impl: str
     mode: str
     case: str
-    max_error: float
-    bound: float
-    error: str = ""           # what the call raised, if it raised
-
+    verdict: RowCheck = NO_VERDICT
+    error: str = ""           # what the call, or a declaration deciding it, raised
 
     @property
     def ok(self) -> bool:
-        return self.max_error <= self.bound
+        return not self.error and self.verdict.ok
 
+    @property
+    def max_error(self) -> float:
+        return self.verdict.error
 
-def _bound(naive_error: float, dtype: torch.dtype) -> float:
-    return 2 * naive_error + max(torch.finfo(dtype).eps / 8, 1e-6)
+    @property
+    def bound(self) -> float:
+        return self.verdict.bound
 
-
-def _error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    err = (out.double() - ref).abs().max().item()
-    return float("inf") if err != err else err  # NaN never passes
+    @property
+    def why(self) -> str:
+        """The reason on one line: what was raised, or the verdict's description."""
+        return self.error or self.verdict.describe()
 
 
 def _candidates(names) -> list:
@@ -68,31 +123,32 @@ def _usable(mode, device, dtype, head_dim, names, variant=PLAIN, varlen=False) -
     return usable, broken
 
 
-def _compare(chosen, mode, case, run, dtype):
-    usable, broken = chosen
-    ref, naive = run(REFERENCE, torch.float64), run(REFERENCE, dtype)
-    bound = _bound(_error(naive, ref), dtype)
-    return ([CheckResult(name, mode, case, float("inf"), bound, error) for name, error in broken]
-            + [_measure(name, mode, case, lambda: run(name, dtype), ref, bound) for name in usable])
-
-
-def _measure(name, mode, case, call, ref, bound) -> CheckResult:
+def _run(name: str, case: Case) -> CheckResult:
+    """The implementation on its own copies of the case's inputs, judged; changing a copy fails it."""
+    given = {arg: t.clone() for arg, t in case.inputs.items()}
     try:
-        out = call()
-        if out.shape != ref.shape:
-            raise ValueError(f"returned shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
-        return CheckResult(name, mode, case, _error(out, ref), bound)
+        verdict = case.judge(case.call(name, given))
     except BaseException as exc:   # a kernel that raises, even SystemExit, fails its check and the rest still run
         if isinstance(exc, KeyboardInterrupt):
             raise
-        return CheckResult(name, mode, case, float("inf"), bound, one_line(exc))
+        return CheckResult(name, case.mode, case.text, error=one_line(exc))
+    changed = [arg for arg, t in given.items() if not _unchanged(t, case.inputs[arg])]
+    if changed:
+        verdict = RowCheck(verdict.error, verdict.bound, verdict.rows, reason=f"changed its input {', '.join(changed)}")
+    return CheckResult(name, case.mode, case.text, verdict)
+
+
+def _unchanged(t: torch.Tensor, before: torch.Tensor) -> bool:
+    """Bit for bit: NaN in a cache's unwritten slots compares equal to itself, and a kernel that
+    cleans it in place has changed its input."""
+    bits = lambda x: x.detach().reshape(-1).view(torch.uint8)
+    return t.shape == before.shape and t.dtype == before.dtype and torch.equal(bits(t), bits(before))
 
 
 def _broken_probes(device, names) -> list[CheckResult]:
     """A failure for each implementation whose probe raised here: a fault of the kernel, not of the machine."""
     statuses = [(impl.name, impl.available(device)) for impl in _candidates(names)]
-    return [CheckResult(name, "-", "probe", float("inf"), 0.0, status.reason)
-            for name, status in statuses if status.broken]
+    return [CheckResult(name, "-", "probe", error=status.reason) for name, status in statuses if status.broken]
 
 
 def why_not(name: str, device: str, dtype: torch.dtype) -> str:
@@ -105,48 +161,80 @@ def why_not(name: str, device: str, dtype: torch.dtype) -> str:
     if not status:
         return one_line(status.reason)
     device_type = torch.device(device).type
-    cases = [(PREFILL, case[5]) for case in PREFILL_CASES] + [(DECODE, case[4]) for case in DECODE_CASES]
+    cases = [(PREFILL, c.head_dim) for c in PREFILL_CASES] + [(DECODE, c.head_dim) for c in DECODE_CASES]
     refused = [s for s in (impl.supports(mode, dtype, d, device_type) for mode, d in cases) if not s]
     return one_line(refused[0].reason) if refused else "it takes none of the check's cases"
 
 
 def check(device: str = "cpu", dtype: torch.dtype = torch.float16, seed: int = 0,
           kernels=None) -> list[CheckResult]:
-    """Run every usable implementation (or those named in `kernels`) on a few awkward shapes and
-    measure its error."""
-    gen = torch.Generator().manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=gen).to(device)
+    """Run every usable implementation (or those named in `kernels`) on the check's cases and
+    judge each output; one result per implementation and case."""
     results = _broken_probes(device, kernels)
-    for b, sq, sk, h, kvh, d, causal in PREFILL_CASES:
-        q, k, v = randn(b, sq, h, d), randn(b, sk, kvh, d), randn(b, sk, kvh, d)
-        run = lambda name, dt: attention(q.to(dt), k.to(dt), v.to(dt), causal=causal, impl=name)
-        case = f"q {tuple(q.shape)} k {tuple(k.shape)} causal={causal}"
-        results += _compare(_usable(PREFILL, device, dtype, d, kernels), PREFILL, case, run, dtype)
-    for lengths, q_len, h, kvh, d in DECODE_CASES:
-        s = max(lengths)
-        q, k, v = randn(len(lengths), q_len, h, d), randn(len(lengths), s, kvh, d), randn(len(lengths), s, kvh, d)
-        lens = torch.tensor(lengths, dtype=torch.int32, device=device)
-        run = lambda name, dt: decode_attention(q.to(dt), k.to(dt), v.to(dt), lens, impl=name)
-        case = f"q {tuple(q.shape)} cache {tuple(k.shape)} lengths {list(lengths)}"
-        results += _compare(_usable(DECODE, device, dtype, d, kernels), DECODE, case, run, dtype)
-    return results + _variants(randn, device, dtype, kernels)
+    for case in cases(device, dtype, seed):
+        mode = DECODE if case.mode == DECODE else PREFILL
+        usable, broken = _usable(mode, device, dtype, case.head_dim, kernels, case.variant, case.mode == VARLEN)
+        results += [CheckResult(name, case.mode, case.text, error=reason) for name, reason in broken]
+        results += [_run(name, case) for name in usable]
+    return results
 
 
-def _variants(randn, device, dtype, kernels) -> list[CheckResult]:
-    """Each option on one case, for the implementations that take it; and packed sequences."""
-    results = []
-    q, k, v = randn(2, 97, 4, 64), randn(2, 131, 2, 64), randn(2, 131, 2, 64)
-    for variant in VARIANTS:
-        options = dict(window=variant.window, softcap=variant.softcap)
-        run = lambda name, dt: attention(q.to(dt) * 3, k.to(dt), v.to(dt), causal=True, impl=name, **options)
-        case = f"q {tuple(q.shape)} k {tuple(k.shape)} causal=True " + " ".join(f"{o}={x}" for o, x in options.items()
-                                                                                 if o in variant.used())
-        results += _compare(_usable(PREFILL, device, dtype, 64, kernels, variant), PREFILL, case, run, dtype)
+def cases(device, dtype: torch.dtype, seed: int = 0) -> list[Case]:
+    """Every case of the check, its inputs drawn from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+    return ([_prefill_case(shape, randn, seed) for shape in PREFILL_CASES]
+            + [_decode_case(shape, randn) for shape in DECODE_CASES]
+            + [_prefill_case(PREFILL_OPTION_CASE, randn, seed, v, OPTION_Q_SCALE) for v in VARIANTS]
+            + [_decode_case(DECODE_OPTION_CASE, randn, v, OPTION_Q_SCALE) for v in VARIANTS]
+            + [_varlen_case(randn, device, seed)])
+
+
+def _options(variant: Variant) -> tuple:
+    """(the keywords the API and rowcheck take for the variant, the options it sets as the table writes them)."""
+    options = dict(window=variant.window, softcap=variant.softcap)
+    return options, "".join(f" {name}={options[name]}" for name in variant.used())
+
+
+def _prefill_case(shape: PrefillShape, randn, seed: int, variant: Variant = PLAIN, q_scale: float = 1.0) -> Case:
+    b, sq, sk, h, kvh, d, causal = shape
+    inputs = dict(q=randn(b, sq, h, d) * q_scale, k=randn(b, sk, kvh, d), v=randn(b, sk, kvh, d))
+    options, named = _options(variant)
+    return Case(PREFILL, f"q {(b, sq, h, d)} k {(b, sk, kvh, d)} causal={causal}{named}", d, inputs,
+                lambda impl, t: attention(**t, causal=causal, impl=impl, **options),
+                lambda out: check_prefill(out, **inputs, causal=causal, scale=d ** -0.5, seed=seed, **options),
+                variant)
+
+
+def _decode_case(shape: DecodeShape, randn, variant: Variant = PLAIN, q_scale: float = 1.0) -> Case:
+    lengths, max_seqlen, q_len, h, kvh, d = shape
+    b = len(lengths)
+    q = randn(b, q_len, h, d) * q_scale
+    k_cache, v_cache = (_nan_past(randn(b, max_seqlen, kvh, d), lengths) for _ in range(2))
+    lens = torch.tensor(lengths, dtype=torch.int32, device=q.device)
+    inputs = dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=lens)
+    options, named = _options(variant)
+    text = f"q {tuple(q.shape)} cache {tuple(k_cache.shape)} lengths {list(lengths)}{named}, NaN past the lengths"
+    return Case(DECODE, text, d, inputs, lambda impl, t: decode_attention(**t, impl=impl, **options),
+                lambda out: check_decode(out, **inputs, scale=d ** -0.5, **options), variant)
+
+
+def _nan_past(cache: torch.Tensor, lengths) -> torch.Tensor:
+    """The cache (batch, max_seqlen, kv_heads, head_dim) with NaN in every slot past its sequence's
+    length: slots a kernel may never let reach an output."""
+    for b, n in enumerate(lengths):
+        cache[b, n:] = float("nan")
+    return cache
+
+
+def _varlen_case(randn, device, seed: int) -> Case:
+    h, kvh, d = PACKED_HEADS
     cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n[i] for n in PACKED_LENGTHS)], dtype=torch.int32,
                                device=device) for i in (0, 1))
-    pq, pk, pv = randn(int(cu_q[-1]), 4, 64), randn(int(cu_k[-1]), 2, 64), randn(int(cu_k[-1]), 2, 64)
+    inputs = dict(q=randn(int(cu_q[-1]), h, d), k=randn(int(cu_k[-1]), kvh, d), v=randn(int(cu_k[-1]), kvh, d),
+                  cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     longest_q, longest_k = (max(n[i] for n in PACKED_LENGTHS) for i in (0, 1))
-    run = lambda name, dt: attention_varlen(pq.to(dt), pk.to(dt), pv.to(dt), cu_q, cu_k, longest_q, longest_k,
-                                            causal=True, impl=name)
-    case = f"packed (seqlen_q, seqlen_k) {PACKED_LENGTHS} causal=True"
-    return results + _compare(_usable(PREFILL, device, dtype, 64, kernels, varlen=True), "varlen", case, run, dtype)
+    return Case(VARLEN, f"packed (seqlen_q, seqlen_k) {PACKED_LENGTHS} causal=True", d, inputs,
+                lambda impl, t: attention_varlen(**t, max_seqlen_q=longest_q, max_seqlen_k=longest_k, causal=True,
+                                                 impl=impl),
+                lambda out: check_varlen(out, **inputs, causal=True, scale=d ** -0.5, seed=seed))

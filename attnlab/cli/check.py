@@ -40,9 +40,8 @@ def run(args) -> int:
         print(f"attnlab check: error: --kernels: none of the named kernels runs here ({device}, {args.dtype}): "
               f"{reasons}", file=sys.stderr)
         return 2
-    rows = [("ok" if r.ok else "FAIL", r.impl, r.mode, f"{r.max_error:.2e}", f"{r.bound:.2e}", r.error or r.case)
-            for r in results]
-    print(table(("result", "kernel", "mode", "error", "bound", "case"), rows, align="numbers"))
+    print(table(("result", "kernel", "mode", "error", "bound", "case", "why it failed"), [_row(r) for r in results],
+                align="numbers"))
     failed = sorted({r.impl for r in results if not r.ok})
     print(f"{sum(r.ok for r in results)} passed, {len(results) - sum(r.ok for r in results)} failed "
           f"({device}, {args.dtype})" + (f": {', '.join(failed)} wrong" if failed else ""))
@@ -50,6 +49,13 @@ def run(args) -> int:
         print(f"not run: {name}: {reason}")
     _print_plugin_failures(args.plugin_failures)
     return 1 if failed or args.plugin_failures or not results else 0
+
+
+def _row(result) -> tuple:
+    """One result as a table row; a failure's last cell says why (the verdict's reason or what was
+    raised, on one line)."""
+    return ("ok" if result.ok else "FAIL", result.impl, result.mode, f"{result.max_error:.2e}",
+            f"{result.bound:.2e}", result.case, "" if result.ok else result.why)
 
 
 def _print_plugin_failures(failures) -> None:

@@ -17,7 +17,7 @@ def test_rows_sampled_are_the_ends_tile_edges_and_random_ones():
     assert {63, 64, 127, 128} <= set(rows)
     assert len(sample_rows(131072)) <= 2 + 2 * rowcheck.EDGES + rowcheck.RANDOM_ROWS
     assert sample_rows(1000, seed=3) == rows and sample_rows(1000, seed=4) != rows
-    assert sample_rows(1) == [0] and sample_rows(0) == []
+    assert sample_rows(1) == [0] and sample_rows(0) == [] and sample_rows(rowcheck.ALL_ROWS) == list(range(256))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

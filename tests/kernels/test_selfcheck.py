@@ -12,7 +12,17 @@ def test_every_usable_implementation_passes_on_cpu():
     results = selfcheck.check("cpu", torch.float16)
     names = {r.impl for r in results}
     assert {"sdpa-flash", "sdpa-math", "triton", "triton-decode"} <= names
-    assert all(r.ok for r in results), [r for r in results if not r.ok]
+    assert all(r.ok for r in results), [(r.impl, r.case, r.why) for r in results if not r.ok]
+    long_prefill = {r.impl for r in results if r.case.startswith("q (1, 611, ")}
+    assert {"flex", "sdpa-flash", "sdpa-math", "triton", "triton-ptr", "triton-ws"} <= long_prefill
+    long_decode = {r.impl for r in results if r.mode == "decode" and "419, 700" in r.case}
+    assert {"flex", "sdpa-flash", "sdpa-math", "triton-decode", "triton-decode-nopdl",
+            "triton-decode-fused"} <= long_decode
+    decode_options = {(r.impl, option) for r in results if r.mode == "decode"
+                      for option in ("window", "softcap") if f" {option}=" in r.case}
+    assert {("triton-decode", "window"), ("triton-decode", "softcap"), ("triton-decode-fused", "softcap"),
+            ("sdpa-math", "window")} <= decode_options
+    assert ("sdpa-math", "softcap") not in decode_options         # declared by neither of its calls
 
 
 def test_a_wrong_kernel_fails_the_check(monkeypatch):
