@@ -12,6 +12,9 @@ One point, one record: no series holds two rows at one length (ValueError naming
 nothing is averaged. A series is its kernel plus whatever tells its records apart from the
 kernel's other records at the same length (device, dtype, shape, run). `render_all` picks the
 records: the one standing for each point, or with `all_runs` every valid one, a series per run.
+A ratio never divides two runs' records (two runs may be two cards), and a fitted curve that
+misses its own points is not drawn; the CSV keeps a row without y for each, saying why. A
+caption names each run with its card where the records carry `gpu_uuid` (`conditions.with_cards`).
 """
 from __future__ import annotations
 
@@ -28,9 +31,11 @@ import numpy as np
 
 from attnlab import text as fmt
 from attnlab.analysis import _deps
-from attnlab.analysis.claim import E2E_SETTINGS
+from attnlab.analysis.claim import E2E_SETTINGS, calibration_cards, validation_brief
+from attnlab.analysis.conditions import card_namer, named_run, record_cards, several_cards_note
+from attnlab.analysis.fits import MIN_R2_TO_EXTRAPOLATE
 from attnlab.analysis.roofline import match_gpu
-from attnlab.analysis.select import POINT_KEY, SAME_POINT, WHOLE_NUMBER_FIELDS, describe, point_labels
+from attnlab.analysis.select import POINT_KEY, SAME_POINT, WHOLE_NUMBER_FIELDS, describe, joined_key, point_labels
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 FIGSIZE = (9.0, 5.4)
@@ -178,9 +183,11 @@ def caption_for(rows, extra: str = "") -> str:
     mask = "causal" if causal == {True} else "non-causal" if causal == {False} else "causal and non-causal"
     shape = (f"batch {span('batch')}, {span('heads')} heads, {span('kv_heads')} kv heads, "
              f"head_dim {span('head_dim')}, {mask}")
+    cards = record_cards(rows)      # each run named with its card, and a warning where they differ
     parts = [f"Device: {values('device')}", f"dtype: {values('dtype')}",
-             f"workload {values('workload')} ({shape})", f"runs: {values('run_id')}"]
-    return " | ".join(parts + ([extra] if extra else []))
+             f"workload {values('workload')} ({shape})",
+             _joined(f"runs: {values('run_id')}", several_cards_note(sorted(set(cards.values()))))]
+    return card_namer(cards)(" | ".join(parts + ([extra] if extra else [])))
 
 
 # --- series and the rows a chart draws ---------------------------------------------------------
@@ -212,6 +219,12 @@ def _record_points(records, series, y_from, unit: str, y=None, extra=()):
     for column in extra:
         points[column] = records[column]
     return points.dropna(subset=["y"])
+
+
+def _undrawn(series, unit: str, note: str, **fields):
+    """A CSV row for something a chart does not draw, and why (`note`); it has no y."""
+    return _pd().DataFrame([{"series": series, "seq_len": np.nan, "y": np.nan, "y_unit": unit, "run_id": "",
+                             "note": note, **fields}])
 
 
 def _line_points(series, seq_len, y, unit: str, **fields):
@@ -295,14 +308,15 @@ def latency_chart(rows, fits=(), palette=None, markers=None, *, by_run: bool = F
     points = _record_points(ok, labels, "median_ms", "ms", extra=("p10_ms", "p90_ms"))
     curves = _fit_points(ok, fits, fields)
     drawn = _drawn(points, curves)
-    lines = " / ".join(sorted(set(curves["note"]))) if len(curves) else ""
+    shown, unfit = curves.dropna(subset=["y"]), curves[curves["y"].isna()]
+    lines = " / ".join(sorted(set(shown["note"]))) if len(shown) else ""
     fig, (ax,) = _figure(f"{mode.capitalize()} latency against context ({workload})", caption_for(ok, _joined(
         "points: median of the repetitions, bars p10 to p90", lines and f"lines: {lines} (coefficients >= 0)",
-        runs_note)))
+        _unfit_caption(unfit), runs_note)))
     _plot_series(ax, points, look, ls="none", ms=6)
     ax.vlines(points["seq_len"], points["p10_ms"], points["p90_ms"],
               colors=[look(row)[0] for _, row in points.iterrows()], lw=1.2)
-    _plot_series(ax, curves, look, legend=False, marker="", lw=1.3, alpha=0.8)
+    _plot_series(ax, shown, look, legend=False, marker="", lw=1.3, alpha=0.8)
     _context_axis(ax, ok["seq_len"])
     ax.set_ylabel("latency per call (ms)")
     _legend_outside(ax)
@@ -315,22 +329,35 @@ FIT_FORMULAS = {"linear": "fitted a + b*n", "quadratic": "fitted a + b*n + c*n^2
 def _fit_points(ok, fits, fields):
     """The fitted curves of the records drawn, at 64 whole lengths across each fit's range; a
     curve is named as its records' series are, but for the run (a fit may span runs), and by the
-    options that tell it from the kernel's other curves drawn (which may share no length)."""
+    options that tell it from the kernel's other curves drawn (which may share no length). A fit
+    that misses its own points (R^2 below MIN_R2_TO_EXTRAPOLATE) is no curve to draw: it gets
+    one row without y whose note says why."""
     from attnlab.analysis.fits import fit_labels
 
-    drawn = [(fit, fitted) for fit in fits if len(fitted := _fitted_records(ok, fit))]
-    _, apart = fit_labels([fit for fit, _ in drawn])
+    matched = [(fit, fitted) for fit in fits if len(fitted := _fitted_records(ok, fit))]
+    _, apart = fit_labels([fit for fit, _ in matched])
     curves = []
-    for fit, fitted in drawn:
+    for fit, fitted in matched:
         first = fitted.iloc[0]
         named = [f for f in fields if f != "run_id"] + [f for f in apart if f not in fields]
         name = ", ".join([f"fit {fit.kernel}", *(describe(f, first.get(f)) for f in named)])
+        where = {**first[["kernel", "device", "dtype", "mode", "workload"]].to_dict(), "r2": fit.r2}
+        if not fit.r2 >= MIN_R2_TO_EXTRAPOLATE:
+            curves.append(_undrawn(name, "ms", f"not drawn: the {fit.model} fit misses its own points (R^2 of log "
+                                               f"latency {fit.r2:.2f} < {MIN_R2_TO_EXTRAPOLATE})", **where))
+            continue
         n = np.unique(np.geomspace(min(fit.seq_lens), max(fit.seq_lens), 64).round())
-        where = first[["kernel", "device", "dtype", "mode", "workload"]].to_dict()
         curves.append(_line_points(name, n, fit.predict_ms(n), "ms", **where,
                                    note=FIT_FORMULAS[getattr(fit, "model", "quadratic")]))
     pd = _pd()
-    return pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["series", "seq_len", "note"])
+    return pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["series", "seq_len", "y", "note"])
+
+
+def _unfit_caption(unfit) -> str:
+    if unfit.empty:
+        return ""
+    names = ", ".join(f"{row['series']} (R^2 {row['r2']:.2f})" for _, row in unfit.iterrows())
+    return f"no line where a fit misses its own points (R^2 of log latency below {MIN_R2_TO_EXTRAPOLATE}): {names}"
 
 
 def _fitted_records(ok, fit):
@@ -458,23 +485,23 @@ def _peak_text(peaks, unit: str) -> str:
 def speedup_chart(rows, baseline: str, palette=None, markers=None, chosen_automatically: bool = False, *,
                   by_run: bool = False):
     """Baseline median latency over each kernel's, per context; above 1 is faster. Each time is
-    divided by the baseline's record of the same point (of the same run where runs are drawn
-    apart), never by a mean of several."""
+    divided by the baseline's record of the same point among `rows`, if it is of the same run:
+    never by another run's (another card, another state) nor by a mean of several. A record
+    whose run has no baseline record there is not drawn; its CSV row says why."""
     ok = _ok(rows)
     mode, workload = _one(ok, "mode"), _one(ok, "workload")
     labels, fields, look, runs_note = _series(ok, by_run, palette, markers)
-    joined = _with_baseline(ok.assign(series=labels), baseline, same_run="run_id" in fields)
-    points = _record_points(joined, joined["series"], "baseline_ms / median_ms", "x",
-                            y=joined["baseline_ms"] / joined["median_ms"],
+    joined = _with_baseline(ok.assign(series=labels), baseline)
+    paired, unpaired = joined[joined["baseline_ms"].notna()], joined[joined["baseline_ms"].isna()]
+    points = _record_points(paired, paired["series"], "baseline_ms / median_ms", "x",
+                            y=paired["baseline_ms"] / paired["median_ms"],
                             extra=("median_ms", "baseline", "baseline_ms", "baseline_run_id"))
-    drawn = _drawn(points)
-    missing = sorted(set(ok["seq_len"].astype(int)) - set(ok.loc[ok["kernel"] == baseline, "seq_len"].astype(int)))
-    note = f"speedup = {baseline} median latency / kernel median latency"
+    drawn = _drawn(points, _unpaired_points(unpaired, ok, baseline))
+    note = f"speedup = {baseline} median latency / kernel median latency, both from one run"
     note += " (baseline chosen automatically; pass --baseline to choose)" if chosen_automatically else ""
-    note += f"; no {baseline} time at {', '.join(fmt.k(n) for n in missing)}" if missing else ""
     fig, (ax,) = _figure(f"{mode.capitalize()} speedup over {baseline} ({workload})",
-                         caption_for(ok, _joined(note, runs_note)))
-    _plot_series(ax, points, look)
+                         caption_for(ok, _joined(note, _unpaired_caption(unpaired, baseline), runs_note)))
+    _plot_series(ax, drawn, look)      # a point not drawn breaks its series' line: nothing is implied there
     ax.axhline(1.0, color=GREY, ls="--", lw=1)
     _context_axis(ax, ok["seq_len"])
     _plain_numbers(ax.yaxis)
@@ -483,16 +510,49 @@ def speedup_chart(rows, baseline: str, palette=None, markers=None, chosen_automa
     return _attach(fig, drawn)
 
 
-def _with_baseline(ok, baseline: str, same_run: bool):
-    """`ok` with the baseline's median_ms and run_id of the same point (SAME_POINT) beside each
-    record."""
-    keys = [*(f for f in SAME_POINT if f in ok), *(["run_id"] if same_run else [])]
+def _with_baseline(ok, baseline: str):
+    """`ok` with the median_ms and run_id of the baseline's record of the same point
+    (SAME_POINT) in the same run beside each record; NaN where `ok` holds none."""
+    keys = [*(f for f in SAME_POINT if f in ok), "run_id"]
     base = ok[ok["kernel"] == baseline]
     _refuse_stacked(base, keys, f"baseline {baseline}")
-    point = ok[keys].map(str).agg("\x1f".join, axis=1) if len(ok) else ok["run_id"]
-    times = _pd().DataFrame({"baseline": baseline, "baseline_ms": base["median_ms"], "baseline_run_id": base["run_id"],
+    point = joined_key(ok, keys) if len(ok) else ok["run_id"]     # an empty frame's key is no Series
+    times = _pd().DataFrame({"baseline_ms": base["median_ms"], "baseline_run_id": base["run_id"],
                              "_point": point[base.index]})
-    return ok.assign(_point=point).merge(times, on="_point", how="inner").drop(columns="_point")
+    joined = ok.assign(_point=point).merge(times, on="_point", how="left").drop(columns="_point")
+    return joined.assign(baseline=baseline)
+
+
+def _unpaired_points(unpaired, ok, baseline: str):
+    """CSV rows without y for records that have no baseline record of their point in their own
+    run, each naming the run of the baseline's record, if any, and whether it ran on another card."""
+    columns = [*RECORD_COLUMNS, "series", "median_ms", "baseline"]
+    if unpaired.empty:
+        return unpaired.reindex(columns=columns)
+    keys = [f for f in SAME_POINT if f in ok]
+    base = ok[ok["kernel"] == baseline]
+    runs_of_point = dict(zip(joined_key(base, keys), base["run_id"])) if len(base) else {}
+    elsewhere = joined_key(unpaired, keys).map(runs_of_point)
+    cards = record_cards(ok)
+
+    def why(run, other) -> str:
+        if fmt.missing(other):
+            return f"not drawn: no {baseline} record of this point to divide by"
+        card = cards.get(other)
+        apart = ", another card" if card and cards.get(run) and card != cards.get(run) else ""
+        return (f"not drawn: the {baseline} record of this point is of run {named_run(other, cards)}{apart}, not of "
+                f"this record's run {named_run(run, cards)}; a speedup never divides two runs' times")
+    notes = [why(run, other) for run, other in zip(unpaired["run_id"], elsewhere)]
+    return unpaired.reindex(columns=columns).assign(y=np.nan, y_unit="x", y_from="baseline_ms / median_ms",
+                                                    note=notes)
+
+
+def _unpaired_caption(unpaired, baseline: str) -> str:
+    if unpaired.empty:
+        return ""
+    where = "; ".join(f"{kernel} at {', '.join(fmt.k(n) for n in sorted(group['seq_len']))}"
+                      for kernel, group in unpaired.groupby("kernel", sort=True))
+    return f"not drawn, as the {baseline} record of the point is of another run (see the CSV): {where}"
 
 
 def memory_chart(rows, palette=None, markers=None, *, by_run: bool = False):
@@ -575,7 +635,7 @@ def claim_chart(document: dict):
     claim = document["claim"]
     caption = (f"Model {document['model']} on {document['num_gpus']} x {document['gpu_config']['name']}, "
                f"{document['assumptions']['decode_tokens']} tokens decoded per sequence, "
-               f"{'calibrated on measurements' if calibrated else 'ideal (spec bandwidth and FLOP/s)'}; "
+               f"{_calibration_caption(document) if calibrated else 'ideal (spec bandwidth and FLOP/s)'}; "
                f"claim: {document['claim_source']}. Ratios {fmt.k(claim['short_ctx'])}/{fmt.k(claim['long_ctx'])}: "
                f"max batch "
                f"{fmt.ratio(document['ratio_max_batch'])}, batch 1 {fmt.ratio(document['ratio_batch1'])}, "
@@ -606,6 +666,15 @@ def claim_chart(document: dict):
         ax.plot([], [], ls=":", color=GREY, label="ideal model (dotted)")
     _legend_outside(ax)
     return _attach(fig, drawn)
+
+
+def _calibration_caption(document: dict) -> str:
+    """'calibrated on measurements of cards a, b (model error ...)': where the rates came from
+    and how well the model meets points it saw and did not see."""
+    cards = calibration_cards(document)
+    text = "calibrated on measurements" + (f" of card(s) {', '.join(cards)}" if cards else "")
+    brief = validation_brief(document.get("validation"))
+    return f"{text} ({brief})" if brief else text
 
 
 def _batch_axis(ax, points) -> None:

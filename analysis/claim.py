@@ -12,7 +12,11 @@ context n grows:
 A decode step is the sum of its operations, run one after another: each weight GEMM takes
 max(weight bytes / bandwidth, FLOPs / compute rate); attention reads the KV cache at the
 decode kernel's marginal bandwidth; a fixed overhead covers the rest (norms, rotary, launches).
-Calibrated on records, every rate stays within what the GPU was measured to do.
+Calibrated on records, every rate stays within what the GPU was measured to do, and the
+document says which records (length, run, card) set each parameter. A model fitted to the
+end-to-end points it is then compared with proves little, so `model_validation` also gives its
+error on points it did not see: each point left out of the fit in turn, and no end-to-end
+calibration at all.
 
 What-ifs (`WhatIf`, `parse_what_if`): the levers the talk behind the claim names, each a change
 to what a sequence keeps in its KV cache (`KvCache`: an 8-bit cache, a sliding window, a
@@ -27,6 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from attnlab import models
 from attnlab import text as fmt
 from attnlab.analysis import _deps
+from attnlab.analysis.conditions import named_run, run_cards
 from attnlab.analysis.roofline import GPU_SPECS, GpuSpec, gpu_spec, match_gpu
 from attnlab.analysis.select import recorded_memory, standing_ok
 from attnlab.models import DEFAULT_MODEL, AttentionMemory, ModelConfig
@@ -59,7 +64,8 @@ class Calibration:
     """Fractions of the spec peaks the serving stack reaches, a fixed cost per decode step,
     and, where a prefill was measured, its attention time per layer and sequence as
     a + b n + c n^2 ms (`prefill_attention`, empty: counted from FLOPs). 1, 1, 1, 0 is the
-    ideal machine. `sources` says where each number came from."""
+    ideal machine. `sources` says where each number came from, in words; `provenance`, for
+    each parameter set from records, which records (kernel, mode, length, run, card)."""
 
     weights_bw_efficiency: float = 1.0
     kv_bw_efficiency: float = 1.0
@@ -67,6 +73,7 @@ class Calibration:
     overhead_ms: float = 0.0
     prefill_attention: tuple = ()
     sources: tuple = ()
+    provenance: tuple = ()
 
     @property
     def is_ideal(self) -> bool:
@@ -310,6 +317,7 @@ def explain_claim(serving: ServingModel, seq_lens=DEFAULT_SEQ_LENS, measured=(),
     document["ratios_side_by_side"] = _side_by_side(serving, document)
     if ideal is not None and not serving.calibration.is_ideal:
         document["ideal_points"] = [ideal.point(n) for n in seq_lens]
+    document["validation"] = model_validation(serving)
     document["explanation"] = _explanation(serving, short, long, document)
     document["what_if"] = [_what_if_entry(lever, points, m) for lever, points in levers]
     return document
@@ -357,11 +365,12 @@ def _side_by_side(serving: ServingModel, doc: dict) -> list:
             continue
         short = serving.tok_s(m["short_ctx"], m["short_batch"]) if m.get("short_batch") else None
         long = serving.tok_s(m["long_ctx"], m["long_batch"]) if m.get("long_batch") else None
-        rows.append({"what": "attnlab measured", "kernel": m["kernel"], "short_ctx": m["short_ctx"],
-                     "long_ctx": m["long_ctx"], "ratio": m["ratio"],
+        run = {"kernel": m["kernel"], "run_id": m["run_id"], "card": m["card"], "short_ctx": m["short_ctx"],
+               "long_ctx": m["long_ctx"]}
+        rows.append({"what": "attnlab measured", **run, "ratio": m["ratio"],
                      "how": "attnlab's decoder, random weights of the same shapes, at the batches its planner chose"})
-        rows.append({"what": "model at the measured batches", "kernel": m["kernel"], "short_ctx": m["short_ctx"],
-                     "long_ctx": m["long_ctx"], "ratio": _ratio(short, long) if short and long else None,
+        rows.append({"what": "model at the measured batches", **run,
+                     "ratio": _ratio(short, long) if short and long else None,
                      "how": "this model at the batch and context of each measured point"})
     return rows
 
@@ -369,6 +378,7 @@ def _side_by_side(serving: ServingModel, doc: dict) -> list:
 def _calibration_dict(cal: Calibration) -> dict:
     out = asdict(cal)
     out["sources"] = list(cal.sources)
+    out["provenance"] = list(cal.provenance)
     out["prefill_attention"] = list(cal.prefill_attention)
     out["ideal"] = cal.is_ideal
     return out
@@ -430,22 +440,27 @@ def _compute_bound_text(point: dict, label: str) -> str:
 
 def _measured_sentences(doc: dict) -> list:
     out = []
-    by_kernel = {}
+    by_run = {}
     for row in doc["ratios_side_by_side"]:
-        by_kernel.setdefault(row.get("kernel"), {})[row["what"]] = row
-    for kernel, rows in by_kernel.items():
+        by_run.setdefault((row.get("kernel"), row.get("run_id")), {})[row["what"]] = row
+    for (kernel, run_id), rows in by_run.items():
         measured, modelled = rows.get("attnlab measured"), rows.get("model at the measured batches")
         if not measured:
             continue
-        mine = [p for p in doc["measured"] if p["kernel"] == kernel and p["mode"] == "e2e-decode"]
+        mine = [p for p in doc["measured"] if (p["kernel"], p["run_id"], p["mode"]) == (kernel, run_id, "e2e-decode")]
         errors = [abs(p["model_error"]) for p in mine if p.get("model_error") is not None]
-        text = (f"Measured with {kernel} (attnlab's decoder, random weights): {measured['ratio']:.0f}x from "
-                f"{fmt.k(measured['short_ctx'])} to {fmt.k(measured['long_ctx'])}, at the batches its planner chose "
-                f"({_batch_at(mine, measured['short_ctx'])} and {_batch_at(mine, measured['long_ctx'])})")
+        run = named_run(run_id, {run_id: measured.get("card")})
+        text = (f"Measured with {kernel} in run {run}, attnlab's decoder with random weights: "
+                f"{measured['ratio']:.0f}x from {fmt.k(measured['short_ctx'])} to {fmt.k(measured['long_ctx'])}, at "
+                f"the batches its planner chose ({_batch_at(mine, measured['short_ctx'])} and "
+                f"{_batch_at(mine, measured['long_ctx'])})")
         if modelled and modelled["ratio"]:
             text += f"; the model at those batches gives {modelled['ratio']:.0f}x"
         if errors:
             text += f", and is within {100 * max(errors):.0f}% of each measured point"
+            validation = doc.get("validation") or {}
+            if validation.get("kernel") == kernel and run_id in validation["runs"]:
+                text += " in sample: it was fitted to them (out of sample, see the model error below)"
         if any(p.get("cuda_graph") is False for p in mine):
             text += ("; this kernel ran without a CUDA graph, so its per-step overhead is not the one the model "
                      "was calibrated with")
@@ -459,10 +474,11 @@ def _batch_at(points: list, seq_len: int):
 
 # --- measurements -----------------------------------------------------------------------------
 
-def measured_points(results, serving: ServingModel) -> tuple[list, list]:
+def measured_points(results, serving: ServingModel, cards=None) -> tuple[list, list]:
     """Standing end-to-end records (modes e2e-decode, e2e-prefill-decode) for this model and
-    GPU, as points {seq_len, batch, tok_s, step_ms, mode, kernel, device, run_id}; and notes
-    on what was left out and why."""
+    GPU, as points {seq_len, batch, tok_s, step_ms, mode, kernel, device, run_id, card} (card:
+    from `cards`, {run_id: card}); and notes on what was left out and why."""
+    cards = cards or {}
     ok = standing_ok(results)
     rows = ok[ok["mode"].isin(E2E_MODES)]
     points, left_out = [], Counter()
@@ -482,7 +498,7 @@ def measured_points(results, serving: ServingModel) -> tuple[list, list]:
             points.append({"seq_len": int(row["seq_len"]), "batch": _int_or_none(batch), "tok_s": float(tok_s),
                            "step_ms": float(step_ms) if step_ms > 0 else None, "mode": row["mode"],
                            "kernel": row["kernel"], "device": row["device"], "run_id": row["run_id"],
-                           "cuda_graph": _flag(row.get("cuda_graph")),
+                           "card": cards.get(row["run_id"]), "cuda_graph": _flag(row.get("cuda_graph")),
                            **{name: _setting(row.get(name)) for name in E2E_SETTINGS}})
     notes = [f"left out {count} end-to-end record(s): {why}" for why, count in left_out.items()]
     return sorted(points, key=lambda p: (p["mode"], p["kernel"], p["seq_len"])), notes
@@ -504,80 +520,137 @@ def _int_or_none(value):
 
 
 def measured_ratios(points) -> list:
-    """Short over long tokens/s per (mode, kernel, settings), between its shortest and longest
-    context: points measured with other settings (tokens decoded, prefill kernel) are not one
-    curve."""
+    """Short over long tokens/s per (mode, kernel, run, settings), between its shortest and
+    longest context: points of two runs (two cards, perhaps) or measured with other settings
+    (tokens decoded, prefill kernel) are not one curve."""
     groups = {}
     for p in points:
-        groups.setdefault((p["mode"], p["kernel"], *(str(p.get(s)) for s in E2E_SETTINGS)), []).append(p)
+        key = (p["mode"], p["kernel"], str(p["run_id"]), *(str(p.get(s)) for s in E2E_SETTINGS))
+        groups.setdefault(key, []).append(p)
     out = []
     for key, group in sorted(groups.items()):
         first, last = min(group, key=lambda p: p["seq_len"]), max(group, key=lambda p: p["seq_len"])
         if last["seq_len"] > first["seq_len"]:
-            out.append({"mode": first["mode"], "kernel": first["kernel"], "short_ctx": first["seq_len"],
-                        "long_ctx": last["seq_len"], "short_batch": first["batch"], "long_batch": last["batch"],
+            out.append({"mode": first["mode"], "kernel": first["kernel"], "run_id": first["run_id"],
+                        "card": first.get("card"), "short_ctx": first["seq_len"], "long_ctx": last["seq_len"],
+                        "short_batch": first["batch"], "long_batch": last["batch"],
                         "ratio": first["tok_s"] / last["tok_s"], **{s: first.get(s) for s in E2E_SETTINGS}})
     return out
 
 
 # --- calibration --------------------------------------------------------------------------------
 
-def calibrate(results, serving: ServingModel, points=(), fits=()) -> tuple[Calibration, dict, list]:
+def calibrate(results, serving: ServingModel, points=(), fits=(), cards=None) -> tuple[Calibration, dict, list]:
     """Rates from standing records on this GPU, each within what the GPU was measured to do:
     weights stream at the measured device copy; KV at the marginal bandwidth of the decode
     kernel the end-to-end runs used (the slope b of its linear fit), at most the copy's; the
     GEMMs' compute rate (at most the measured matmul's) and a fixed per-step overhead fitted
     to that kernel's e2e-decode step times; prefill attention from the fastest prefill curve of
     the model's attention shape. Returns the calibration, each e2e kernel's own KV efficiency
-    and notes; whatever has no data stays ideal."""
+    and notes; whatever has no data stays ideal. The calibration's `provenance` says which
+    records (length, run and, from `cards` {run_id: card}, card) set each parameter."""
     on_gpu = standing_ok(results)
     on_gpu = on_gpu[_gpu_keys(on_gpu) == serving.gpu.key]
     if on_gpu.empty:
         return Calibration(), {}, [f"none of the results was measured on {serving.gpu.name}: the model stays ideal"]
     fits = [f for f in fits if getattr(match_gpu(f.device), "key", None) == serving.gpu.key]
-    values, sources, notes = {}, [], []
-    copy_gbps = _best(on_gpu, "copy", "gbps")
-    matmul_tflops = _best(on_gpu, "matmul", "tflops")
-    if copy_gbps:
-        values["weights_bw_efficiency"] = min(1.0, copy_gbps / serving.gpu.bandwidth_gbps)
+    cards, spec = cards or {}, serving.gpu
+    values, sources, provenance, notes = {}, [], [], []
+    copy, matmul = _best(on_gpu, "copy", "gbps"), _best(on_gpu, "matmul", "tflops")
+    copy_gbps = copy["gbps"] if copy is not None else None
+    if copy is not None:
+        values["weights_bw_efficiency"] = min(1.0, copy_gbps / spec.bandwidth_gbps)
         sources.append(f"weights: streamed at the measured device copy, {copy_gbps:,.0f} of "
-                       f"{serving.gpu.bandwidth_gbps:,.0f} GB/s")
+                       f"{spec.bandwidth_gbps:,.0f} GB/s")
+        provenance.append(_provenance(_picked(values, "weights_bw_efficiency"), "the fastest device copy "
+                                      "calibration record", [_record_point(copy)], cards))
     kv_by_kernel = _kv_efficiencies(on_gpu, fits, serving, copy_gbps)
     steps = [p for p in points if p["mode"] == "e2e-decode" and p["batch"] and p["step_ms"]]
     kernel = _model_kernel(steps, kv_by_kernel)
     if kernel:
-        values["kv_bw_efficiency"], why = kv_by_kernel[kernel]
+        values["kv_bw_efficiency"], why, fit = kv_by_kernel[kernel]
         sources.append(why)
+        provenance.append(_provenance(_picked(values, "kv_bw_efficiency"), f"the slope b of {kernel}'s linear "
+                                      "decode fit", _fit_points(fit), cards))
     else:
         notes.append("no linear decode fit of the model's attention shape on this GPU: the KV read stays ideal")
-    compute_cap = min(1.0, matmul_tflops / serving.gpu.bf16_tflops) if matmul_tflops else 1.0
+    compute_cap = min(1.0, matmul["tflops"] / spec.bf16_tflops) if matmul is not None else 1.0
     mine = [p for p in steps if p["kernel"] == kernel] if kernel else steps
     if mine:
-        values.update(_fit_compute_and_overhead(mine, replace(serving, calibration=Calibration(**values)), compute_cap))
-        sources.append(f"GEMM compute: {100 * values['compute_efficiency']:.0f}% of {serving.gpu.bf16_tflops:.0f} "
+        base = replace(serving, calibration=Calibration(**values))
+        values.update(_fit_compute_and_overhead(mine, base, compute_cap))
+        sources.append(f"GEMM compute: {100 * values['compute_efficiency']:.0f}% of {spec.bf16_tflops:.0f} "
                        f"TFLOP/s (at most the measured matmul's {100 * compute_cap:.0f}%) and a per-step overhead of "
                        f"{values['overhead_ms']:.2f} ms, fitted to {len(mine)} e2e-decode step time(s) of "
                        f"{mine[0]['kernel']}")
+        provenance.append(_e2e_provenance(values, mine, compute_cap, matmul, serving, cards))
     else:
         values["compute_efficiency"] = compute_cap
-        if matmul_tflops:
-            sources.append(f"compute: measured matmul {matmul_tflops:.0f} of {serving.gpu.bf16_tflops:.0f} TFLOP/s")
+        if matmul is not None:
+            sources.append(f"compute: measured matmul {matmul['tflops']:.0f} of {spec.bf16_tflops:.0f} TFLOP/s")
+            provenance.append(_provenance(_picked(values, "compute_efficiency"), "the fastest bf16 matmul "
+                                          "calibration record", [_record_point(matmul)], cards))
         notes.append("no e2e-decode records with batch and step time on this GPU: no per-step overhead")
     prefill = _prefill_attention(fits, serving.model)
     if prefill:
-        values["prefill_attention"], why = prefill
+        values["prefill_attention"], why, fit = prefill
         sources.append(why)
-    return Calibration(**values, sources=tuple(sources)), {k: v[0] for k, v in kv_by_kernel.items()}, notes
+        provenance.append(_provenance(_picked(values, "prefill_attention"), f"{fit.kernel}'s quadratic prefill "
+                                      "fit", _fit_points(fit), cards))
+    calibration = Calibration(**values, sources=tuple(sources), provenance=tuple(provenance))
+    return calibration, {k: v[0] for k, v in kv_by_kernel.items()}, notes
 
 
 def _best(rows, kind: str, column: str):
-    values = rows[(rows["mode"] == "calibration") & rows["kernel"].str.contains(kind)][column].dropna()
-    return float(values.max()) if len(values) else None
+    """The calibration record of `kind` (copy, matmul) with the highest `column`, or None."""
+    found = rows[(rows["mode"] == "calibration") & rows["kernel"].str.contains(kind) & (rows[column] > 0)]
+    return found.loc[found[column].idxmax()] if len(found) else None
+
+
+def _record_point(row) -> dict:
+    return {"kernel": row["kernel"], "mode": row["mode"], "seq_len": _int_or_none(row["seq_len"]),
+            "run_id": row["run_id"]}
+
+
+def _fit_points(fit) -> list:
+    return [{"kernel": fit.kernel, "mode": fit.mode, "seq_len": p["seq_len"], "run_id": p["run_id"]}
+            for p in fit.points]
+
+
+def _provenance(parameters: dict, fitted_to: str, points: list, cards: dict, **extra) -> dict:
+    """Which records set `parameters` ({name: value}): each point with its run and card, and the
+    runs and cards they span (two cards of one GPU model differ in speed)."""
+    points = [{**p, "card": cards.get(p["run_id"])} for p in points]
+    return {"parameters": parameters, "fitted_to": fitted_to, "points": points,
+            "runs": sorted({p["run_id"] for p in points}), "cards": sorted({p["card"] for p in points if p["card"]}),
+            **extra}
+
+
+def _picked(values: dict, *names) -> dict:
+    """{name: value} of `names` in `values`, as JSON holds them (a tuple as a list)."""
+    return {name: list(values[name]) if isinstance(values[name], tuple) else values[name] for name in names}
+
+
+def _e2e_provenance(values: dict, points: list, compute_cap: float, matmul, serving: ServingModel,
+                    cards: dict) -> dict:
+    """The provenance of the compute efficiency and overhead: the e2e-decode points they were
+    fitted to, the matmul record that bounds the efficiency, and the lengths where it binds (a
+    GEMM compute-bound at the point's batch: elsewhere the efficiency changes nothing)."""
+    model = replace(serving, calibration=Calibration(**values))
+    binds = [p["seq_len"] for p in points if model.decode_step(p["seq_len"], p["batch"])["compute_bound"]]
+    fitted = [{"kernel": p["kernel"], "mode": p["mode"], "seq_len": p["seq_len"], "batch": p["batch"],
+               "step_ms": p["step_ms"], "tok_s": p["tok_s"], "run_id": p["run_id"]} for p in points]
+    bound = _provenance({"compute_efficiency_at_most": compute_cap},
+                        "the fastest bf16 matmul calibration record" if matmul is not None else "the spec",
+                        [_record_point(matmul)] if matmul is not None else [], cards)
+    return _provenance(_picked(values, "compute_efficiency", "overhead_ms"), f"the e2e-decode step times of "
+                       f"{points[0]['kernel']}, on relative error", fitted, cards,
+                       compute_efficiency_at_most=bound, compute_efficiency_binds_at=binds)
 
 
 def _kv_efficiencies(on_gpu, fits, serving: ServingModel, copy_gbps) -> dict:
-    """{kernel: (share of spec bandwidth, source)} from each linear decode fit of the model's
-    attention shape: bytes per cached token (from its records) over the slope b."""
+    """{kernel: (share of spec bandwidth, source, fit)} from each linear decode fit of the
+    model's attention shape: bytes per cached token (from its records) over the slope b."""
     out, m = {}, serving.model
     for fit in fits:
         if fit.mode != "decode" or fit.model != "linear" or fit.b_ms_per_token <= 0:
@@ -596,7 +669,7 @@ def _kv_efficiencies(on_gpu, fits, serving: ServingModel, copy_gbps) -> dict:
                                   f"{fit.b_ms_per_token * 1e6:.3g} ns per cached token of {per_token:,.0f} bytes: "
                                   f"{gbps:,.0f} GB/s"
                                   + (f", held to the measured copy's {copy_gbps:,.0f}" if capped < gbps else "")
-                                  + f", {100 * share:.0f}% of {serving.gpu.bandwidth_gbps:,.0f}")
+                                  + f", {100 * share:.0f}% of {serving.gpu.bandwidth_gbps:,.0f}", fit)
     return out
 
 
@@ -640,7 +713,7 @@ def _fit_compute_and_overhead(points: list, serving: ServingModel, compute_cap: 
 
 def _prefill_attention(fits, model: ModelConfig):
     """(a, b, c) ms per layer and sequence from the fastest quadratic prefill fit of the
-    model's attention shape (batch 1, causal), and its source; None without one."""
+    model's attention shape (batch 1, causal), its source and the fit; None without one."""
     matching = [f for f in fits if f.mode == "prefill" and f.model == "quadratic" and f.shape.get("causal")
                 and f.shape.get("batch") == 1
                 and (f.shape.get("heads"), f.shape.get("kv_heads"), f.shape.get("head_dim"))
@@ -651,7 +724,91 @@ def _prefill_attention(fits, model: ModelConfig):
     fastest = min(matching, key=lambda f: float(f.predict_ms(longest)))
     return ((fastest.a_ms, fastest.b_ms_per_token, fastest.c_ms_per_token2),
             f"prefill attention: {fastest.kernel}'s prefill fit, {float(fastest.predict_ms(longest)):,.0f} ms per "
-            f"layer and sequence at {fmt.k(longest)}")
+            f"layer and sequence at {fmt.k(longest)}", fastest)
+
+
+# --- how well the model meets what it was fitted to ----------------------------------------------
+
+VALIDATION_KINDS = ("in_sample", "leave_one_out", "uncalibrated")
+
+
+def model_validation(serving: ServingModel) -> dict | None:
+    """The calibrated model's error (measured tok/s over model tok/s, less 1) on the e2e-decode
+    points its compute efficiency and overhead were fitted to: in sample (fitted with every
+    point), leave-one-out (refitted without the point it predicts) and uncalibrated (fitted to
+    no e2e point: the kernel and calibration records alone, compute at the measured matmul's
+    share, no overhead). None where no e2e point calibrated the model."""
+    cal = serving.calibration
+    fitted = next((item for item in cal.provenance if "overhead_ms" in item["parameters"]), None)
+    if fitted is None:
+        return None
+    points, cap = fitted["points"], fitted["compute_efficiency_at_most"]["parameters"]["compute_efficiency_at_most"]
+    uncalibrated = replace(serving, calibration=replace(cal, compute_efficiency=cap, overhead_ms=0.0))
+    rows = []
+    for i, point in enumerate(points):
+        rest = points[:i] + points[i + 1:]
+        refit = _fit_compute_and_overhead(rest, serving, cap) if rest else None
+        left_out = replace(serving, calibration=replace(cal, **refit)) if refit else None
+        rows.append({**point, "in_sample_error": _error(serving, point),
+                     "leave_one_out_error": _error(left_out, point) if left_out else None,
+                     "uncalibrated_error": _error(uncalibrated, point)})
+    return {"kernel": points[0]["kernel"], "error": "measured tok/s / model tok/s - 1",
+            "uncalibrated_model": f"compute at the measured matmul's {100 * cap:.0f}% of the spec, no per-step "
+                                  f"overhead; weights, KV read and batch as calibrated",
+            "points": rows, "runs": fitted["runs"], "cards": fitted["cards"],
+            "worst": {kind: _worst(rows, f"{kind}_error") for kind in VALIDATION_KINDS}}
+
+
+def _error(model: ServingModel, point: dict) -> float:
+    return float(point["tok_s"] / model.tok_s(point["seq_len"], point["batch"]) - 1)
+
+
+def _worst(rows: list, key: str) -> dict | None:
+    """{error, seq_len, run_id, card} of the row whose `key` is largest in size, or None."""
+    known = [row for row in rows if row[key] is not None]
+    if not known:
+        return None
+    row = max(known, key=lambda r: abs(r[key]))
+    return {"error": row[key], "seq_len": row["seq_len"], "run_id": row["run_id"], "card": row.get("card")}
+
+
+def _worst_text(validation: dict, kind: str, where: bool = True) -> str:
+    """'at most 5.3% (at 128k)': the largest error of one kind, in size."""
+    worst = validation["worst"][kind]
+    if not worst:
+        return "not known"
+    return f"at most {100 * abs(worst['error']):.1f}%" + (f" (at {fmt.k(worst['seq_len'])})" if where else "")
+
+
+def validation_brief(validation: dict | None) -> str:
+    """The three errors in a clause, for a caption or a summary; '' without a validation."""
+    if not validation:
+        return ""
+    errors = [f"{_worst_text(validation, kind, where=False).removeprefix('at most ')} {label}" for kind, label in
+              (("in_sample", "in sample"), ("leave_one_out", "leave-one-out"), ("uncalibrated", "uncalibrated"))]
+    return (f"model error on the {len(validation['points'])} {validation['kernel']} e2e-decode points it was "
+            f"fitted to, at most: {', '.join(errors)}")
+
+
+def calibration_cards(document: dict) -> list:
+    """The cards (short) of every record the document's calibration was taken from."""
+    items = document["assumptions"]["calibration"].get("provenance") or []
+    nested = [item.get("compute_efficiency_at_most") or {} for item in items]
+    return sorted({card for item in items + nested for card in item.get("cards", [])})
+
+
+def validation_text(validation: dict | None) -> str:
+    """One sentence: the in-sample error beside the two out-of-sample ones, each named."""
+    if not validation:
+        return ""
+    cards = {p["run_id"]: p.get("card") for p in validation["points"]}
+    runs = ", ".join(named_run(run, cards) for run in validation["runs"])
+    return (f"Model error (measured over model, less 1) on the {len(validation['points'])} e2e-decode point(s) of "
+            f"{validation['kernel']} from run {runs} that its compute efficiency and per-step overhead were fitted "
+            f"to: in sample {_worst_text(validation, 'in_sample')}; out of sample "
+            f"{_worst_text(validation, 'leave_one_out')} refitted without each point in turn (leave-one-out), and "
+            f"{_worst_text(validation, 'uncalibrated')} with no end-to-end calibration "
+            f"({validation['uncalibrated_model']}).")
 
 
 def build_claim(model=DEFAULT_MODEL, gpu="h100-sxm", *, seq_lens=DEFAULT_SEQ_LENS, num_gpus: int = 1,
@@ -672,8 +829,9 @@ def build_claim(model=DEFAULT_MODEL, gpu="h100-sxm", *, seq_lens=DEFAULT_SEQ_LEN
             fits, _ = fit_all(results, environments=environments, n_boot=50)
         on_gpu = results.loc[_gpu_keys(results) == spec.key, "run_id"]
         ideal = replace(ideal, memory_bytes=recorded_memory(environments, on_gpu))
-        points, notes = measured_points(results, ideal)
-        calibration, kv_by_kernel, cal_notes = calibrate(results, ideal, points, fits)
+        cards = run_cards(environments)
+        points, notes = measured_points(results, ideal, cards)
+        calibration, kv_by_kernel, cal_notes = calibrate(results, ideal, points, fits, cards)
         notes += cal_notes
         points = [{**p, "kv_bw_efficiency": kv_by_kernel.get(p["kernel"])} for p in points]
         serving = replace(ideal, calibration=calibration)

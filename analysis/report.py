@@ -3,7 +3,8 @@ base64 PNG) and report.md (charts linked from charts/), built from the same sect
 
 Sections: run conditions, records, head to head, fits, charts, roofline, the claim, failed
 and out-of-memory points. The files `analyze` writes (fits, roofline, claim, charts) sit
-beside the page.
+beside the page. Every run the page names is followed by its card (the first 8 hex digits of
+its GPU UUID), since runs of one GPU model may come from different cards.
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from pathlib import Path
 from attnlab import text as fmt
 from attnlab.analysis import summary
 from attnlab.analysis.analyze import analyze
-from attnlab.analysis.conditions import conditions_blocks
-from attnlab.analysis.charts import pick_baseline
-from attnlab.analysis.claim import CLAIM
-from attnlab.analysis.fits import MIN_LENGTHS, SELECTION, extrapolated_text, fit_labels, worst_miss
+from attnlab.analysis.charts import pick_baseline, render_all
+from attnlab.analysis.claim import CLAIM, validation_text
+from attnlab.analysis.conditions import card_namer, conditions_blocks, run_cards, with_cards
+from attnlab.analysis.fits import (MIN_LENGTHS, MIN_R2_TO_EXTRAPOLATE, SELECTION, extrapolated_text, fit_labels,
+                                   worst_miss)
 from attnlab.analysis.roofline import roofline_summary
 from attnlab.analysis.select import SAME_POINT, exclusion_kind, joined_key, point_labels
 from attnlab.models import DEFAULT_MODEL
@@ -49,13 +51,26 @@ def build_report(paths, out_dir, *, baseline=None, model=DEFAULT_MODEL, gpu=None
     if "png" not in formats:
         formats = ("png", *formats)  # the HTML page embeds PNG
     analysis = analyze(paths, out_dir, baseline=baseline, model=model, gpu=gpu, formats=formats, n_boot=n_boot,
-                       all_runs=all_runs, this_machine=this_machine)
+                       charts=False, all_runs=all_runs, this_machine=this_machine)
     out = Path(out_dir)
-    sections = scrubbed(_sections(analysis, _ordered(analysis.charts), baseline), machine_paths(paths))
+    envs = analysis.loaded.environments
+    analysis.loaded.results = with_cards(analysis.results, envs)     # so that charts and tables name each card
+    _draw_charts(analysis, out / "charts", baseline=baseline, formats=formats, all_runs=all_runs)
+    sections = _sections(analysis, _ordered(analysis.charts), baseline)
+    sections = scrubbed(carded(sections, run_cards(envs)), machine_paths(paths))
     html_path, md_path = out / "report.html", out / "report.md"
     html_path.write_text(render_html(sections), encoding="utf-8")
     md_path.write_text(render_markdown(sections, out), encoding="utf-8")
     return Report(html_path, md_path, analysis.files + [html_path, md_path], analysis.charts, analysis.warnings)
+
+
+def _draw_charts(analysis, out: Path, **options) -> None:
+    """`analyze`'s charts, drawn from records that know their card."""
+    drawn, not_drawn = render_all(analysis.results, out, fits=analysis.fits, roof=analysis.roof,
+                                  claim=analysis.claim, **options)
+    analysis.charts = drawn
+    analysis.files += [path for chart in drawn for path in chart.files.values()]
+    analysis.warnings += [f"chart not drawn: {reason}" for reason in not_drawn]
 
 
 def machine_paths(paths) -> list:
@@ -78,7 +93,17 @@ def scrubbed(sections: list, prefixes: list) -> list:
         for prefix, shown in prefixes:
             value = value.replace(prefix + "/", f"{shown}/" if shown else "").replace(prefix, shown or ".")
         return value
+    return _text_mapped(sections, text)
 
+
+def carded(sections: list, cards: dict) -> list:
+    """`sections` with every run named by its id followed by its card, '(card d3d8bafb)', where
+    the card is known and not already said: two runs of one GPU model may come from two cards."""
+    return _text_mapped(sections, card_namer(cards)) if cards else sections
+
+
+def _text_mapped(sections: list, text) -> list:
+    """`sections` with `text` applied to every text a block holds (charts keep their own)."""
     def block(b):
         if b[0] == "p":
             return ("p", text(b[1]))
@@ -112,7 +137,7 @@ def _sections(analysis, drawn, baseline=None) -> list:
         ("Summary", _summary_blocks(analysis, drawn)),
         ("Charts", [("chart", c) for c in drawn if c.name != "claim"] or [("p", "No charts could be drawn.")]),
         ("Head to head", _head_to_head_blocks(results, baseline)),
-        ("Fits: decode a + b n, prefill a + b n + c n^2", _fit_blocks(analysis.fits)),
+        ("Fits: decode a + b n, prefill a + b n + c n^2", _fit_blocks(analysis.fits, run_cards(envs))),
         ("Roofline", _roofline_blocks(analysis.roof)),
         ("The claim: 10,000 tokens/s at 1k, 130 at 120k", _claim_blocks(claim)),
         ("Failed and out-of-memory points", _failure_blocks(results)),
@@ -189,18 +214,18 @@ def _versus(cells, seq_len, label, base_ms, rate, unit, chosen) -> str:
     return text
 
 
-def _fit_blocks(fits) -> list:
+def _fit_blocks(fits, cards: dict) -> list:
     if not fits:
         return [("p", f"No curve had ok records at {MIN_LENGTHS} or more context lengths.")]
     headers = ["kernel", "mode", "workload", "device", "dtype", "model", "a (ms)", "b (ms/token)", "c (ms/token^2)",
-               "exponent [95% CI]", "R^2 (log)", "worst miss", "lengths (runs)", "c n^2 > b n beyond",
-               "256k (ms) [95%]", "1M (ms) [95%]"]
+               "exponent [95% CI]", "R^2 (log)", "worst miss", "lengths (runs)", "cards of its points",
+               "c n^2 > b n beyond", "256k (ms) [95%]", "1M (ms) [95%]"]
     rows, labels = [], fit_labels(fits)[0]
     for f, label in zip(fits, labels):
         lo, hi = f.exponent_ci
         rows.append([label, f.mode, f.workload, f.device, f.dtype, f.model, fmt.num(f.a_ms),
                      fmt.num(f.b_ms_per_token), fmt.num(f.c_ms_per_token2), f"{f.exponent:.2f} [{lo:.2f}, {hi:.2f}]",
-                     f"{f.r2:.4f}", fmt.pct(100 * worst_miss(f)), _lengths(f.points),
+                     f"{f.r2:.4f}", fmt.pct(100 * worst_miss(f)), _lengths(f.points), _point_cards(f.points, cards),
                      "never" if f.crossover_seq_len is None else f"{f.crossover_seq_len:,} tokens",
                      *[extrapolated_text(p) for p in f.extrapolation]])
     note = ("Each curve is fitted to the one record that stands for each of its points. Decode reads the KV cache "
@@ -209,10 +234,18 @@ def _fit_blocks(fits) -> list:
             "exponent is the log-log slope over the longer half of the lengths. Intervals come from a bootstrap: "
             "over each record's repetitions, and, where several valid runs measured a length (the count in "
             "brackets), over those runs too, so they cover the spread between runs; the extrapolations assume the "
-            "model holds beyond the data, and state no latency where the kernel does not fit in memory.")
+            "model holds beyond the data, and state no latency where the kernel does not fit in memory. A curve "
+            "whose points come from more than one card ('cards of its points'), or whose intervals take in runs "
+            "of another card, spans the difference between those cards too. A curve below R^2 "
+            f"{MIN_R2_TO_EXTRAPOLATE} is not drawn in the latency charts; its points are.")
     reasons = [f"{label} {f.mode} ({f.workload}): {f.model_reason}; intervals: {f.ci_method}."
                for f, label in zip(fits, labels)]
     return [("p", note), ("table", headers, rows), ("list", reasons)]
+
+
+def _point_cards(points, cards: dict) -> str:
+    """The cards the fitted points were measured on, '-' where unknown."""
+    return ", ".join(sorted({cards[p["run_id"]] for p in points if p["run_id"] in cards})) or "-"
 
 
 def _lengths(points) -> str:
@@ -250,16 +283,66 @@ def _claim_blocks(claim: dict) -> list:
     sources = claim["assumptions"]["calibration"]["sources"]
     if sources:
         blocks.append(("p", "Calibration: " + "; ".join(sources) + "."))
-    blocks.append(("table", ["ratio", "kernel", "lengths", "drop", "how"],
-                   [[r["what"], r.get("kernel", "-"), f"{fmt.k(r['short_ctx'])} to {fmt.k(r['long_ctx'])}",
-                     fmt.ratio(r["ratio"]), r["how"]] for r in claim["ratios_side_by_side"]]))
+    blocks += _provenance_blocks(claim["assumptions"]["calibration"].get("provenance") or [])
+    blocks.append(("table", ["ratio", "kernel", "run", "lengths", "drop", "how"],
+                   [[r["what"], r.get("kernel", "-"), r.get("run_id") or "-",
+                     f"{fmt.k(r['short_ctx'])} to {fmt.k(r['long_ctx'])}", fmt.ratio(r["ratio"]), r["how"]]
+                    for r in claim["ratios_side_by_side"]]))
     if claim["measured"]:
         blocks.append(("table", ["measured", "kernel", "context", "batch", "tok/s", "model tok/s", "measured / model",
                                  "run"],
                        [[m["mode"], m["kernel"], fmt.k(m["seq_len"]), m["batch"], fmt.num(m["tok_s"]),
                          fmt.num(m["model_tok_s"]), _signed_pct(m["model_error"]), m["run_id"]]
                         for m in claim["measured"]]))
+    blocks += _validation_blocks(claim.get("validation"))
     return blocks + [("p", "The chart of this model and the measured points is in the summary.")]
+
+
+def _provenance_blocks(provenance: list) -> list:
+    """Which records set each calibrated parameter, by length and run, and on which cards."""
+    if not provenance:
+        return []
+    items = [part for item in provenance for part in (item, item.get("compute_efficiency_at_most")) if part]
+    cards = sorted({card for item in items for card in item["cards"]})
+    note = "Which records set each parameter: one run's record per point, the card of each run in brackets."
+    if len(cards) > 1:
+        note += (f" The model is calibrated on records of {len(cards)} cards ({', '.join(cards)}) of one GPU model: "
+                 f"its rates mix what separates those cards.")
+    return [("p", note), ("table", ["parameter", "value", "set by", "points (lengths of each run)", "cards"],
+                          [_provenance_row(item) for item in items])]
+
+
+def _provenance_row(item: dict) -> list:
+    values = "; ".join(_value_text(value) for value in item["parameters"].values())
+    by = item["fitted_to"]
+    binds = item.get("compute_efficiency_binds_at")
+    if binds is not None:
+        by += (f"; the compute efficiency binds only at {', '.join(fmt.k(n) for n in binds) or 'none of them'} "
+               f"(a GEMM compute-bound at that point's batch)")
+    runs = {}
+    for point in item["points"]:
+        runs.setdefault(point["run_id"], []).append(point["seq_len"])
+    where = "; ".join(f"{', '.join(fmt.k(n) for n in lengths if n is not None) or 'calibration'} of run {run}"
+                      for run, lengths in runs.items())
+    return [" and ".join(item["parameters"]), values, by, where or "-", ", ".join(item["cards"]) or "-"]
+
+
+def _value_text(value) -> str:
+    return ", ".join(fmt.num(v) for v in value) if isinstance(value, list) else fmt.num(value)
+
+
+def _validation_blocks(validation) -> list:
+    """The model's error on the points it was fitted to (in sample) beside its error on points it
+    did not see (out of sample), point by point."""
+    if not validation:
+        return []
+    rows = [[fmt.k(p["seq_len"]), p["batch"], fmt.num(p["tok_s"]), _signed_pct(p["in_sample_error"]),
+             _signed_pct(p["leave_one_out_error"]), _signed_pct(p["uncalibrated_error"]), p["run_id"]]
+            for p in validation["points"]]
+    headers = ["context", "batch", "measured tok/s", "in sample (fitted to every point)",
+               "out of sample: leave-one-out (refitted without this point)",
+               "out of sample: uncalibrated (no e2e point)", "run"]
+    return [("p", validation_text(validation)), ("table", headers, rows)]
 
 
 def _signed_pct(error) -> str:

@@ -1,14 +1,18 @@
 """The report's first section: the answer before the evidence.
 
 One headline table per workload: each kernel's time and rate at a few context lengths, beside
-the best peer measured in the same run (same card, same state), with the ratio; and a few
-plain sentences on what the data say, each computed from the records, the fits and the claim.
+the best peer measured in the same run (same card, same state), with the ratio; the caption
+names the run (and card) behind each column, and says so where the columns come from several
+cards. Then a few plain sentences on what the data say, each computed from the records, the
+fits and the claim.
 """
 from __future__ import annotations
 
 from collections import Counter
 
 from attnlab import text as fmt
+from attnlab.analysis.claim import validation_brief
+from attnlab.analysis.conditions import cards_of, named_run, record_cards, several_cards_note
 from attnlab.analysis.select import POINT_KEY, SAME_POINT, exclusion_kind, point_labels, standing_ok
 
 RATE = {"prefill": ("tflops", "TFLOP/s", "matmul"), "decode": ("gbps", "GB/s", "copy")}
@@ -34,9 +38,22 @@ def headline_blocks(results) -> list:
                  for label in sorted(set(rows["label"]))]
         table = [row for row in table if any(cell != "-" for cell in row[1:])]
         blocks.append(("p", f"{workload} {mode}, {dtype}, {device}: median ms per call and {unit}; in brackets the "
-                            f"best other kernel of the same run over this one (above 1: this one is faster)."))
+                            f"best other kernel of the same run over this one (above 1: this one is faster). "
+                            f"{_columns_text(rows, lengths)}"))
         blocks.append(("table", ["kernel", *(fmt.k(n) for n in lengths)], table))
     return blocks or [("p", "No ok prefill or decode records.")]
+
+
+def _columns_text(rows, lengths: list) -> str:
+    """'Runs by column: 1k: run A (card a); 16k: run B (card b).', and a warning where the
+    columns come from several cards: compare within a column, where one run set them side by side."""
+    cards = record_cards(rows)
+    shown = rows[rows["seq_len"].isin(lengths)]
+    columns = "; ".join(f"{fmt.k(n)}: run {', '.join(named_run(r, cards) for r in sorted(set(group['run_id'])))}"
+                        for n, group in shown.groupby("seq_len"))
+    several = several_cards_note(cards_of(shown))
+    apart = f"; {several}: compare kernels within a column, not one column with another" if several else ""
+    return f"Runs by column: {columns}{apart}."
 
 
 def _of(rows, key):
@@ -113,8 +130,9 @@ def _fastest(results, roof, key) -> str | None:
     rate, unit, peak_kind = RATE[mode]
     same_point = _matching(_valid_ok(results), best, PEER_KEY)
     others = same_point[same_point["kernel"] != best["kernel"]].sort_values("median_ms")
-    text = (f"{workload} {mode} at {fmt.k(best['seq_len'])} on {device}: {best['kernel']} is fastest, "
-            f"{fmt.num(best['median_ms'])} ms ({fmt.num(best[rate])} {unit}{_share(roof, best, peak_kind)})")
+    text = (f"{workload} {mode} at {fmt.k(best['seq_len'])} on {device}, run {best['run_id']}: {best['kernel']} "
+            f"is fastest, {fmt.num(best['median_ms'])} ms ({fmt.num(best[rate])} {unit}"
+            f"{_share(roof, best, peak_kind)})")
     if not others.empty:
         slower = ", ".join(f"{r['kernel']} {r['median_ms'] / best['median_ms']:.2f}x" for _, r in others.iterrows())
         text += f"; in the same run the others take {slower} its time"
@@ -142,9 +160,10 @@ def _claim_sentence(claim: dict) -> str:
     measured = [r for r in claim.get("ratios_side_by_side", []) if r["what"] == "attnlab measured"]
     if measured:
         text += "; attnlab measured " + ", ".join(
-            f"{r['ratio']:.0f}x with {r['kernel']} ({fmt.k(r['short_ctx'])} to {fmt.k(r['long_ctx'])})"
-            for r in measured)
-    return text + "."
+            f"{r['ratio']:.0f}x with {r['kernel']} from {fmt.k(r['short_ctx'])} to {fmt.k(r['long_ctx'])} in run "
+            f"{r.get('run_id')}" for r in measured)
+    brief = validation_brief(claim.get("validation"))
+    return text + (f"; {brief}" if brief else "") + "."
 
 
 def _left_out_sentence(results, excluded: list) -> str:

@@ -149,6 +149,7 @@ def _chart(document, path) -> list:
 
 def render(document) -> str:
     from attnlab import text
+    from attnlab.analysis.claim import validation_text
 
     claim = document["claim"]
     rows = [[text.k(p["seq_len"]), p["max_batch"], text.num(p["tok_s_max_batch"]), text.num(p["tok_s_batch1"]),
@@ -166,6 +167,8 @@ def render(document) -> str:
         lines.append(f"measured {m['mode']} with {m['kernel']}: {text.k(m['short_ctx'])}/{text.k(m['long_ctx'])} = "
                      f"{m['ratio']:.1f}x")
     lines += [""] + _wrap(document["explanation"])
+    validation = validation_text(document.get("validation"))    # in sample beside out of sample
+    lines += ["", *_wrap(validation)] if validation else []
     if document.get("what_if"):
         lines += ["", *_what_if_table(document)]
     return "\n".join(lines)

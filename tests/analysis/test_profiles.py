@@ -82,6 +82,31 @@ def test_the_claim_model_is_calibrated_within_physical_bounds(analysis):
     assert [r["what"] for r in claim["ratios_side_by_side"]][:2] == ["paper", "model"]
 
 
+def test_the_claim_says_which_records_set_it_and_its_error_on_points_it_did_not_see(analysis):
+    _, out = analysis
+    claim = json.loads((out / "claim.json").read_text())
+    provenance = {" and ".join(item["parameters"]): item for item in claim["assumptions"]["calibration"]["provenance"]}
+    fitted = provenance["compute_efficiency and overhead_ms"]
+    assert [p["seq_len"] for p in fitted["points"]] == [1024 * 2**i for i in range(8)]
+    assert fitted["runs"] == ["20261127T235402Z-34be7376"] and fitted["cards"] == ["d3d8bafb"]
+    assert fitted["compute_efficiency_binds_at"] == [1024, 2048]        # compute-bound only at the largest batches
+    assert fitted["compute_efficiency_at_most"]["cards"] == ["1c0221f8"]
+    assert provenance["kv_bw_efficiency"]["cards"] == provenance["weights_bw_efficiency"]["cards"] == ["1c0221f8"]
+    assert provenance["prefill_attention"]["cards"] == ["1c0221f8", "d3d8bafb"]
+    worst = claim["validation"]["worst"]
+    assert (round(worst["in_sample"]["error"], 3), worst["in_sample"]["seq_len"]) == (0.041, 131072)
+    assert (round(worst["leave_one_out"]["error"], 3), worst["leave_one_out"]["seq_len"]) == (0.053, 131072)
+    assert (round(worst["uncalibrated"]["error"], 3), worst["uncalibrated"]["seq_len"]) == (-0.137, 1024)
+
+
+def test_claim_prints_the_error_out_of_sample_beside_the_one_in_sample(capsys):
+    from attnlab.cli import main
+    assert main(["claim", str(H100)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert ("in sample at most 4.1% (at 128k); out of sample at most 5.3% (at 128k) refitted without each point in "
+            "turn (leave-one-out), and at most 13.7% (at 1k) with no end-to-end calibration") in printed
+
+
 def test_every_fitted_point_is_its_records_median(analysis):
     result, _ = analysis
     medians = {}
@@ -107,6 +132,8 @@ def test_every_charted_number_is_one_runs_record(tmp_path):
     checked = 0
     for path in (tmp_path / "charts").glob("*.csv"):
         for row in csv.DictReader(path.open()):
+            if row.get("baseline_run_id") or (path.name.startswith("speedup") and not row["y"]):
+                assert row["baseline_run_id"] == row["run_id"] or row["note"].startswith("not drawn"), row
             field = row["y_from"] if row["y_from"] in ("median_ms", "tflops", "gbps") else (
                 "median_ms" if row.get("median_ms") else None)
             if not row["run_id"] or not field or row["mode"] not in ("prefill", "decode"):
@@ -117,3 +144,8 @@ def test_every_charted_number_is_one_runs_record(tmp_path):
             assert drawn == pytest.approx(record[field]), (path.name, row)
             checked += 1
     assert checked > 100
+    # The two decode fits that miss their points (R^2 below 0) are named, not drawn.
+    unfit = {row["series"]: row for row in csv.DictReader((tmp_path / "charts" / "latency_decode_llama3-8b.csv").open())
+             if row["series"] in ("fit sdpa-flash", "fit sdpa-cudnn")}
+    assert sorted(unfit) == ["fit sdpa-cudnn", "fit sdpa-flash"]
+    assert all(not row["y"] and float(row["r2"]) < 0 for row in unfit.values())

@@ -37,6 +37,25 @@ def test_no_path_of_any_machine_appears(profiles_report):
     assert "| attnlab sweep --workload llama3-8b --modes decode" in profiles_report.md_path.read_text()
 
 
+def test_every_run_is_named_with_its_card_and_runs_of_two_cards_are_said_to_be(profiles_report):
+    md = profiles_report.md_path.read_text()
+    runs = set(re.findall(r"\b2026112[78]T\d{6}Z-[0-9a-f]{8}\b", md))
+    assert len(runs) == 8
+    for run in runs:
+        assert re.findall(re.escape(run) + r"(?! \(card (d3d8bafb|840e80cf|1c0221f8)\))", md) == [], run
+    summary = md.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    prefill, decode = [line for line in summary.splitlines() if line.startswith("llama3-8b ")]
+    assert "2 different cards (1c0221f8, d3d8bafb)" in prefill and "different cards" not in decode
+    assert "16k: run 20261127T235510Z-079f38a4 (card d3d8bafb)" in prefill
+
+
+def test_the_claim_section_gives_its_error_in_and_out_of_sample(profiles_report):
+    md = profiles_report.md_path.read_text()
+    claim = md.split("## The claim", 1)[1].split("\n## ", 1)[0]
+    assert "in sample at most 4.1% (at 128k); out of sample at most 5.3% (at 128k)" in claim
+    assert "| compute\\_efficiency and overhead\\_ms |" in claim and "binds only at 1k, 2k" in claim
+
+
 @pytest.mark.parametrize("argv, shown", [
     (["/work/main/attnlab/__main__.py", "sweep", "--out", "/root/out/decode.jsonl"],
      "attnlab sweep --out decode.jsonl"),
