@@ -3,12 +3,17 @@
     config = SweepConfig(workload=preset("llama3-8b"), device="cuda", out="run.jsonl")
     result = run_sweep(config)
 
+Each point is measured in `rounds` rounds, interleaved: every point once per round, in an order
+shuffled per round from a recorded seed, so slow drift and co-tenants fall on every kernel alike
+and a point's spread between rounds says how far its time is noise. A record is one point in one
+round (`round`, `rounds`, `order_seed`); a point that fails in one round is not run again.
+
 Per point: an unsupported kernel or mode is recorded as `unsupported`; a point predicted
 not to fit in free memory as `oom` without launching; a real out-of-memory error as `oom`
 after its memory is released; any other exception as `error`, a SystemExit or other
 BaseException included (only Ctrl-C ends the sweep). Once `budget_s` is spent
 the remaining points are `skipped`. With `resume` the points already settled in the file
-(FINAL_STATUSES, same device) are not measured again. Ctrl-C ends the sweep after the
+(FINAL_STATUSES, same device; per round) are not measured again. Ctrl-C ends the sweep after the
 records already written; the point in flight is dropped and a resume measures it.
 Raw NVML samples go to `nvml_csv_path(out)`, beside the JSONL. The sweep writes only to a
 new file or an attnlab one, and holds it (and its samples) for the run, so that two sweeps
@@ -19,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import gc
-import itertools
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,12 +36,20 @@ import torch
 from attnlab.bench import records as rec
 from attnlab.bench.nvml import CSV_COLUMNS, NvmlSampler, nvml_reason
 from attnlab.bench.output_file import OutputError
+from attnlab.bench.point_call import build_call
 from attnlab.bench.shards import Shard, partition
 from attnlab.bench.timer import Timer, Timing
-from attnlab.bench.workloads import (DECODE, MODES, Point, Workload, bytes_moved, doc_lengths, flops, point_key,
-                                     predicted_peak_bytes, seq_len_label)
-from attnlab.schema import CALIBRATION
+from attnlab.bench.workloads import (MODES, Point, Workload, bytes_moved, flops, point_key, predicted_peak_bytes,
+                                     seq_len_label)
+from attnlab.schema import CALIBRATION, WRONG
 
+# Two default runs of one sweep on one machine must agree (an A/A pair). On a 2-core CPU a point's
+# round medians fall in two or more states a factor of up to 2 apart; with five rounds the median
+# of the round medians rarely flips between them, and the spread between rounds shows how far
+# apart they are (twelve A/A pairs of default CPU sweeps: no verdict; with three rounds, some).
+DEFAULT_ROUNDS = 5
+MIN_REPS = 5                # timed repetitions of a point, at least, over all its rounds
+MAX_ROUNDS = 100
 MATMUL_N = 8192
 COPY_BYTES = 1 << 30
 
@@ -50,6 +63,9 @@ class SweepConfig:
     the workload's own. `point_budget_s` is the timed repetitions' budget per point,
     `energy_window_s` the back-to-back window read by the energy counter (GPU only).
     `free_memory` returns the bytes a point may use (default: what the device has free).
+    `rounds` is how many times each point is measured, interleaved (the timed budget is shared
+    among them); `order_seed` shuffles each round's order (default: drawn, and recorded, where
+    there is more than one round).
     """
 
     workload: Workload
@@ -68,6 +84,8 @@ class SweepConfig:
     nvml_interval_s: float = 0.02
     shard: Optional[Shard] = None       # measure only this shard of the points (bench/shards.py)
     l2_flush: str = "write"             # how the timer empties a GPU's L2 before each repetition (timer.L2_FLUSHES)
+    rounds: int = DEFAULT_ROUNDS
+    order_seed: Optional[int] = None
 
 
 @dataclass
@@ -154,7 +172,7 @@ def check_nvml_csv(path) -> None:
 
 
 class _Quiet:
-    """The progress calls run_sweep makes, doing nothing."""
+    """The progress calls run_sweep makes, doing nothing (advance(None): a point passed over)."""
 
     def start(self, total: int) -> None:
         pass
@@ -178,18 +196,39 @@ def run_sweep(config: SweepConfig, progress=None) -> SweepResult:
     written (a full disk) stops the run with `output_file.WriteFailed`, the file whole.
     """
     device = check_device(config.device)
+    check_rounds(config.rounds)
     out = Path(config.out)
     points = plan(config)
     with rec.RecordWriter(out) as writer:
         # Decided under the lock, so no other run can write the file between reading and appending.
         done = _already_done(out, config.resume, device)
-        todo = [p for p in points if p.key() not in done]
-        result = SweepResult(out=out, nvml_csv=nvml_csv_path(out), run_id=rec.new_run_id(), planned=len(points),
-                             already_done=len(points) - len(todo), nvml_reason=nvml_reason(device) or None)
+        todo = [(p, r) for r in range(config.rounds) for p in points if (p.key(), r) not in done]
+        result = SweepResult(out=out, nvml_csv=nvml_csv_path(out), run_id=rec.new_run_id(),
+                             planned=len(points) * config.rounds,
+                             already_done=len(points) * config.rounds - len(todo),
+                             nvml_reason=nvml_reason(device) or None)
         if result.nvml_reason is None:
             check_nvml_csv(result.nvml_csv)
         _measure(writer, result, todo, config, device, progress or _Quiet())
     return result
+
+
+def check_rounds(rounds) -> None:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= MAX_ROUNDS:
+        raise ValueError(f"rounds: expected a whole number of rounds from 1 to {MAX_ROUNDS}, got {rounds!r}")
+
+
+def interleaved(todo: list, seed: Optional[int]) -> list:
+    """(point, round) pairs round by round, each round's points in an order shuffled from `seed`
+    and the round: every point once per round, none in the same place each time. Without a
+    seed (a single round) the plan's order stands: short lengths first."""
+    ordered = []
+    for r in sorted({r for _, r in todo}):
+        mine = [p for p, rr in todo if rr == r]
+        order = range(len(mine)) if seed is None else \
+            torch.randperm(len(mine), generator=torch.Generator().manual_seed(seed * 1009 + r)).tolist()
+        ordered += [(mine[i], r) for i in order]
+    return ordered
 
 
 def _already_done(out: Path, resume: bool, device: torch.device) -> set:
@@ -203,9 +242,12 @@ def _already_done(out: Path, resume: bool, device: torch.device) -> set:
 def _measure(writer, result: SweepResult, todo: list, config: SweepConfig, device, progress) -> None:
     progress.start(len(todo))
     start_s = time.perf_counter()
+    seed = config.order_seed
+    if seed is None and config.rounds > 1:
+        seed = int(torch.randint(2**31 - 1, ()).item())
     try:
         env = rec.environment(config.argv, device=device, run_id=result.run_id)
-        env["workload_config"] = dataclasses.asdict(config.workload)
+        env.update(workload_config=dataclasses.asdict(config.workload), rounds=config.rounds, order_seed=seed)
         if config.shard:
             env["shard"] = str(config.shard)
         writer.write(env)
@@ -213,9 +255,16 @@ def _measure(writer, result: SweepResult, todo: list, config: SweepConfig, devic
         if device.type == "cuda" and config.calibrate:
             for record in calibrate(device, result.run_id, runner.timer):
                 _keep(writer, result, record)
-        for point in todo:
+        failed = set()      # a point that failed in one round is not run again
+        for point, round_index in interleaved(todo, seed):
             progress.update(point)
-            _keep(writer, result, _point_or_skip(runner, point, config.budget_s, start_s))
+            if point.key() in failed:
+                progress.advance(None)
+                continue
+            record = _point_or_skip(runner, point, config.budget_s, start_s, round_index)
+            _keep(writer, result, {**record, "round": round_index, "rounds": config.rounds, "order_seed": seed})
+            if record["status"] != "ok":
+                failed.add(point.key())
             progress.advance(result.records[-1])
     except KeyboardInterrupt:
         result.interrupted = True
@@ -223,10 +272,11 @@ def _measure(writer, result: SweepResult, todo: list, config: SweepConfig, devic
         progress.close()
 
 
-def _point_or_skip(runner: "PointRunner", point: Point, budget_s: Optional[float], start_s: float) -> dict:
+def _point_or_skip(runner: "PointRunner", point: Point, budget_s: Optional[float], start_s: float,
+                   round_index: int = 0) -> dict:
     if budget_s is not None and time.perf_counter() - start_s >= budget_s:
         return runner.record(point, "skipped", reason=f"sweep budget of {budget_s:g} s spent")
-    return runner.run(point)
+    return runner.run(point, energy=round_index == 0)
 
 
 def _keep(writer, result: SweepResult, record: dict) -> None:
@@ -236,9 +286,13 @@ def _keep(writer, result: SweepResult, record: dict) -> None:
 
 
 def _settled(out: Path, device_name: str) -> set:
-    return {point_key(r) for r in rec.read_records(out)
-            if r.get("status") in rec.FINAL_STATUSES and r.get("device") == device_name
-            and r.get("mode") != CALIBRATION}
+    """(point key, round) of every round measured in the file; a point that failed settles every
+    round, since the sweep does not run it again. A record from before rounds is round 0."""
+    settled = [r for r in rec.read_records(out) if r.get("status") in rec.FINAL_STATUSES
+               and r.get("device") == device_name and r.get("mode") != CALIBRATION]
+    failed = {point_key(r) for r in settled if r["status"] != "ok"}
+    return ({(point_key(r), r.get("round") or 0) for r in settled}
+            | {(key, i) for key in failed for i in range(MAX_ROUNDS)})
 
 
 class PointRunner:
@@ -250,12 +304,16 @@ class PointRunner:
         self.config = config
         self.nvml_csv = nvml_csv
         self.device_name = rec.device_name(device)
-        self.timer = Timer(device, budget_s=config.point_budget_s, l2_flush=config.l2_flush)
+        # A point's timed budget and its least repetitions are shared among its rounds; the call
+        # that checks the output is the first warm-up, so one more call warms it.
+        self.timer = Timer(device, budget_s=config.point_budget_s / config.rounds, warmup_reps=1,
+                           min_reps=math.ceil(MIN_REPS / config.rounds), l2_flush=config.l2_flush)
         self.free_memory = config.free_memory or (lambda: free_bytes(device))
         self._oom_at: dict = {}     # (kernel, mode) -> shortest seq_len that ran out of memory
 
-    def run(self, point: Point) -> dict:
-        """One point's record, whatever happens short of Ctrl-C."""
+    def run(self, point: Point, energy: bool = True) -> dict:
+        """One point's record, whatever happens short of Ctrl-C; `energy`: read the energy
+        counter over a window of back-to-back calls (one round of a point is enough)."""
         why_not = support_reason(point, self.device.type)
         if why_not:
             return self.record(point, "unsupported", reason=why_not)
@@ -270,13 +328,13 @@ class PointRunner:
                                free_mem_bytes=free,
                                reason=f"not launched: predicted peak {_gib(predicted)} exceeds "
                                       f"{_gib(free)} free")
-        return self._launch(point, predicted, free)
+        return self._launch(point, predicted, free, energy)
 
-    def _launch(self, point: Point, predicted: int, free: Optional[int]) -> dict:
+    def _launch(self, point: Point, predicted: int, free: Optional[int], energy: bool) -> dict:
         started = time.perf_counter()
         failure = None
         try:
-            fields = self.measure(point)
+            fields = self.measure(point, energy)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:    # a kernel's sys.exit() is its point's failure, not the sweep's end
@@ -290,16 +348,23 @@ class PointRunner:
                 self._oom_at[key] = min(point.seq_len, self._oom_at.get(key, point.seq_len))
             return self.record(point, status, reason=reason, predicted_mem_bytes=predicted,
                                free_mem_bytes=free, duration_s=time.perf_counter() - started)
-        return self.record(point, "ok", predicted_mem_bytes=predicted, free_mem_bytes=free,
+        status = fields.pop("status", "ok")
+        return self.record(point, status, predicted_mem_bytes=predicted, free_mem_bytes=free,
                            duration_s=time.perf_counter() - started, **fields)
 
-    def measure(self, point: Point) -> dict:
-        """Time one point, sample NVML meanwhile, read energy over a window; return fields."""
+    def measure(self, point: Point, energy: bool = True) -> dict:
+        """Check one point's output, then time it, sample NVML meanwhile and read energy over a
+        window; return the fields (a wrong output's, with status `wrong`, untimed)."""
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
             base = torch.cuda.memory_allocated(self.device)
-        fn = build_call(point, self.device)
+        call = build_call(point, self.device)
+        verdict = call.verify()
+        checked = check_fields(verdict)
+        if not verdict.ok:
+            return dict(status=WRONG, reason=f"wrong output: {verdict.describe()}", **checked)
+        fn = call.run
         label = {"run_id": self.run_id, "point": point_label(point)}
         with NvmlSampler(self.device, csv_path=self.nvml_csv, label=label,
                          interval_s=self.config.nvml_interval_s) as sampler:
@@ -307,14 +372,21 @@ class PointRunner:
             if cuda:   # warm-up transients (autotuning buffers) stay out of the peak
                 torch.cuda.reset_peak_memory_stats(self.device)
             timing = self.timer.time(fn, warm=True)
-            calls = energy_calls(sampler, self.timer, fn, self.config.energy_window_s, timing.median_ms / 1e3)
+            window_s = self.config.energy_window_s if energy else 0.0
+            calls = energy_calls(sampler, self.timer, fn, window_s, timing.median_ms / 1e3)
         peak = torch.cuda.max_memory_allocated(self.device) - base if cuda else None
-        del fn
-        return measured_fields(point, timing, sampler.summary(), calls, peak)
+        del fn, call
+        return {**measured_fields(point, timing, sampler.summary(), calls, peak), **checked}
 
     def record(self, point: Point, status: str, **fields) -> dict:
         return point_record(point, run_id=self.run_id, device=self.device_name, status=status,
                             device_type=self.device.type, l2_flush=self.timer.l2_flush, **fields)
+
+
+def check_fields(verdict) -> dict:
+    """What a record keeps of its output's check: the error against float64 on the rows
+    compared, the bound it was held to, and how many rows."""
+    return {"check_error": verdict.error, "check_bound": verdict.bound, "check_rows": verdict.rows}
 
 
 def energy_calls(sampler: NvmlSampler, timer: Timer, fn: Callable, window_s: float, per_call_s: float) -> int:
@@ -391,38 +463,6 @@ def support_reason(point: Point, device_type: str) -> str:
         if not status:
             return status.reason
     return ""
-
-
-def build_call(point: Point, device) -> Callable[[], torch.Tensor]:
-    """Random inputs for the point and the validated zero-argument call that attends over them.
-
-    Prefill: q (batch, seq_len, heads, head_dim), k and v (batch, seq_len, kv_heads, head_dim);
-    with docs > 1 the same tokens packed, (batch x seq_len, heads, head_dim), as batch x docs
-    documents. Decode: q (batch, q_len, heads, head_dim) over a full cache of seq_len tokens.
-    The point's window and softcap go with every call.
-    """
-    from attnlab.kernels import prepare_attention, prepare_decode, prepare_varlen
-
-    q, k, v = random_inputs(point, device)
-    options = dict(window=point.variant.window, softcap=point.variant.softcap, impl=point.kernel)
-    if point.mode == DECODE:
-        cache_seqlens = torch.full((point.batch,), point.seq_len, dtype=torch.int32, device=device)
-        return prepare_decode(q, k, v, cache_seqlens, **options)
-    if point.docs > 1:
-        lengths = doc_lengths(point.seq_len, point.docs) * point.batch
-        cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
-        packed = (t.flatten(0, 1) for t in (q, k, v))
-        return prepare_varlen(*packed, cu_seqlens, cu_seqlens, max(lengths), max(lengths), causal=point.causal,
-                              **options)
-    return prepare_attention(q, k, v, causal=point.causal, **options)
-
-
-def random_inputs(point: Point, device) -> tuple:
-    """q (batch, q_len, heads, head_dim); k and v (batch, seq_len, kv_heads, head_dim)."""
-    kw = {"device": device, "dtype": point.torch_dtype}
-    b, h, kvh, d = point.batch, point.heads, point.kv_heads, point.head_dim
-    return (torch.randn(b, point.q_len, h, d, **kw), torch.randn(b, point.seq_len, kvh, d, **kw),
-            torch.randn(b, point.seq_len, kvh, d, **kw))
 
 
 def classify(exc: BaseException) -> str:

@@ -16,7 +16,8 @@ import torch
 
 from attnlab.bench.output_file import OutputError, OutputLock, WriteFailed, check_output_path
 from attnlab.bench.records import environment, jsonable
-from attnlab.bench.sweep import check_device, classify, describe, random_inputs
+from attnlab.bench.point_call import random_inputs
+from attnlab.bench.sweep import check_device, classify, describe
 from attnlab.bench.workloads import DTYPES, PREFILL, Workload
 from attnlab.kernels import get, implementations
 from attnlab.schema import TUNING_SCHEMA, family

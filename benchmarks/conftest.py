@@ -12,6 +12,10 @@ before every round; on a CPU it is the cpu-small preset with time.perf_counter. 
 benchmark's `extra_info` is a complete attnlab result record (records.FIELDS), and the
 JSON's `machine_info["attnlab"]` holds the run's environment record.
 
+Each point is measured in `--attnlab-rounds` rounds (default 5), interleaved as a sweep does
+(bench/sweep.py): every point once per round, each round in an order shuffled from a recorded
+seed; ids end in the round (`-r0`), and `attnlab compare` reads a point's rounds as one.
+
 Groups are "<mode> <workload> seq_len=<tokens>", so the default table compares kernels at
 one length; `--benchmark-group-by=param:kernel` (or `param:mode,param:kernel`) shows one
 kernel's scaling instead. Test ids (`<workload>-<mode>-<kernel>-<length>`) stay the same
@@ -55,6 +59,10 @@ def pytest_addoption(parser):
     group.addoption("--attnlab-nvml-csv", default=None, help="append raw NVML samples to this CSV")
     group.addoption("--attnlab-l2-flush", default="write", choices=("write", "read", "none"),
                     help="how the L2 cache is emptied before each round on a GPU (default: write)")
+    group.addoption("--attnlab-rounds", type=int, default=None,
+                    help="interleaved rounds per point, each in a shuffled order (default: the sweep's, 5)")
+    group.addoption("--attnlab-order-seed", type=int, default=None,
+                    help="seed of the rounds' order (default: drawn, and recorded in every record)")
     group.addoption("--attnlab-session-budget-s", type=float, default=None,
                     help="skip benchmarks that would start after this many seconds of the session, "
                          "so a time-boxed run still ends cleanly and writes its JSON")
@@ -74,6 +82,8 @@ class Grid:
     run_id: str
     session_budget_s: Optional[float] = None
     l2_flush: str = "write"
+    rounds: int = 1
+    order_seed: Optional[int] = None
     started_s: float = field(default_factory=time.monotonic)
     records: list = field(default_factory=list)     # what each benchmark measured, for the rates table
     _timer: object = field(default=None, init=False, repr=False)
@@ -85,7 +95,8 @@ class Grid:
         if self._timer is None:
             from attnlab.bench.timer import Timer
 
-            self._timer = Timer(self.device, budget_s=self.budget_s, l2_flush=self.l2_flush)
+            # The timed budget of a point is shared among its rounds, as in a sweep.
+            self._timer = Timer(self.device, budget_s=self.budget_s / self.rounds, l2_flush=self.l2_flush)
         return self._timer
 
     def budget_spent(self) -> bool:
@@ -95,7 +106,8 @@ class Grid:
         if self._env is None:
             from attnlab.bench.records import environment
 
-            self._env = environment(device=self.device, run_id=self.run_id)
+            self._env = {**environment(device=self.device, run_id=self.run_id), "rounds": self.rounds,
+                         "order_seed": self.order_seed}
         return self._env
 
 
@@ -119,7 +131,7 @@ def grid_for(config) -> Grid:
     if grid is not None:
         return grid
     from attnlab.bench.records import new_run_id
-    from attnlab.bench.sweep import check_device, default_kernels
+    from attnlab.bench.sweep import DEFAULT_ROUNDS, check_device, check_rounds, default_kernels
     from attnlab.bench.workloads import default_preset, parse_seq_lens, preset
 
     opt = config.getoption
@@ -128,13 +140,18 @@ def grid_for(config) -> Grid:
     lens_text = opt("--attnlab-seq-lens") or (GPU_SEQ_LENS if device.type == "cuda" else None)
     kernels_text = opt("--attnlab-kernels")
     csv = opt("--attnlab-nvml-csv")
+    rounds = opt("--attnlab-rounds") or DEFAULT_ROUNDS
+    check_rounds(rounds)
+    seed = opt("--attnlab-order-seed")
+    seed = seed if seed is not None or rounds == 1 else int(torch.randint(2**31 - 1, ()).item())
     grid = Grid(device=device, workload=workload,
                 seq_lens=parse_seq_lens(lens_text) if lens_text else list(workload.seq_lens),
                 kernels=_split(kernels_text) if kernels_text else default_kernels(device.type),
                 requested=bool(kernels_text), modes=tuple(_split(opt("--attnlab-modes"))),
                 budget_s=opt("--attnlab-budget-s"), energy_s=opt("--attnlab-energy-s"),
                 nvml_csv=Path(csv) if csv else None, run_id=new_run_id(),
-                session_budget_s=opt("--attnlab-session-budget-s"), l2_flush=opt("--attnlab-l2-flush"))
+                session_budget_s=opt("--attnlab-session-budget-s"), l2_flush=opt("--attnlab-l2-flush"),
+                rounds=rounds, order_seed=seed)
     config.stash[GRID_KEY] = grid
     return grid
 
@@ -152,16 +169,17 @@ def pytest_generate_tests(metafunc):
     grid = grid_for(metafunc.config)
     known = {impl.name for impl in implementations()}
     cases, ids = [], []
-    for seq_len in grid.seq_lens:
-        for mode in grid.modes:
-            for kernel in grid.kernels:
-                # a kernel that never serves this mode is left out, unless it was named: then
-                # it shows up as a skip that says why
-                if kernel in known and mode not in get(kernel).modes and not grid.requested:
-                    continue
-                cases.append((mode, kernel, seq_len))
-                ids.append(f"{grid.workload.name}-{mode}-{kernel}-{seq_len_label(seq_len)}")
-    metafunc.parametrize("mode,kernel,seq_len", cases, ids=ids)
+    for round_index in range(grid.rounds):
+        for seq_len in grid.seq_lens:
+            for mode in grid.modes:
+                for kernel in grid.kernels:
+                    # a kernel that never serves this mode is left out, unless it was named: then
+                    # it shows up as a skip that says why
+                    if kernel in known and mode not in get(kernel).modes and not grid.requested:
+                        continue
+                    cases.append((mode, kernel, seq_len, round_index))
+                    ids.append(f"{grid.workload.name}-{mode}-{kernel}-{seq_len_label(seq_len)}-r{round_index}")
+    metafunc.parametrize("mode,kernel,seq_len,round_index", cases, ids=ids)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -173,11 +191,24 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if item not in grid_items]
         return
     grid = grid_for(config)
+    _interleave(items, grid)
     # On a GPU each round starts behind a spin as long as the timer's lead, so launches queue first.
     clock = CudaEventClock(lambda: grid.timer.lead_cycles()) if grid.device.type == "cuda" else time.perf_counter
     for item in items:
         if "benchmark" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.benchmark(timer=clock))
+
+
+def _interleave(items: list, grid: Grid) -> None:
+    """Each round's benchmarks in the order a sweep of the same seed would shuffle them."""
+    from attnlab.bench.sweep import interleaved
+
+    grid_items = [item for item in items if "round_index" in getattr(getattr(item, "callspec", None), "params", {})]
+    if not grid_items:
+        return
+    order = interleaved([(item, item.callspec.params["round_index"]) for item in grid_items], grid.order_seed)
+    rest = [item for item in items if item not in grid_items]
+    items[:] = rest + [item for item, _ in order]
 
 
 def _grid_left_out(config) -> bool:
@@ -191,13 +222,27 @@ def pytest_terminal_summary(terminalreporter, config):
     grid = config.stash.get(GRID_KEY, None)
     if grid is None or not grid.records:
         return
+    from statistics import median
+
     from attnlab.text import table
 
-    rows = [(r["mode"], r["kernel"], r["seq_len"], f"{r['median_ms']:.4g}", _rate(r.get("tflops")),
-             _rate(r.get("gbps"))) for r in sorted(grid.records, key=lambda r: (r["mode"], r["seq_len"], r["kernel"]))]
-    terminalreporter.write_sep("-", f"attnlab rates: {grid.workload.name} on {grid.device}, median of the rounds")
+    points = {}
+    for r in grid.records:      # a point's rounds: its time is the median of their medians, as compare reads it
+        points.setdefault((r["mode"], r["seq_len"], r["kernel"]), []).append(r)
+    rows = []
+    for (mode, seq_len, kernel), rounds in sorted(points.items()):
+        ms = median(r["median_ms"] for r in rounds)
+        scale = rounds[0]["median_ms"] / ms
+        rows.append((mode, kernel, seq_len, f"{ms:.4g}", _rate(_scaled(rounds[0].get("tflops"), scale)),
+                     _rate(_scaled(rounds[0].get("gbps"), scale))))
+    terminalreporter.write_sep("-", f"attnlab rates: {grid.workload.name} on {grid.device}, the median of each "
+                                    f"point's {grid.rounds} round(s)")
     terminalreporter.write_line(table(("mode", "kernel", "seq_len", "median ms", "TFLOP/s", "GB/s"), rows,
                                       align="numbers"))
+
+
+def _scaled(rate, scale):
+    return None if rate is None else rate * scale
 
 
 def _rate(value) -> str:

@@ -13,9 +13,9 @@ pytest.importorskip("pytest_benchmark")
 
 from attnlab.bench.nvml import NvmlSampler  # noqa: E402
 from attnlab.bench.records import FIELDS, SCHEMA, device_name, jsonable  # noqa: E402
-from attnlab.bench.sweep import (build_call, classify, energy_calls, free_bytes, measured_fields,  # noqa: E402
-                                 point_label, point_record, predicted_point_bytes, release_memory,
-                                 support_reason)
+from attnlab.bench.point_call import build_call  # noqa: E402
+from attnlab.bench.sweep import (check_fields, classify, energy_calls, free_bytes, measured_fields,  # noqa: E402
+                                 point_label, point_record, predicted_point_bytes, release_memory, support_reason)
 from attnlab.bench.timer import Timing  # noqa: E402
 
 MIN_ROUNDS, MAX_ROUNDS = 5, 1000
@@ -26,7 +26,7 @@ def group_name(point) -> str:
     return f"{point.mode} {point.workload} seq_len={point.seq_len:06d}"
 
 
-def test_attention(benchmark, grid, mode, kernel, seq_len):
+def test_attention(benchmark, grid, mode, kernel, seq_len, round_index):
     if grid.budget_spent():
         pytest.skip(f"session budget of {grid.session_budget_s:g} s spent")
     point = grid.workload.point(kernel, mode, seq_len)
@@ -50,6 +50,7 @@ def test_attention(benchmark, grid, mode, kernel, seq_len):
         pytest.skip(f"{failure[0]}: {failure[1]}")
     if record is None:
         return   # --benchmark-disable: the call ran once, nothing was timed
+    record.update(round=round_index, rounds=grid.rounds, order_seed=grid.order_seed)
     benchmark.extra_info.update(jsonable(record))
     grid.records.append(record)
     assert record["schema"] == SCHEMA and list(record)[:len(FIELDS)] == list(FIELDS)
@@ -63,7 +64,12 @@ def _measure(benchmark, grid, point):
     if cuda:
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
-    fn = build_call(point, device)
+    call = build_call(point, device)
+    verdict = call.verify()
+    if not verdict.ok:       # a wrong answer is no speed: the benchmark fails, untimed
+        benchmark.has_error = True
+        pytest.fail(f"{point.kernel}: wrong output: {verdict.describe()}")
+    fn = call.run
     label = {"run_id": grid.run_id, "point": "bench/" + point_label(point)}
     with NvmlSampler(device, csv_path=grid.nvml_csv, label=label) as sampler:
         timer.warm_up(fn)
@@ -83,6 +89,5 @@ def _measure(benchmark, grid, point):
     return point_record(point, run_id=grid.run_id, device=device_name(device), status="ok",
                         device_type=device.type, harness="pytest-benchmark",
                         benchmark=benchmark.fullname, clock="cuda-events" if cuda else "perf_counter",
-                        l2_flush=timer.l2_flush,
-                        **fields)
+                        l2_flush=timer.l2_flush, **fields, **check_fields(verdict))
 

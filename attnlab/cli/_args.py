@@ -42,6 +42,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+def rounds(text: str) -> int:
+    """How many interleaved rounds measure each point (bench/sweep.py)."""
+    from attnlab.bench.sweep import MAX_ROUNDS
+
+    value = positive_int(text)
+    if value > MAX_ROUNDS:
+        raise argparse.ArgumentTypeError(f"expected a whole number of rounds from 1 to {MAX_ROUNDS}, got {text!r}")
+    return value
+
+
+def rounds_help() -> str:
+    from attnlab.bench.sweep import DEFAULT_ROUNDS
+
+    return (f"measure each point in this many interleaved rounds, each in its own shuffled order (default "
+            f"{DEFAULT_ROUNDS}): the spread between rounds is what `attnlab compare` tests against")
+
+
 def seconds(text: str) -> float:
     try:
         value = float(text)

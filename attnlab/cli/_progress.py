@@ -2,7 +2,8 @@
 
 It follows the calls `run_sweep(progress=...)` makes: start(total), update(item) before each item,
 advance(record) after it, close(). An item is a sweep Point or any object or dict with mode, kernel
-and seq_len; a record is the dict written for it.
+and seq_len; a record is the dict written for it, or None for an item passed over (a sweep's point
+that failed in an earlier round).
 """
 from __future__ import annotations
 
@@ -49,11 +50,11 @@ class Progress:
         if self._bar is not None:
             self._bar.update(self._task, description=item_label(item))
 
-    def advance(self, record: dict) -> None:
+    def advance(self, record: Optional[dict]) -> None:
         self._done += 1
         if self._bar is not None:
             self._bar.advance(self._task)
-        elif self.enabled:
+        elif self.enabled and record is not None:
             print(f"[{self._done}/{self._total}] {record_line(record)}", file=self.stream, flush=True)
 
     def close(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from attnlab.cli._args import error_line, finite_seconds, output_folder, parse_seq_lens
+from attnlab.cli._args import error_line, finite_seconds, output_folder, parse_seq_lens, rounds, rounds_help
 
 HELP = "the main job: measure this machine (a GPU sweep, or a CPU one), then report it beside profiles/"
 READS_KERNELS = True
@@ -24,6 +24,7 @@ def add_arguments(parser) -> None:
                         help="context lengths (default: 1k to 128k on a GPU, 256 to 8k on a CPU)")
     parser.add_argument("--budget-s", type=finite_seconds, default=600.0,
                         help="sweep time budget; points past it are recorded skipped (default %(default)s)")
+    parser.add_argument("--rounds", type=rounds, default=None, help=rounds_help())
     parser.add_argument("--force", action="store_true", help="passed to `attnlab report`: write into DIR/report "
                                                              "even where it holds files attnlab did not write")
 
@@ -55,7 +56,8 @@ def measure(args, sweep_out: Path) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seq_lens = args.seq_lens or (None if device == "cuda" else CPU_SEQ_LENS)
     config = SweepConfig(workload=preset(WORKLOAD[device]), device=device, out=sweep_out, seq_lens=seq_lens,
-                         budget_s=args.budget_s, resume=sweep_out.exists(), argv=sys.argv)
+                         budget_s=args.budget_s, resume=sweep_out.exists(), argv=sys.argv,
+                         **({"rounds": args.rounds} if args.rounds else {}))
     try:
         result = run_sweep(config, progress=make_progress())
     except WriteFailed as exc:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 from attnlab.cli._args import (checked, device_or_default, error_line, finite_positive, parse_device, parse_names,
-                               parse_seq_lens, parse_workload, positive_int, seconds)
+                               parse_seq_lens, parse_workload, positive_int, rounds, rounds_help, seconds)
 from attnlab.text import k, table
 
 HELP = "measure kernels from short to long context (time, memory, power) into JSONL records"
@@ -53,6 +54,7 @@ def add_arguments(parser) -> None:
                         help="continue --out: measure only points it does not already settle")
     parser.add_argument("--budget-s", type=seconds, default=None,
                         help="stop starting points after this many seconds; the rest are recorded as skipped")
+    parser.add_argument("--rounds", type=rounds, default=None, help=rounds_help())
     parser.add_argument("--l2-flush", choices=("write", "read", "none"), default="write",
                         help="how a GPU's L2 cache is emptied before each repetition: zero a buffer twice its size "
                              "(write, the default), sum one (read), or not at all; recorded in every record")
@@ -99,7 +101,7 @@ def build_config(args, launch=None):
     out = launch.path(args.out) if launch else shard.path(args.out) if shard else args.out
     return SweepConfig(workload=workload, device=str(device), out=out, kernels=args.kernels, modes=modes,
                        seq_lens=args.seq_lens, resume=args.resume, budget_s=args.budget_s, shard=shard,
-                       l2_flush=args.l2_flush)
+                       l2_flush=args.l2_flush, **({"rounds": args.rounds} if args.rounds else {}))
 
 
 def _device(given, launch) -> str:
@@ -182,7 +184,8 @@ def _submit(args, config) -> int:
 
 def _report(result) -> None:
     counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items())) or "nothing"
-    print(f"run {result.run_id}: {counts}"
+    rounds = max((r.get("rounds") or 1 for r in result.records), default=1)
+    print(f"run {result.run_id}: {counts}" + (f" (a record a point a round, {rounds} rounds)" if rounds > 1 else "")
           + (f" ({result.already_done} already in the file)" if result.already_done else ""))
     print(f"records: {result.out}")
     if result.nvml_reason:
@@ -195,9 +198,9 @@ def _report(result) -> None:
     lengths = sorted({r["seq_len"] for r in ok})
     rows = {}
     for r in ok:
-        rows.setdefault((r["mode"], r["kernel"]), {})[r["seq_len"]] = r["median_ms"]
+        rows.setdefault((r["mode"], r["kernel"]), {}).setdefault(r["seq_len"], []).append(r["median_ms"])
     header = ["mode", "kernel"] + [k(n) for n in lengths]
-    body = [[mode, kernel] + [f"{cells[n]:.3f}" if n in cells else "-" for n in lengths]
+    body = [[mode, kernel] + [f"{statistics.median(cells[n]):.3f}" if n in cells else "-" for n in lengths]
             for (mode, kernel), cells in sorted(rows.items())]
-    print("median ms per call:")
+    print("median ms per call (the median of its rounds' medians):")
     print(table(header, body, align="numbers"))

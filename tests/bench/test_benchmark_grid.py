@@ -19,13 +19,13 @@ def test_benchmark_grid_json_holds_complete_records(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, "-m", "pytest", "--benchmark-only", f"--benchmark-json={out}",
                "-q", "-p", "no:cacheprovider", "--attnlab-seq-lens=128,256", "--attnlab-kernels=naive,sdpa-flash",
-               "--attnlab-budget-s=0.01"]
+               "--attnlab-budget-s=0.01", "--attnlab-rounds=3"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads(out.read_text())
     benchmarks = data["benchmarks"]
-    assert len(benchmarks) == 8          # 2 kernels x 2 modes x 2 lengths
+    assert len(benchmarks) == 24         # 2 kernels x 2 modes x 2 lengths x 3 rounds
     env = data["machine_info"]["attnlab"]
     assert env["schema"] == rec.ENV_SCHEMA and env["device_type"] == "cpu"
     names = set()
@@ -39,10 +39,17 @@ def test_benchmark_grid_json_holds_complete_records(tmp_path):
         assert record["median_ms"] == pytest.approx(stats["median"] * 1e3)
         assert record["tflops"] == pytest.approx(record["flops"] / (record["median_ms"] / 1e3) / 1e12)
         assert bench["group"] == f"{record['mode']} cpu-small seq_len={record['seq_len']:06d}"
-        assert bench["params"] == {"mode": record["mode"], "kernel": record["kernel"], "seq_len": record["seq_len"]}
+        assert bench["params"] == {"mode": record["mode"], "kernel": record["kernel"], "seq_len": record["seq_len"],
+                                   "round_index": record["round"]}
         assert bench["name"].startswith(f"test_attention[cpu-small-{record['mode']}-{record['kernel']}-")
+        assert bench["name"].endswith(f"-r{record['round']}]") and record["rounds"] == 3
+        assert record["order_seed"] == env["order_seed"] is not None
         names.add(bench["name"])
-    assert len(names) == 8
+    assert len(names) == 24
+    # the rounds of each point read as one record, as compare and the fits read them
+    from attnlab.analysis.load import load
+    standing = load(out).ok
+    assert len(standing) == 8 and set(standing["rounds_measured"]) == {3}
 
 
 def run_pytest(*args, cwd=ROOT):

@@ -16,7 +16,8 @@ from attnlab.bench.workloads import preset
 from attnlab.cli import main
 from paths import ROOT
 
-QUICK = ["--device", "cpu", "--workload", "cpu-small", "--kernels", "naive,sdpa-flash", "--seq-lens", "128,256,512"]
+QUICK = ["--device", "cpu", "--rounds", "1", "--workload", "cpu-small", "--kernels", "naive,sdpa-flash",
+         "--seq-lens", "128,256,512"]
 
 
 def measured(files) -> collections.Counter:

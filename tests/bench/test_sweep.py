@@ -42,6 +42,7 @@ def register(monkeypatch):
 
 def _sweep(tmp_path, kernels, progress=None, **kw):
     kw.setdefault("point_budget_s", 0.005)
+    kw.setdefault("rounds", 1)     # one record a point; rounds are tested in test_rounds.py
     config = sw.SweepConfig(workload=TINY, device="cpu", out=tmp_path / "run.jsonl", kernels=kernels,
                             **kw)
     return sw.run_sweep(config, progress=progress)
@@ -55,7 +56,7 @@ def _by_seq_len(result, kernel, mode="prefill"):
 
 def test_cli_sweep_writes_valid_records_with_derived_figures(tmp_path, capsys):
     out = tmp_path / "cpu.jsonl"
-    code = main(["sweep", "--device", "cpu", "--kernels", "naive,sdpa-math,sdpa-flash",
+    code = main(["sweep", "--device", "cpu", "--rounds", "1", "--kernels", "naive,sdpa-math,sdpa-flash",
                  "--seq-lens", "128,256", "--heads", "4", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
@@ -111,7 +112,7 @@ def test_unsupported_points_say_why(tmp_path):
 
 # --- resume and interruption, in a real subprocess ----------------------------------------
 
-SUBPROCESS_ARGS = ["--device", "cpu", "--kernels", "naive,sdpa-math", "--seq-lens", "128,192,256", "--heads", "4"]
+SUBPROCESS_ARGS = ["--device", "cpu", "--rounds", "1", "--kernels", "naive,sdpa-math", "--seq-lens", "128,192,256", "--heads", "4"]
 PLANNED = {(k, m, n) for k in ("naive", "sdpa-math") for m in ("prefill", "decode") for n in (128, 192, 256)}
 
 
@@ -254,8 +255,8 @@ def test_a_kernel_that_exits_is_its_points_failure_and_the_command_goes_on(tmp_p
 
     register("test-exits", prefill=leaves)
     out = tmp_path / "run.jsonl"
-    assert main(["sweep", "--device", "cpu", "--workload", "cpu-small", "--kernels", "test-exits,naive",
-                 "--modes", "prefill", "--seq-lens", "128,256", "--out", str(out)]) == 1
+    assert main(["sweep", "--device", "cpu", "--rounds", "1", "--workload", "cpu-small", "--kernels",
+                 "test-exits,naive", "--modes", "prefill", "--seq-lens", "128,256", "--out", str(out)]) == 1
     records = {(r["kernel"], r["seq_len"]): r for r in rec.read_records(out)}
     assert len(records) == 4 and all(records[("naive", n)]["status"] == "ok" for n in (128, 256))
     expected = sw.describe(raised)
@@ -346,7 +347,7 @@ def test_progress_is_quiet_off_a_terminal_and_plain_without_rich(tmp_path, monke
     monkeypatch.setitem(sys.modules, "rich.progress", None)      # as if rich were not installed
     terminal = _Terminal()
     config = sw.SweepConfig(workload=TINY, device="cpu", out=tmp_path / "b.jsonl", kernels=["naive"],
-                            modes=("decode",), seq_lens=[128, 256], point_budget_s=0.005)
+                            modes=("decode",), seq_lens=[128, 256], point_budget_s=0.005, rounds=1)
     sw.run_sweep(config, progress=make_progress(stream=terminal))
     lines = terminal.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].startswith("[1/2] decode naive 128: ok")

@@ -29,7 +29,7 @@ FOREIGN = {
     "other-tools-jsonl": b'{"event": "start", "t": 1}\n{"event": "stop", "t": 2}\n',
     "attnlab-then-a-note": (ENV_LINE + RESULT_LINE + "buy milk").encode(),
 }
-SWEEP = ["sweep", "--device", "cpu", "--kernels", "naive", "--seq-lens", "128"]
+SWEEP = ["sweep", "--device", "cpu", "--rounds", "1", "--kernels", "naive", "--seq-lens", "128"]
 E2E = ["e2e", "--device", "cpu", "--kernels", "naive", "--seq-lens", "16,32", "--decode-tokens", "2",
        "--batch", "1", "--warmup-steps", "0"]
 TUNE = ["tune", "--seq-lens", "64"]
@@ -276,7 +276,7 @@ class _DiskFillsAt:
 
 def test_a_full_disk_ends_the_sweep_keeping_what_was_written(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run.jsonl"
-    argv = ["sweep", "--device", "cpu", "--kernels", "naive", "--seq-lens", "128,256", "--out", out]
+    argv = ["sweep", "--device", "cpu", "--rounds", "1", "--kernels", "naive", "--seq-lens", "128,256", "--out", out]
     monkeypatch.setattr(rec.os, "fsync", _DiskFillsAt(3))       # the environment and one record fit
     line = _refused(capsys, argv, "--out", "No space left on device", "1 of this run's records", "--resume")
     assert "run the same command with --resume" in line
