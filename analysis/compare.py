@@ -11,24 +11,30 @@ records of the run named by `run_id_base` / `run_id_new`. Points match on the po
 was measured with: window, softcap, docs, l2_flush, ...; `attnlab.schema.POINT_FIELDS`); a point
 one side lacks is `only-base` or `only-new`.
 
-For each matched point:
-- base_ms, new_ms: the medians of the raw repetitions; ratio = new_ms / base_ms (above 1: slower);
-- ci: a 95% bootstrap interval of that ratio over the repetitions of one run on each side (it
-  says nothing of the spread between runs), from BOOTSTRAP_DRAWS resampled medians per side,
-  seeded from the point itself, so a point's interval is the same whatever else is compared;
-- p_value: a two-sided Mann-Whitney U test of the raw times (no assumption of normal times,
-  which GPU timings rarely are);
-- verdict, by RULE: a symmetric practical threshold t, and evidence that agrees.
+For each matched point, each side's times are taken round by round (analysis/rounds.py: a
+sweep measures each point in interleaved rounds; a record without rounds is one round):
+- base_ms, new_ms: the median of the round medians; ratio = new_ms / base_ms (above 1: slower);
+- ci: a 1 - alpha bootstrap interval of that ratio, resampling each side's rounds and then the
+  repetitions within them, from BOOTSTRAP_DRAWS draws seeded from the point itself (so a point's
+  interval is the same whatever else is compared);
+- noise: how far the point's own times reach, as a ratio: the larger side's spread between
+  rounds (slowest round median over fastest); with a single round, p90 over p10 of its
+  repetitions; an A/A pair's reach (`noise`, a saved compare of two runs of the same code)
+  where given and larger; `decided_by` says which;
+- p_value: a two-sided Mann-Whitney U test of the round medians (of the raw times with one
+  round), shown beside the verdict;
+- verdict, by RULE.
 
-Why this rule. Significance alone flags a 0.3% change measured with a thousand repetitions;
-the threshold alone flags noise measured with three. The threshold is symmetric in log space
-(slower than 1 + t, or faster than 1 / (1 + t)), so swapping BASE and NEW swaps `regressed`
-and `improved` exactly. The interval must lie on the same side of 1 as the ratio, so that the
-rank test and the bootstrap of the medians agree on the direction (with few repetitions or
-many tied times they can disagree). It need not clear the threshold itself: that would ask
-whether the change is certainly larger than t, and a likely 8% regression with an interval
-of [1.03, 1.13] would then pass as unchanged; the interval is shown beside every verdict so
-the reader can see how far it reaches.
+Why this rule. Repetitions within one run share clocks, power state, co-tenants and memory
+placement: a test on them mistakes a run's own shift for a change, and two identical runs
+"regress" against each other (Kalibera and Jones, ISMM 2013). So the unit is the round, and a
+change must clear both the practical threshold t and the point's own noise, with an interval
+off 1 in the same direction. A change beyond t that does not clear the noise is `noisy`: too
+close to what the point does by itself to say. The threshold is symmetric in log space (slower
+than 1 + t, or faster than 1 / (1 + t)), so swapping BASE and NEW swaps `regressed` and
+`improved` exactly. The interval need not clear the threshold itself: that would ask whether
+the change is certainly larger than t, and a likely 8% regression with an interval of [1.03,
+1.13] would then pass as unchanged.
 """
 from __future__ import annotations
 
@@ -44,20 +50,28 @@ import numpy as np
 from attnlab import text as fmt
 from attnlab.analysis import _deps
 from attnlab.analysis.conditions import clocks_text
-from attnlab.analysis.fits import resampled_medians
+from attnlab.analysis.rounds import center, resampled_centers, rounds_of, spread
 from attnlab.analysis.select import POINT_KEY, exclusion_kind, joined_key
 from attnlab.schema import COMPARE_SCHEMA, E2E_MODES, KERNEL_MODES, OK
 
 COMPARED_MODES = (*KERNEL_MODES, *E2E_MODES)
-REGRESSED, IMPROVED, UNCHANGED, ONLY_BASE, ONLY_NEW = "regressed", "improved", "unchanged", "only-base", "only-new"
-VERDICTS = (REGRESSED, IMPROVED, UNCHANGED, ONLY_BASE, ONLY_NEW)
+REGRESSED, IMPROVED, NOISY, UNCHANGED = "regressed", "improved", "noisy", "unchanged"
+ONLY_BASE, ONLY_NEW = "only-base", "only-new"
+VERDICTS = (REGRESSED, IMPROVED, NOISY, UNCHANGED, ONLY_BASE, ONLY_NEW)
 DEFAULT_THRESHOLD, DEFAULT_ALPHA = 0.05, 0.05
-BOOTSTRAP_DRAWS, SEED, LEVEL = 2000, 0, 0.95
-TEST = "two-sided Mann-Whitney U on the raw repetitions"
-INTERVAL = "bootstrap of the ratio of medians, the repetitions of each side resampled"
-RULE = ("regressed: p < alpha, ratio above 1 + threshold and its 95% interval above 1; improved: p < alpha, ratio "
-        "below 1 / (1 + threshold) and its interval below 1; else unchanged; only-base / only-new: one side "
-        "lacks the point (as an ok record with raw times)")
+BOOTSTRAP_DRAWS, SEED = 2000, 0
+TEST = ("two-sided Mann-Whitney U on the round medians where both sides measured two rounds or more, else on "
+        "the raw repetitions (shown, not part of the rule)")
+INTERVAL = ("bootstrap of the ratio of the medians of round medians: each side's rounds resampled, then the "
+            "repetitions within them; level 1 - alpha")
+RULE = ("noise: the larger side's spread (slowest round median over fastest; with one round, p90 over p10 of its "
+        "repetitions), or an A/A pair's reach where given and larger; floor: the larger of 1 + threshold and the "
+        "noise; shift: the geometric median of the other kernels' ratios (in the point's mode where there are some; "
+        "1 without other kernels). regressed: ratio above 1 + threshold, ratio / shift above the floor and the "
+        "interval / shift above 1; improved: the mirror image; noisy: beyond the threshold but not so; else "
+        "unchanged; only-base / only-new: one side lacks the point (as an ok record with raw times)")
+# Which part of the rule set a point's noise, in each point's `decided_by`.
+BY_ROUNDS, BY_DISPERSION, BY_AA = "rounds", "within-run dispersion", "A/A noise"
 # Environment fields compared, in the order a reader checks them: the GPU, its state, the software, the code.
 ENVIRONMENT_FIELDS = (
     "gpu_name", "gpu_uuid", "compute_capability", "driver", "cuda", "cuda_driver", "clocks", "power_limit_w",
@@ -117,7 +131,7 @@ class Comparison:
         """The attnlab.compare/1 document: plain JSON values, null for what a point lacks."""
         return {"schema": COMPARE_SCHEMA, "base": _side_summary(self.base), "new": _side_summary(self.new),
                 "threshold": self.threshold, "alpha": self.alpha, "test": TEST,
-                "interval": {"method": INTERVAL, "level": LEVEL, "draws": self.draws, "seed": self.seed},
+                "interval": {"method": INTERVAL, "level": 1 - self.alpha, "draws": self.draws, "seed": self.seed},
                 "rule": RULE, "environment_diff": self.environment_diff, "points": self.points,
                 "counts": self.counts, "warnings": self.warnings}
 
@@ -162,20 +176,42 @@ def parse_alpha(text) -> float:
 # --- the comparison --------------------------------------------------------------------------
 
 def compare(base, new, *, threshold: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_ALPHA, run_id_base=None,
-            run_id_new=None, draws: int = BOOTSTRAP_DRAWS, seed: int = SEED) -> Comparison:
+            run_id_new=None, draws: int = BOOTSTRAP_DRAWS, seed: int = SEED, noise=None) -> Comparison:
     """Compare the runs in `base` and `new` (files or folders, JSONL or pytest-benchmark JSON).
-    ValueError naming the argument for a missing path, a malformed file, a run id not present,
-    a side with nothing to compare, or sides that share no point."""
+    `noise`: a compare document (--json) of an A/A pair, two runs of the same code: each of its
+    points' reach is that point's noise floor here (`aa_reach`). ValueError naming the argument
+    for a missing path, a malformed file, a run id not present, a side with nothing to compare,
+    or sides that share no point."""
     threshold, alpha = parse_threshold(threshold), parse_alpha(alpha)
+    aa = aa_reach(noise) if noise is not None else {}
     base_side = read_side("base", base, run_id_base)
     new_side = read_side("new", new, run_id_new)
     if not set(base_side.records["_key"]) & set(new_side.records["_key"]):
         raise ValueError(f"new: shares no point with base ({_measured(new_side)} against {_measured(base_side)}); "
                          f"points match on {', '.join(POINT_KEY)}")
     keys = _ordered_keys(base_side, new_side)
-    points = [_point(key, base_side, new_side, threshold, alpha, draws, seed) for key in keys]
+    points = [_point(key, base_side, new_side, alpha, draws, seed, aa) for key in keys]
+    for point in points:
+        _judge(point, points, threshold)
     return Comparison(base_side, new_side, threshold, alpha, draws, seed,
                       environment_diff(base_side.environments, new_side.environments), points)
+
+
+def aa_reach(path) -> dict:
+    """point key -> how far an A/A pair's ratio reached, either way (a ratio >= 1: the larger of
+    the ratio, its inverse and the far ends of its interval), from a saved compare document."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        points = [p for p in document["points"] if p.get("ratio")]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"noise: expected the --json document of `attnlab compare A1 A2` (two runs of the same "
+                         f"code), could not read {str(path)!r}: {exc}") from None
+    return {_plain_key(p): max(p["ratio"], 1 / p["ratio"], p["ci"][1], 1 / p["ci"][0]) for p in points}
+
+
+def _plain_key(point: dict) -> str:
+    """A point's key from its fields as the JSON document writes them (`_point_fields`)."""
+    return json.dumps([point.get(name) for name in POINT_KEY])
 
 
 def _measured(side: Side) -> str:
@@ -268,32 +304,85 @@ def _number_or_zero(value) -> float:
 
 # --- one point -------------------------------------------------------------------------------
 
-def _point(key: str, base: Side, new: Side, threshold: float, alpha: float, draws: int, seed: int) -> dict:
+def _point(key: str, base: Side, new: Side, alpha: float, draws: int, seed: int, aa_noise=None) -> dict:
     base_row, new_row = _row(base, key), _row(new, key)
     point = _point_fields(base_row if base_row is not None else new_row)
-    base_times = np.asarray(base_row["times_ms"], dtype=float) if base_row is not None else None
-    new_times = np.asarray(new_row["times_ms"], dtype=float) if new_row is not None else None
-    point.update(base_ms=_median(base_times), new_ms=_median(new_times),
-                 base_n=None if base_times is None else len(base_times),
-                 new_n=None if new_times is None else len(new_times),
-                 base_run_id=None if base_row is None else base_row["run_id"],
-                 new_run_id=None if new_row is None else new_row["run_id"])
+    base_rounds = rounds_of(base_row) if base_row is not None else None
+    new_rounds = rounds_of(new_row) if new_row is not None else None
+    for name, row, rounds in (("base", base_row, base_rounds), ("new", new_row, new_rounds)):
+        point.update({f"{name}_ms": None if rounds is None else center(rounds),
+                      f"{name}_n": None if rounds is None else sum(len(r) for r in rounds),
+                      f"{name}_rounds": None if rounds is None else len(rounds),
+                      f"{name}_run_id": None if row is None else row["run_id"]})
     if base_row is None or new_row is None:
         missing = base if base_row is None else new
-        return {**point, "ratio": None, "ci": None, "p_value": None,
-                "verdict": ONLY_NEW if base_row is None else ONLY_BASE, "note": _why_missing(missing, key)}
+        return {**point, "ratio": None, "ci": None, "p_value": None, "noise": None, "decided_by": None,
+                "shift": None, "shift_points": 0, "verdict": ONLY_NEW if base_row is None else ONLY_BASE,
+                "note": _why_missing(missing, key)}
     # Seeded from the point itself: its interval does not depend on what else is compared.
     rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
-    return {**point, **_judged(base_times, new_times, threshold, alpha, draws, rng)}
+    aa = (aa_noise or {}).get(_plain_key(point))
+    return {**point, **_measured_change(base_rounds, new_rounds, alpha, draws, rng, aa)}
 
 
-def _judged(base_times, new_times, threshold: float, alpha: float, draws: int, rng) -> dict:
-    """ratio, ci, p_value, verdict and note of a point both sides measured."""
-    ratio = float(np.median(new_times) / np.median(base_times))
-    ci = ratio_interval(base_times, new_times, draws, rng)
-    p = mann_whitney_p(base_times, new_times)
-    return {"ratio": ratio, "ci": list(ci), "p_value": p, "verdict": verdict(ratio, ci, p, threshold, alpha),
-            "note": _power_note(len(base_times), len(new_times), alpha)}
+def _measured_change(base_rounds, new_rounds, alpha: float, draws: int, rng, aa=None) -> dict:
+    """ratio, ci, p_value, noise, decided_by and note of a point both sides measured, each
+    side's times round by round; `_judge` gives the verdict."""
+    ratio = center(new_rounds) / center(base_rounds)
+    ci = ratio_interval(base_rounds, new_rounds, draws, rng, 1 - alpha)
+    noise, decided_by = noise_floor(base_rounds, new_rounds, aa)
+    by_rounds = min(len(base_rounds), len(new_rounds)) > 1
+    p = mann_whitney_p(*((_medians(base_rounds), _medians(new_rounds)) if by_rounds else
+                         (np.concatenate(base_rounds), np.concatenate(new_rounds))))
+    return {"ratio": ratio, "ci": list(ci), "p_value": p, "noise": noise, "decided_by": decided_by,
+            "note": _note(base_rounds, new_rounds)}
+
+
+def _judge(point: dict, points: list, threshold: float) -> None:
+    """Set a matched point's `shift` (`run_shift`) and `verdict` (RULE)."""
+    if point["ratio"] is None:
+        return
+    point["shift"], point["shift_points"] = run_shift(point, points)
+    point["verdict"] = verdict(point["ratio"], point["ci"], threshold, point["noise"], point["shift"])
+
+
+def run_shift(point: dict, points: list) -> tuple:
+    """(shift, how many points set it): how far the run as a whole moved, as the geometric median
+    of the ratios of the other kernels' matched points, in the point's mode where there are some.
+    Those kernels are the controls a lab runs beside the kernel under test: a machine that ran
+    slower in one run moves them all alike, which rounds within one run cannot see. Without
+    other kernels, 1 (no control: the note says so)."""
+    others = [p for p in points if p["ratio"] is not None and p["kernel"] != point["kernel"]]
+    same_mode = [p for p in others if p["mode"] == point["mode"]]
+    controls = same_mode or others
+    if not controls:
+        return 1.0, 0
+    return float(np.exp(np.median([math.log(p["ratio"]) for p in controls]))), len(controls)
+
+
+def noise_floor(base_rounds, new_rounds, aa=None) -> tuple:
+    """(noise, what set it): how far apart the point's own times reach, as a ratio >= 1 (see
+    RULE). With rounds on both sides, their spread; with one round on a side, the spread of its
+    repetitions, which cannot see a run's own shift: an A/A pair's reach (`aa`), where given and
+    larger, stands for that."""
+    noise = max(spread(base_rounds), spread(new_rounds))
+    by = BY_ROUNDS if min(len(base_rounds), len(new_rounds)) > 1 else BY_DISPERSION
+    if aa is not None and aa > noise:
+        return float(aa), BY_AA
+    return noise, by
+
+
+def _medians(rounds) -> np.ndarray:
+    return np.array([np.median(r) for r in rounds])
+
+
+def _note(base_rounds, new_rounds) -> str:
+    """What the sides could not show: a single round cannot separate a run's own noise."""
+    single = [name for name, rounds in (("base", base_rounds), ("new", new_rounds)) if len(rounds) == 1]
+    if not single:
+        return ""
+    return (f"{' and '.join(single)} measured one round: run-to-run noise cannot be told from a change, so the "
+            f"noise is the repetitions' spread (measure more rounds, or give an A/A pair's noise)")
 
 
 def _row(side: Side, key: str):
@@ -338,40 +427,41 @@ def _why_missing(side: Side, key: str) -> str:
     return f"{side.name} holds no raw times (times_ms) for the point"
 
 
-def _power_note(n_base: int, n_new: int, alpha: float) -> str:
-    """A note where no outcome of the test could reach p < alpha: too few repetitions to tell."""
-    smallest = 2 / math.comb(n_base + n_new, n_base)
-    if smallest < alpha:
-        return ""
-    return (f"too few repetitions ({n_base} and {n_new}) for p < {alpha:g}: the smallest p the test can give "
-            f"is {smallest:.2g}")
-
-
-def ratio_interval(base_times, new_times, draws: int, rng, level: float = LEVEL) -> tuple:
-    """The `level` bootstrap interval of median(new) / median(base): the repetitions of each
-    side resampled on their own, `draws` times."""
-    ratios = resampled_medians(new_times, draws, rng) / resampled_medians(base_times, draws, rng)
+def ratio_interval(base_rounds, new_rounds, draws: int, rng, level: float = 1 - DEFAULT_ALPHA) -> tuple:
+    """The `level` bootstrap interval of center(new) / center(base) (analysis/rounds.py): each
+    side's rounds and repetitions resampled on their own, `draws` times. Flat times are one round."""
+    ratios = resampled_centers(_rounds(new_rounds), draws, rng) / resampled_centers(_rounds(base_rounds), draws, rng)
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(ratios, [tail, 100 - tail])
     return float(low), float(high)
 
 
+def _rounds(times) -> list:
+    times = list(times)
+    if times and isinstance(times[0], (list, tuple, np.ndarray)):
+        return [np.asarray(t, dtype=float) for t in times]
+    return [np.asarray(times, dtype=float)]
+
+
 def mann_whitney_p(base_times, new_times) -> float:
-    """Two-sided Mann-Whitney U p-value of the raw times; 1 where every time is the same."""
+    """Two-sided Mann-Whitney U p-value; 1 where every time is the same."""
     stats = _deps.require("scipy.stats", "comparing runs")
     p = float(stats.mannwhitneyu(new_times, base_times, alternative="two-sided").pvalue)
     return 1.0 if math.isnan(p) else p
 
 
-def verdict(ratio: float, ci, p_value: float, threshold: float, alpha: float) -> str:
-    """The verdict of a matched point by RULE (see the module docstring for why)."""
-    if p_value >= alpha:
-        return UNCHANGED
-    low, high = ci
-    if ratio > 1 + threshold and low > 1:
+def verdict(ratio: float, ci, threshold: float, noise: float = 1.0, shift: float = 1.0) -> str:
+    """The verdict of a matched point by RULE (see the module docstring for why): the change is
+    the ratio beyond the run's shift; it must clear the floor, its interval (over the shift)
+    must lie off 1 the same way, and the ratio itself must be beyond the threshold."""
+    floor = max(1 + threshold, noise)
+    change, low, high = ratio / shift, ci[0] / shift, ci[1] / shift
+    if ratio > 1 + threshold and change > floor and low > 1:
         return REGRESSED
-    if ratio < 1 / (1 + threshold) and high < 1:
+    if ratio < 1 / (1 + threshold) and change < 1 / floor and high < 1:
         return IMPROVED
+    if ratio > 1 + threshold or ratio < 1 / (1 + threshold):
+        return NOISY
     return UNCHANGED
 
 
@@ -443,14 +533,15 @@ def environment_summary(comparison: Comparison) -> str:
 
 def point_rows(comparison: Comparison, points=None, *, with_mode: bool = True) -> tuple:
     """(headers, rows) of `points` (default: all), benchstat-like: a ratio whose test is not
-    significant at alpha is marked with '~'."""
+    interval holds 1 is marked with '~'."""
     points = comparison.points if points is None else points
     shown = shown_fields(comparison.points)
     fixed = [h for h in POINT_HEADERS if with_mode or h != "mode"]
-    headers = [*fixed, *shown, "base ms", "new ms", f"ratio [{LEVEL:.0%} CI]", "p", "verdict"]
+    headers = [*fixed, *shown, "base ms", "new ms", f"ratio [{1 - comparison.alpha:.0%} CI]", "noise", "shift",
+               "p", "verdict"]
     rows = [[p["kernel"], *([p["mode"]] if with_mode else []), fmt.k(p["seq_len"]), *(_field_text(p[f]) for f in shown),
-             fmt.num(p["base_ms"]), fmt.num(p["new_ms"]), ratio_text(p, comparison.alpha), p_text(p["p_value"]),
-             p["verdict"]] for p in points]
+             fmt.num(p["base_ms"]), fmt.num(p["new_ms"]), ratio_text(p), noise_text(p), shift_text(p),
+             p_text(p["p_value"]), p["verdict"]] for p in points]
     return headers, rows
 
 
@@ -469,13 +560,33 @@ def _field_text(value) -> str:
     return "-" if value is None else str(value)
 
 
-def ratio_text(point: dict, alpha: float) -> str:
-    """'1.251 [1.243, 1.260]', with a leading '~' where p >= alpha; '-' for an unmatched point."""
+def ratio_text(point: dict) -> str:
+    """'1.251 [1.243, 1.260]', with a leading '~' where the interval holds 1; '-' for an unmatched point."""
     if point["ratio"] is None:
         return "-"
     low, high = point["ci"]
-    mark = "~ " if point["p_value"] >= alpha else ""
+    mark = "" if separated(point) else "~ "
     return f"{mark}{point['ratio']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def separated(point: dict) -> bool:
+    """Whether the point's interval lies off 1 (the sides told apart)."""
+    low, high = point["ci"]
+    return low > 1 or high < 1
+
+
+def noise_text(point: dict) -> str:
+    """The point's noise as a ratio, and what set it: 'x1.12 rounds'."""
+    if point.get("noise") is None:
+        return "-"
+    return f"x{point['noise']:.2f} {point['decided_by']}"
+
+
+def shift_text(point: dict) -> str:
+    """The run's shift the point is judged against: 'x1.034 (12)', the other kernels' points counted."""
+    if not point.get("shift_points"):
+        return "-"
+    return f"x{point['shift']:.3f} ({point['shift_points']})"
 
 
 def p_text(p) -> str:
@@ -490,8 +601,9 @@ def counts_text(comparison: Comparison) -> str:
 
 
 def method_text(comparison: Comparison) -> str:
-    return (f"Threshold {fmt.percent(comparison.threshold)}, alpha {comparison.alpha:g}; test: {TEST}; interval: "
-            f"{LEVEL:.0%} {INTERVAL}, {comparison.draws} draws, seed {comparison.seed}. Rule: {RULE}.")
+    return (f"Threshold {fmt.percent(comparison.threshold)}, alpha {comparison.alpha:g}; interval: "
+            f"{1 - comparison.alpha:.0%} {INTERVAL}, {comparison.draws} draws, seed {comparison.seed}; test: {TEST}. "
+            f"Rule: {RULE}.")
 
 
 def side_text(side: Side) -> str:
@@ -578,14 +690,14 @@ def write_reports(comparison: Comparison, *, json_path=None, md_path=None, html_
 
 def ratio_chart(comparison: Comparison):
     """NEW / BASE time ratio per kernel against context length (log2 x, log y), bars the 95%
-    bootstrap intervals, a grey band the threshold; a hollow marker is not significant at alpha.
+    bootstrap intervals, a grey band the threshold; a hollow marker's interval holds 1.
     The Figure's `drawn` holds one row per point drawn (matched points with a length)."""
     from attnlab.analysis import charts
 
     drawn = drawn_rows(comparison)
     band = (1 / (1 + comparison.threshold), 1 + comparison.threshold)
-    extra = (f"bars: {LEVEL:.0%} bootstrap intervals ({comparison.draws} draws); band: threshold "
-             f"{fmt.percent(comparison.threshold)}; hollow: p >= {comparison.alpha:g} ({TEST})")
+    extra = (f"bars: {1 - comparison.alpha:.0%} bootstrap intervals ({comparison.draws} draws); band: threshold "
+             f"{fmt.percent(comparison.threshold)}; hollow: the interval holds 1")
     fig, axes = charts._figure("Time of NEW over BASE against context (above 1: slower)",
                                charts.caption_for(drawn, extra))
     ax = axes[0]
@@ -594,7 +706,7 @@ def ratio_chart(comparison: Comparison):
     ax.axhline(1.0, color=charts.GREY, lw=1)
     palette, markers = charts.palette_for(drawn["kernel"]), charts.kernel_markers(drawn["kernel"])
     for label, series in drawn.sort_values("seq_len").groupby("series", sort=True):
-        _plot_ratio_series(ax, series, label, palette, markers, comparison.alpha)
+        _plot_ratio_series(ax, series, label, palette, markers)
     charts._context_axis(ax, drawn["seq_len"], log_y=True)
     _ratio_ticks(ax)
     ax.set_ylabel("new / base median time")
@@ -603,14 +715,14 @@ def ratio_chart(comparison: Comparison):
     return fig
 
 
-def _plot_ratio_series(ax, series, label, palette, markers, alpha: float) -> None:
+def _plot_ratio_series(ax, series, label, palette, markers) -> None:
     """One series: colour and marker by kernel, line style by mode, bars the intervals."""
     kernel, mode = series["kernel"].iloc[0], series["mode"].iloc[0]
     color, marker = palette.get(kernel, "#555555"), markers.get(kernel, "o")
     errors = [series["y"] - series["ci_lo"], series["ci_hi"] - series["y"]]
     ax.errorbar(series["seq_len"], series["y"], yerr=errors, color=color, lw=1.2, capsize=3, label=label,
                 ls=MODE_LINES.get(mode, "-"))
-    significant = series["p_value"] < alpha
+    significant = (series["ci_lo"] > 1) | (series["ci_hi"] < 1)
     for chosen, face in ((significant, color), (~significant, "white")):
         ax.plot(series.loc[chosen, "seq_len"], series.loc[chosen, "y"], ls="none", marker=marker, ms=6, color=color,
                 mfc=face, label="_nolegend_")

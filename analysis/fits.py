@@ -30,6 +30,7 @@ import numpy as np
 from attnlab import text as fmt
 from attnlab.analysis import _deps
 from attnlab.analysis.roofline import match_gpu
+from attnlab.analysis.rounds import center, resampled_centers, rounds_of
 from attnlab.analysis.select import POINT_KEY, joined_key, point_labels, recorded_memory, with_selection
 
 FIT_MODES = ("prefill", "decode")
@@ -143,16 +144,18 @@ def log_r2(observed, predicted) -> float:
 def fit_group(seq_lens, reps, *, model: str = "quadratic", other_runs=None, n_boot: int = 2000,
               n_boot_extrapolate: int = 400, seed: int = 0, memory=None) -> dict:
     """Fit one curve. `seq_lens`: distinct lengths; `reps`: for each, the standing record's
-    repeated times (ms); `other_runs`: for each, the repeated times of every other valid run
-    that measured it (lists of lists, may be empty); `memory(seq_len)`: (fits, note) for
-    extrapolated lengths (see `memory_wall`). Returns the numeric fields of a Fit."""
+    repeated times (ms), flat or round by round (a list of lists, analysis/rounds.py);
+    `other_runs`: for each, the times of every other valid run that measured it, each as
+    `reps` (may be empty); `memory(seq_len)`: (fits, note) for extrapolated lengths (see
+    `memory_wall`). A point's time is the median of its rounds' medians. Returns the numeric
+    fields of a Fit."""
     if model not in MODELS:
         raise ValueError(f"model: expected one of {', '.join(MODELS)}, got {model!r}")
     order = np.argsort(np.asarray(seq_lens, dtype=float))
     n = np.asarray(seq_lens, dtype=float)[order]
     others = other_runs or [[] for _ in order]
-    runs = [[np.asarray(reps[i], float)] + [np.asarray(o, float) for o in others[i]] for i in order]
-    y = np.array([np.median(r[0]) for r in runs])
+    runs = [[_as_rounds(reps[i])] + [_as_rounds(o) for o in others[i]] for i in order]
+    y = np.array([center(r[0]) for r in runs])
     a, b, c = fit_curve(n, y, model)
     fitted = a + b * n + c * n * n
     upper = slice(len(n) // 2, None)
@@ -173,19 +176,20 @@ def fit_group(seq_lens, reps, *, model: str = "quadratic", other_runs=None, n_bo
 
 def _bootstrap_medians(n, runs, fitted, y, n_boot, rng):
     """(n_boot, k) resampled medians. At each length a draw picks one of the runs that
-    measured it, then resamples that run's repetitions (where every standing record has
-    enough of them; else it takes the run's median and a resampled relative residual)."""
-    by_reps = all(len(r[0]) >= MIN_REPS_FOR_BOOTSTRAP for r in runs)
+    measured it, then resamples that run's rounds and their repetitions (where every standing
+    record has enough of them; else it takes the run's median and a resampled relative
+    residual)."""
+    by_reps = all(_enough(r[0]) for r in runs)
     columns = []
     for measured in runs:
         pick = rng.integers(0, len(measured), size=n_boot)
         column = np.empty(n_boot)
-        for j, times in enumerate(measured):
+        for j, rounds in enumerate(measured):
             chosen = pick == j
-            if by_reps and len(times) >= MIN_REPS_FOR_BOOTSTRAP:
-                column[chosen] = resampled_medians(times, int(chosen.sum()), rng)
+            if by_reps and _enough(rounds):
+                column[chosen] = resampled_centers(rounds, int(chosen.sum()), rng)
             else:
-                column[chosen] = np.median(times)
+                column[chosen] = center(rounds)
         columns.append(column)
     samples = np.column_stack(columns)
     if not by_reps:
@@ -197,27 +201,16 @@ def _bootstrap_medians(n, runs, fitted, y, n_boot, rng):
     return samples, method
 
 
-def resampled_medians(times, draws: int, rng) -> np.ndarray:
-    """The medians of `draws` bootstrap resamples of `times`, without building the resamples.
-
-    A resample of n draws with replacement is the sorted times at ranks ceil(n U) for n
-    uniforms U, and the middle order statistics of n uniforms have known laws: the k-th is
-    Beta(k, n + 1 - k), and the next one lies above it as the least of the n - k others. So
-    each median costs two Beta draws: O(n log n + draws) time and O(n) memory, however many
-    repetitions a record holds (a resample matrix of 2000 x 850k times would need 14 GB)."""
-    x = np.sort(np.asarray(times, dtype=float))
-    n = len(x)
-    k = (n + 1) // 2                                   # the (lower) middle rank, from 1
-    lower = rng.beta(k, n + 1 - k, size=draws)
-    if n % 2:
-        return x[_rank(lower, n)]
-    upper = lower + (1 - lower) * rng.beta(1, n - k, size=draws)
-    return (x[_rank(lower, n)] + x[_rank(upper, n)]) / 2
+def _as_rounds(times) -> list:
+    """Times flat (one round) or round by round, as a list of arrays."""
+    times = list(times)
+    if times and all(isinstance(t, (list, tuple, np.ndarray)) for t in times):
+        return [np.asarray(t, float) for t in times]
+    return [np.asarray(times, float)]
 
 
-def _rank(u, n: int) -> np.ndarray:
-    """0-based index of the sorted value a uniform u in (0, 1) draws: ceil(n u) - 1."""
-    return np.clip(np.ceil(u * n).astype(np.int64), 1, n) - 1
+def _enough(rounds: list) -> bool:
+    return all(len(r) >= MIN_REPS_FOR_BOOTSTRAP for r in rounds)
 
 
 def _extrapolate(n, samples, coef, model, memory, refused=None) -> list:
@@ -355,8 +348,9 @@ def _model_reason(mode: str, model: str, evidence: dict, window: int = 0) -> str
 
 
 def _times(row) -> list:
-    times = [t for t in row["times_ms"] if t and t > 0]
-    return times or [row["median_ms"]]
+    """The record's repetitions round by round, or its median where it holds none."""
+    rounds = [[t for t in r if t and t > 0] for r in rounds_of(row)]
+    return rounds if all(rounds) else [[row["median_ms"]]]
 
 
 def _curve_keys(rows):

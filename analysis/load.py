@@ -23,6 +23,7 @@ from pathlib import Path
 from attnlab import text as fmt
 from attnlab.analysis import _deps
 from attnlab.analysis import select
+from attnlab.analysis.rounds import merge_rounds
 from attnlab.analysis.select import standing_ok
 from attnlab.schema import (COMPARE_SCHEMA, ENVIRONMENT_SCHEMA, FIELDS, POINT_FIELDS, RESULT_SCHEMA,
                             RETRACTION_SCHEMA, TUNING_SCHEMA, newer_schema, parse_json, parse_json_lines,
@@ -84,8 +85,8 @@ def load(paths) -> Loaded:
         retractions += [r for r in got_records if r.get("schema") == RETRACTION_SCHEMA]
         environments += got_envs
         warnings += got_warnings
-    invalid = [select.invalid_reason(r) for r in records]
-    records = [_hashable_point(r) for r in records]
+    merged = merge_rounds([(_hashable_point(r), select.invalid_reason(r)) for r in records])
+    records, invalid = [r for r, _ in merged], [why for _, why in merged]
     environments = [_plain_environment(e) for e in environments]
     warnings += _environment_conflicts(environments)
     results = _results_frame(pd, records, environments)

@@ -17,11 +17,11 @@ POSITIONALS = {"base": "BASE", "new": "NEW"}
 def add_arguments(parser) -> None:
     from attnlab.analysis import compare
 
-    parser.epilog = (f"Verdicts: {compare.RULE}. ratio = NEW median / BASE median (above 1: slower); the "
-                     f"interval is a {compare.LEVEL:.0%} bootstrap over each run's repetitions "
-                     f"({compare.BOOTSTRAP_DRAWS} draws, seeded); p is a {compare.TEST}; '~' marks p >= alpha. The "
-                     f"interval need only exclude 1, not the threshold: requiring that would pass a likely 8% "
-                     f"regression with an interval of [1.03, 1.13] as unchanged. Compared: ok prefill, decode and e2e "
+    parser.epilog = (f"Verdicts: {compare.RULE}. ratio = NEW / BASE, each the median of its round medians (above "
+                     f"1: slower); the interval is a 1 - alpha {compare.INTERVAL} ({compare.BOOTSTRAP_DRAWS} draws, "
+                     f"seeded); '~' marks an interval that holds 1; p is a {compare.TEST}. The interval need only "
+                     f"exclude 1, not the threshold: requiring that would pass a likely 8% regression with an "
+                     f"interval of [1.03, 1.13] as unchanged. Compared: ok prefill, decode and e2e "
                      f"records with raw times (calibration is the GPU's reference, not the code under test). Exit "
                      f"status: 0 when nothing regressed, 1 when a point regressed, 2 for bad input.")
     parser.add_argument("base", metavar="BASE", help="the reference: a run file (JSONL or pytest-benchmark JSON) "
@@ -33,7 +33,10 @@ def add_arguments(parser) -> None:
                                           "such as 0.05 (a bare 5 is refused: it could mean 5%% or 500%%); "
                                           "symmetric: slower than 1 + T or faster than 1 / (1 + T) (default 5%%)")
     parser.add_argument("--alpha", type=checked(compare.parse_alpha), default=compare.DEFAULT_ALPHA,
-                        help="significance level of the test (default %(default)s)")
+                        help="the interval's level is 1 - alpha (default %(default)s)")
+    parser.add_argument("--noise", default=None, metavar="AA.json",
+                        help="the --json document of `attnlab compare A1 A2` on two runs of the same code: how far "
+                             "each point's ratio reached there is its noise floor here (what one round cannot see)")
     parser.add_argument("--run-id-base", default=None, metavar="ID",
                         help="compare this run of BASE (default: the record standing for each point, the latest "
                              "valid run)")
@@ -56,7 +59,7 @@ def run(args) -> int:
     try:
         _check_outputs(args)
         comparison = compare(args.base, args.new, threshold=args.threshold, alpha=args.alpha,
-                             run_id_base=args.run_id_base, run_id_new=args.run_id_new)
+                             run_id_base=args.run_id_base, run_id_new=args.run_id_new, noise=args.noise)
         _write(args, comparison)
     except (MissingExtra, OSError, ValueError) as exc:
         print(_error_line(exc, args), file=sys.stderr)
@@ -91,7 +94,8 @@ def _check_outputs(args) -> None:
     outputs = _report_paths(args)
     refuse_shared(outputs)
     for flag, path in outputs:
-        check_output_file(path, flag=flag, inputs=[args.base, args.new], force=args.force)
+        check_output_file(path, flag=flag, inputs=[args.base, args.new, *([args.noise] if args.noise else [])],
+                          force=args.force)
 
 
 def _write(args, comparison) -> None:
@@ -112,5 +116,5 @@ def render(comparison) -> str:
         parts.append(text.table(*cmp.environment_rows(comparison)))
     parts += ["", text.table(*cmp.point_rows(comparison)), "",
               f"{cmp.counts_text(comparison)} (threshold {text.percent(comparison.threshold)}, "
-              f"alpha {comparison.alpha:g}; '~': not significant)"]
+              f"alpha {comparison.alpha:g}; '~': the interval holds 1; noise: how far the point reaches by itself)"]
     return "\n".join(parts)

@@ -177,17 +177,19 @@ def test_every_matched_point_carries_a_p_value_and_an_interval(tmp_path, profile
 
 # --- the rule ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ratio, ci, p, expected", [
-    (1.10, (1.02, 1.20), 0.01, "regressed"),
-    (1 / 1.10, (1 / 1.20, 1 / 1.02), 0.01, "improved"),      # symmetric: the same change, the other way
-    (1.10, (0.98, 1.20), 0.01, "unchanged"),                 # the interval reaches below 1
-    (1.04, (1.02, 1.06), 0.001, "unchanged"),                # significant, smaller than the threshold
-    (0.96, (0.94, 0.98), 0.001, "unchanged"),                # 1 / 0.96 = 1.042: inside a symmetric 5%
-    (0.951, (0.94, 0.96), 0.001, "improved"),                # 1 / 0.951 = 1.052: beyond it, though 0.951 > 0.95
-    (1.20, (1.10, 1.30), 0.06, "unchanged"),                 # large, not significant
+@pytest.mark.parametrize("ratio, ci, noise, expected", [
+    (1.10, (1.02, 1.20), 1.0, "regressed"),
+    (1 / 1.10, (1 / 1.20, 1 / 1.02), 1.0, "improved"),      # symmetric: the same change, the other way
+    (1.10, (0.98, 1.20), 1.0, "noisy"),                     # the interval reaches below 1
+    (1.04, (1.02, 1.06), 1.0, "unchanged"),                 # told apart, smaller than the threshold
+    (0.96, (0.94, 0.98), 1.0, "unchanged"),                 # 1 / 0.96 = 1.042: inside a symmetric 5%
+    (0.951, (0.94, 0.96), 1.0, "improved"),                 # 1 / 0.951 = 1.052: beyond it, though 0.951 > 0.95
+    (1.20, (1.10, 1.30), 1.25, "noisy"),                    # beyond the threshold, within the point's own noise
+    (1.30, (1.10, 1.50), 1.25, "regressed"),                # beyond both
+    (1 / 1.30, (1 / 1.50, 1 / 1.10), 1.25, "improved"),
 ])
-def test_the_verdict_needs_the_test_the_threshold_and_the_interval(ratio, ci, p, expected):
-    assert verdict(ratio, ci, p, threshold=0.05, alpha=0.05) == expected
+def test_the_verdict_needs_the_threshold_the_noise_and_the_interval(ratio, ci, noise, expected):
+    assert verdict(ratio, ci, 0.05, noise) == expected
 
 
 @pytest.mark.parametrize("text, expected", [("5%", 0.05), ("0.05", 0.05), ("12.5%", 0.125), ("0", 0.0),
@@ -208,7 +210,8 @@ def test_the_threshold_is_shown_as_given(given, synthetic, tmp_path, capsys):
     md = tmp_path / "compare.md"
     status, out, _ = run_cli(capsys, *synthetic, f"--threshold={given}", "--md", md)
     assert status in (0, 1)
-    assert out.rstrip().splitlines()[-1].endswith(f"(threshold {given}, alpha 0.05; '~': not significant)")
+    assert out.rstrip().splitlines()[-1].endswith(f"(threshold {given}, alpha 0.05; '~': the interval holds 1; "
+                                                  f"noise: how far the point reaches by itself)")
     assert f"Threshold {given}, alpha 0.05" in md.read_text()
 
 
@@ -259,13 +262,16 @@ def test_a_significant_change_below_the_threshold_is_unchanged_until_the_thresho
     assert compare(base, new, threshold=0.01).points[0]["verdict"] == "regressed"
 
 
-def test_a_large_change_with_too_few_repetitions_is_unchanged_and_says_why(tmp_path):
+def test_one_round_a_side_is_judged_against_its_dispersion_and_says_so(tmp_path):
     base = write_jsonl(tmp_path / "base.jsonl", [env_line("a"), record("k", [1.0, 1.01, 0.99], "a")])
     new = write_jsonl(tmp_path / "new.jsonl", [env_line("b"), record("k", [1.3, 1.31, 1.29], "b")])
     point = compare(base, new).points[0]
-    assert point["ratio"] == pytest.approx(1.3) and point["p_value"] == pytest.approx(0.1)
-    assert point["verdict"] == "unchanged"
-    assert point["note"].startswith("too few repetitions (3 and 3)")
+    assert point["ratio"] == pytest.approx(1.3) and point["decided_by"] == "within-run dispersion"
+    assert point["noise"] == pytest.approx(1.0 * 1.306 / 1.288, rel=0.01)
+    assert point["verdict"] == "regressed"
+    assert point["note"].startswith("base and new measured one round: run-to-run noise cannot be told")
+    wide = write_jsonl(tmp_path / "wide.jsonl", [env_line("c"), record("k", [1.2, 1.9, 0.8, 1.5, 1.0], "c")])
+    assert compare(base, wide).points[0]["verdict"] == "noisy"
 
 
 def test_intervals_are_reproducible_and_each_point_has_its_own(synthetic, tmp_path):

@@ -263,7 +263,7 @@ def test_a_curve_that_misses_its_own_points_states_nothing_beyond_them(tmp_path)
 
 @pytest.mark.parametrize("n", [3, 4, 7, 8, 25])
 def test_resampled_medians_follow_the_brute_force_bootstrap(n):
-    from attnlab.analysis.fits import resampled_medians
+    from attnlab.analysis.rounds import resampled_medians
     rng = np.random.default_rng(n)
     times = rng.lognormal(0, 0.3, n)
     brute = np.median(times[rng.integers(0, n, size=(40_000, n))], axis=1)
