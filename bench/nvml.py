@@ -45,7 +45,8 @@ CSV_COLUMNS = LABEL_COLUMNS + SAMPLE_COLUMNS + ("in_window",)
 SUMMARY_KEYS = ("power_w_mean", "power_w_max", "power_source", "energy_j", "energy_window_s",
                 "energy_source", "energy_power_w", "samples", "sm_clock_mhz_mean", "sm_clock_mhz_min",
                 "mem_clock_mhz_mean", "temperature_c_max", "memory_used_bytes_max",
-                "throttle_reasons", "nvml_reason", "nvml_error")
+                "throttle_reasons", "sm_clock_mhz_max", "clocks_changed", "throttle_changed", "nvml_reason",
+                "nvml_error")
 
 # Clock-event (throttle) reason bits, as NVML defines them, and the names recorded here.
 THROTTLE_REASONS = {
@@ -386,6 +387,10 @@ def _spread(samples: list[dict]) -> dict:
         "temperature_c_max": max(temp) if temp else None,
         "memory_used_bytes_max": max(used) if used else None,
         "throttle_reasons": reasons if any(s.get("throttle_reasons") is not None for s in samples) else None,
+        # Whether the card's state moved while the point ran: its time is then of two states.
+        "sm_clock_mhz_max": max(sm) if sm else None,
+        "clocks_changed": len(set(sm)) > 1 if sm else None,
+        "throttle_changed": len({tuple(s.get("throttle_reasons") or ()) for s in samples}) > 1 if samples else None,
     }
 
 

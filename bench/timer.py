@@ -41,10 +41,25 @@ class Timing:
         p10, median, p90 = np.percentile(times, [10, 50, 90]).tolist()
         return cls(times_ms=times, median_ms=median, p10_ms=p10, p90_ms=p90, warmup_reps=warmup_reps)
 
+    @property
+    def dispersion(self) -> float:
+        """p90 over p10: how far the repetitions spread (1 where they agree)."""
+        return self.p90_ms / self.p10_ms if self.p10_ms > 0 else float("nan")
+
+    @property
+    def drift(self) -> float | None:
+        """The median of the last third of the repetitions over that of the first: a time that
+        moved while it was measured (clocks settling, a co-tenant arriving); None under 6."""
+        third = len(self.times_ms) // 3
+        if third < 2:
+            return None
+        return float(np.median(self.times_ms[-third:]) / np.median(self.times_ms[:third]))
+
     def as_fields(self) -> dict:
         return {"times_ms": self.times_ms, "median_ms": self.median_ms,
                 "p10_ms": self.p10_ms, "p90_ms": self.p90_ms,
-                "reps": self.reps, "warmup_reps": self.warmup_reps}
+                "reps": self.reps, "warmup_reps": self.warmup_reps,
+                "dispersion": self.dispersion, "drift": self.drift}
 
 
 # How the L2 cache is emptied before each timed call. "write" zeroes a buffer twice its size
