@@ -132,8 +132,10 @@ def _sections(analysis, drawn, baseline=None) -> list:
     if "synthetic" in envs and envs["synthetic"].eq(True).any():
         title.append(("p", "Warning: some runs are marked synthetic: their numbers are sample data, "
                            "not measurements."))
+    wrong = _wrong_blocks(results)
     return [
         ("attnlab report", title),
+        *([("Wrong answers", wrong)] if wrong else []),
         ("Summary", _summary_blocks(analysis, drawn)),
         ("Charts", [("chart", c) for c in drawn if c.name != "claim"] or [("p", "No charts could be drawn.")]),
         ("Head to head", _head_to_head_blocks(results, baseline)),
@@ -349,8 +351,24 @@ def _signed_pct(error) -> str:
     return "-" if fmt.missing(error) else f"{100 * error:+.1f}%"
 
 
+def _wrong_blocks(results) -> list:
+    """The points whose output failed its check against float64: first in the report, since no
+    time of theirs is a speed. One row per kernel, mode, run and error."""
+    wrong = results[(results["status"] == "wrong") & (results["excluded"] == "")]
+    if wrong.empty:
+        return []
+    rows = []
+    for (kernel, mode, run_id), group in wrong.groupby(["kernel", "mode", "run_id"], sort=True):
+        lengths = sorted(int(n) for n in group["seq_len"].dropna())
+        reasons = sorted({_cell(r) for r in group["reason"]})
+        rows.append([kernel, mode, ", ".join(fmt.k(n) for n in lengths) or "-", "; ".join(reasons), run_id])
+    return [("p", f"{len(wrong)} point(s) gave a wrong output: checked against float64 before timing, they were "
+                  f"never timed, and no chart, fit, comparison or claim uses them."),
+            ("table", ["kernel", "mode", "contexts", "why", "run"], rows)]
+
+
 def _failure_blocks(results) -> list:
-    failed = results[(results["status"] != "ok") & (results["excluded"] == "")]
+    failed = results[~results["status"].isin(("ok", "wrong")) & (results["excluded"] == "")]
     if failed.empty:
         return [("p", "Every point ran.")]
     headers = ["status", "kernel", "mode", "workload", "contexts", "reason", "run"]

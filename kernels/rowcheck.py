@@ -27,7 +27,7 @@ TILE = 64              # rows on both sides of every multiple of this are tile e
 EDGES = 16             # tile boundaries sampled per sequence, spread evenly
 RANDOM_ROWS = 8
 SEQUENCES = 8          # sequences of a batch checked, spread evenly
-SCORES_BUDGET = 1 << 25   # float64 scores held at once (256 MB): heads are taken a few at a time
+SCORES_BUDGET = 1 << 25   # float64 values held at once (256 MB): heads are taken a few at a time
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,8 @@ def _attend(q, k, v, mask, scale, softcap, dtype) -> torch.Tensor:
     rows, heads = q.shape[0], q.shape[1]
     groups = heads // k.shape[1]
     softmax_dtype = torch.promote_types(dtype, torch.float32)
-    per_chunk = max(1, SCORES_BUDGET // max(1, rows * k.shape[0]))
+    # The scores, and K and V gathered per head, of a chunk each stay within the budget.
+    per_chunk = max(1, SCORES_BUDGET // max(1, rows * k.shape[0], 2 * k.shape[0] * k.shape[-1]))
     out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     for h0 in range(0, heads, per_chunk):
         h = torch.arange(h0, min(heads, h0 + per_chunk), device=q.device)

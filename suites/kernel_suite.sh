@@ -26,12 +26,13 @@ setup_steps "kernel suite"
 
 PREFILL_KERNELS=triton,triton-ws,triton-ptr,sdpa-flash,sdpa-cudnn
 # sweep NAME SECONDS RESERVE ARGS...: an attnlab sweep that stops starting points 15 s
-# before its box closes, room for the point in flight.
+# before its box closes, room for the point in flight; three interleaved rounds a point, which
+# fit the boxes (each round adds the call that checks the output and a warm-up).
 sweep() {
     local name=$1 limit=$2 reserve=$3
     shift 3
     step "$name" "$limit" "$reserve" "$PY" -m attnlab sweep --device cuda --budget-s $(( limit - 15 )) \
-        --out "$RUN/$name.jsonl" "$@"
+        --rounds 3 --out "$RUN/$name.jsonl" "$@"
 }
 sweep prefill 110 300 --workload llama3-8b --modes prefill --kernels $PREFILL_KERNELS \
     --seq-lens 16k,128k,4k,64k,32k,8k
