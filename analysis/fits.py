@@ -30,7 +30,7 @@ import numpy as np
 from attnlab import text as fmt
 from attnlab.analysis import _deps
 from attnlab.analysis.roofline import match_gpu
-from attnlab.analysis.rounds import center, resampled_centers, rounds_of
+from attnlab.analysis.rounds import center, resampled_centers, rounds_of, unstable_reason
 from attnlab.analysis.select import POINT_KEY, joined_key, point_labels, recorded_memory, with_selection
 
 FIT_MODES = ("prefill", "decode")
@@ -83,6 +83,7 @@ class Fit:
     points: list = field(default_factory=list)
     shape: dict = field(default_factory=dict)
     curve: str = ""          # the key its records share (`_curve_keys`), to tell which records it used
+    unstable: list = field(default_factory=list)     # {seq_len, run_id, reason, left_out}: see _stable_rows
 
     def predict_ms(self, seq_len):
         n = np.asarray(seq_len, dtype=float)
@@ -301,8 +302,22 @@ def fit_all(results, *, environments=None, modes=FIT_MODES, n_boot: int = 2000, 
     return fits, skipped
 
 
+MIN_STABLE_POINTS = 3      # a curve keeps its unstable points where leaving them out would leave fewer
+
+
+def _stable_rows(rows) -> tuple:
+    """(rows to fit, unstable): the points whose time mixes states (`rounds.unstable_reason`) are
+    left out where at least MIN_STABLE_POINTS others remain, else kept; either way named."""
+    reasons = rows.apply(unstable_reason, axis=1) if len(rows) else rows.index.to_series(dtype=object)
+    stable = reasons == ""
+    left_out = bool(stable.sum() >= MIN_STABLE_POINTS and (~stable).any())
+    unstable = [{"seq_len": int(r["seq_len"]), "run_id": r["run_id"], "reason": why, "left_out": left_out}
+                for (_, r), why in zip(rows.iterrows(), reasons) if why]
+    return (rows[stable] if left_out else rows), unstable
+
+
 def _fit_curve_rows(standing, ok, everything, labels, environments, n_boot, seed) -> Fit:
-    rows = standing.sort_values("seq_len")
+    rows, unstable = _stable_rows(standing.sort_values("seq_len"))
     others = ok[ok["excluded"] != ""]
     other_runs = [[_times(r) for _, r in others[others["seq_len"] == n].iterrows()] for n in rows["seq_len"]]
     window = _window(rows)
@@ -320,7 +335,7 @@ def _fit_curve_rows(standing, ok, everything, labels, environments, n_boot, seed
     lengthwise = first.get("q_len") == first["seq_len"]     # a prefill's q_len is its length: no curve has one
     shape = {k: _plain(first.get(k)) for k in SHAPE_KEYS if not (k == "q_len" and lengthwise)}
     return Fit(**labels, **numbers, model=model, model_reason=_model_reason(labels["mode"], model, evidence, window),
-               aicc=evidence, points=points, shape=shape)
+               aicc=evidence, points=points, shape=shape, unstable=unstable)
 
 
 def _window(rows) -> int:

@@ -21,9 +21,10 @@ from attnlab.analysis.analyze import analyze
 from attnlab.analysis.charts import pick_baseline, render_all
 from attnlab.analysis.claim import CLAIM, validation_text
 from attnlab.analysis.conditions import card_namer, conditions_blocks, run_cards, with_cards
-from attnlab.analysis.fits import (MIN_LENGTHS, MIN_R2_TO_EXTRAPOLATE, SELECTION, extrapolated_text, fit_labels,
-                                   worst_miss)
+from attnlab.analysis.fits import (MIN_LENGTHS, MIN_R2_TO_EXTRAPOLATE, MIN_STABLE_POINTS, SELECTION, extrapolated_text,
+                                   fit_labels, worst_miss)
 from attnlab.analysis.roofline import roofline_summary
+from attnlab.analysis.rounds import unstable_reason
 from attnlab.analysis.select import SAME_POINT, exclusion_kind, joined_key, point_labels
 from attnlab.models import DEFAULT_MODEL
 
@@ -143,6 +144,7 @@ def _sections(analysis, drawn, baseline=None) -> list:
         ("Roofline", _roofline_blocks(analysis.roof)),
         ("The claim: 10,000 tokens/s at 1k, 130 at 120k", _claim_blocks(claim)),
         ("Failed and out-of-memory points", _failure_blocks(results)),
+        ("Unstable points", _unstable_blocks(results)),
         ("What was skipped", [("list", analysis.warnings)] if analysis.warnings else [("p", "Nothing.")]),
         ("Left out", _left_out_blocks(analysis.excluded)),
         ("Run conditions", conditions_blocks(results, envs)),
@@ -364,6 +366,21 @@ def _wrong_blocks(results) -> list:
         rows.append([kernel, mode, ", ".join(fmt.k(n) for n in lengths) or "-", "; ".join(reasons), run_id])
     return [("p", f"{len(wrong)} point(s) gave a wrong output: checked against float64 before timing, they were "
                   f"never timed, and no chart, fit, comparison or claim uses them."),
+            ("table", ["kernel", "mode", "contexts", "why", "run"], rows)]
+
+
+def _unstable_blocks(results) -> list:
+    """The points whose time mixes states (`rounds.unstable_reason`): one row per kernel, mode,
+    run and reason; the fits leave them out where a curve keeps enough points without them."""
+    ok = results[(results["status"] == "ok") & (results["excluded"] == "")]
+    reasons = ok.apply(unstable_reason, axis=1) if len(ok) else ok.index.to_series(dtype=object)
+    unstable = ok.assign(why=reasons)[reasons != ""]
+    if unstable.empty:
+        return [("p", "No point's rounds lie apart, drifted or saw the card's clocks change.")]
+    rows = [[kernel, mode, ", ".join(fmt.k(int(n)) for n in sorted(group["seq_len"].dropna())), why, run_id]
+            for (kernel, mode, why, run_id), group in unstable.groupby(["kernel", "mode", "why", "run_id"], sort=True)]
+    return [("p", f"{len(unstable)} point(s) whose time mixes states; each fit leaves them out where it keeps "
+                  f"{MIN_STABLE_POINTS} points or more without them, and fits.json names them under 'unstable'."),
             ("table", ["kernel", "mode", "contexts", "why", "run"], rows)]
 
 

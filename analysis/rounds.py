@@ -23,6 +23,11 @@ import numpy as np
 from attnlab.schema import OK, POINT_FIELDS, WRONG
 
 RATE_FIELDS = ("tflops", "gbps", "tokens_per_s")     # per second of median_ms: rescaled with it
+# A point is unstable where its rounds lie this far apart, or its time moved this much while it
+# was measured, or the card's clocks or throttle reasons changed meanwhile: its time then mixes
+# states, and the fits leave it out where the curve keeps enough points without it.
+UNSTABLE_SPREAD = 1.25
+UNSTABLE_DRIFT = 1.10
 
 
 def merge_rounds(read: list) -> list:
@@ -72,6 +77,10 @@ def _merge(ok: list) -> dict:
     merged.update(round_times_ms=per_round, round_medians_ms=medians, rounds_measured=len(ok), times_ms=everything,
                   median_ms=median, p10_ms=float(np.percentile(everything, 10)),
                   p90_ms=float(np.percentile(everything, 90)), round=None)
+    drifts = [r["drift"] for r in ok if isinstance(r.get("drift"), (int, float)) and r["drift"] > 0]
+    merged.update(drift=max(drifts, key=lambda d: max(d, 1 / d)) if drifts else None,
+                  clocks_changed=any(r.get("clocks_changed") is True for r in ok) or ok[0].get("clocks_changed"),
+                  throttle_changed=any(r.get("throttle_changed") is True for r in ok) or ok[0].get("throttle_changed"))
     scale = (ok[0].get("median_ms") or median) / median
     for name in RATE_FIELDS:
         if isinstance(merged.get(name), (int, float)) and not isinstance(merged[name], bool):
@@ -82,6 +91,30 @@ def _merge(ok: list) -> dict:
 def _times(record: dict) -> list:
     times = record.get("times_ms")
     return [float(t) for t in times] if isinstance(times, list) and times else []
+
+
+def unstable_reason(row) -> str:
+    """Why a record's time is not of one state ("" where it is): see UNSTABLE_SPREAD."""
+    reasons = []
+    rounds = rounds_of(row) if _has_times(row) else []
+    if len(rounds) > 1 and spread(rounds) > UNSTABLE_SPREAD:
+        reasons.append(f"rounds x{spread(rounds):.2f} apart")
+    drift = _number(row.get("drift"))
+    if drift and max(drift, 1 / drift) > UNSTABLE_DRIFT:
+        reasons.append(f"drift x{drift:.2f} within a round")
+    for field, text in (("clocks_changed", "SM clock changed"), ("throttle_changed", "throttle reasons changed")):
+        if row.get(field) is True:
+            reasons.append(text)
+    return ", ".join(reasons)
+
+
+def _has_times(row) -> bool:
+    times = row.get("times_ms")
+    return isinstance(times, (list, tuple)) and len(times) > 0
+
+
+def _number(value):
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
 
 
 def rounds_of(row) -> list:

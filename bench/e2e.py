@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from attnlab import kernels, models
-from attnlab.bench.model import Decoder, StaticDecoder, resolve_prefill, why_not_captured
+from attnlab.bench.model import Decoder, StaticDecoder, WrongOutput, resolve_prefill, why_not_captured
 from attnlab.bench.nvml import NvmlSampler
 from attnlab.bench.records import device_name, new_record, new_run_id
 from attnlab.bench.sweep import check_device
@@ -137,6 +137,8 @@ def measure_point(model: Decoder, seq_len: int, o: E2EOptions, decode_name: str,
         outcome = _measure(model, seq_len, batch, o, decode_name, prefill_name)
     except torch.OutOfMemoryError as exc:
         failure = dict(status="oom", reason=_first_line(exc))
+    except WrongOutput as exc:
+        failure = dict(status="wrong", reason=str(exc), check_error=exc.verdict.error, check_bound=exc.verdict.bound)
     except Exception as exc:  # one length failing must not end the run
         failure = dict(status="error", reason=f"{type(exc).__name__}: {_first_line(exc)}")
     peak = _peak(model.device)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from attnlab.kernels import DECODE, PREFILL, Implementation, decode_attention, get, resolve
 from attnlab.kernels import attention as attention_fn
+from attnlab.kernels.rowcheck import check_decode
 from attnlab.models import PREFILL_CHUNK_TOKENS, Gemm, ModelConfig
 
 
@@ -210,7 +211,8 @@ class StaticDecoder:
     tokens (batch,) and lengths (batch,) int32 live on the device and are updated in place, so
     a step launches the same work at the same addresses every time and `capture()` can record
     it as a CUDA graph. The first step goes through decode_attention with all its
-    checks; later steps call the implementation it resolved directly, since shapes never change
+    checks, and its first layer's attention is checked against float64 (`WrongOutput` where it
+    fails); later steps call the implementation it resolved directly, since shapes never change
     and the host counts lengths against max_seqlen itself.
     """
 
@@ -305,9 +307,20 @@ class StaticDecoder:
 
     def _attend(self, q, k_cache, v_cache, lengths):
         if not self._checked:
-            return decode_attention(q, k_cache, v_cache, lengths, scale=self.model.scale,
-                                    impl=self.attention.name)
+            out = decode_attention(q, k_cache, v_cache, lengths, scale=self.model.scale, impl=self.attention.name)
+            verdict = check_decode(out, q, k_cache, v_cache, lengths, scale=self.model.scale)
+            if not verdict.ok:     # a decoder on wrong attention measures no model's speed
+                raise WrongOutput(self.attention.name, verdict)
+            return out
         return self.attention.decode(q, k_cache, v_cache, lengths, self.model.scale)
+
+
+class WrongOutput(ValueError):
+    """The attention of a decoder's first step failed its check against float64 (kernels/rowcheck.py)."""
+
+    def __init__(self, kernel: str, verdict):
+        super().__init__(f"wrong output: {kernel}: {verdict.describe()}")
+        self.verdict = verdict
 
 
 def resolve_prefill(probe: torch.Tensor, attention: str) -> str:

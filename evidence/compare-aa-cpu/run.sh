@@ -40,3 +40,15 @@ for name in ("base-3x", "3x-again", "base-again"):
     print(name, {verdict: len(names) for verdict, names in by.items()},
           "regressed:", by.get("regressed", []), "improved:", by.get("improved", []))
 PY
+# The same question for two saved pytest-benchmark runs of the grid (cpu-small, five rounds).
+for i in 1 2; do
+    (cd "$here/../.." && python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+        --benchmark-json="$out/grid$i.json" > /dev/null)
+done
+for order in "1 2" "2 1"; do
+    set -- $order
+    status=0
+    python3 -m attnlab compare "grid$1.json" "grid$2.json" --json "compare-grid$1-grid$2.json" > /dev/null || status=$?
+    echo "grid$1 grid$2 exit $status: $(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['counts'])" \
+        "compare-grid$1-grid$2.json")"
+done | tee grid.txt

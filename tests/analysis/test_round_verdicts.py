@@ -94,3 +94,30 @@ def test_an_aa_pairs_reach_is_the_noise_floor_of_a_later_comparison(tmp_path):
     assert with_aa["verdict"] == "noisy" and with_aa["decided_by"] == "A/A noise" and with_aa["noise"] > 1.19
     with pytest.raises(ValueError, match="^noise: expected the --json document"):
         compare(a1, b, noise=a1)
+
+
+def unstable_run(path, spread_at):
+    """Four lengths of one kernel in three rounds; the rounds of `spread_at` lie 2x apart."""
+    lines = [dict(ENV, run_id="U")]
+    for n in (256, 512, 1024, 2048):
+        level = n / 256
+        for r in range(3):
+            times = [level * (2.0 if n == spread_at and r == 2 else 1.0)] * 5
+            lines.append(round_record("U", "k", r, times, seq_len=n))
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_an_unstable_point_is_named_and_left_out_of_its_fit(tmp_path):
+    from attnlab.analysis.fits import fit_all
+
+    run = unstable_run(tmp_path / "u.jsonl", spread_at=1024)
+    loaded = load(run)
+    (fit,) = [f for f in fit_all(loaded.results, environments=loaded.environments, n_boot=200)[0] if f.kernel == "k"]
+    assert fit.unstable == [{"seq_len": 1024, "run_id": "U", "reason": "rounds x2.00 apart", "left_out": True}]
+    assert 1024 not in fit.seq_lens and fit.seq_lens == [256, 512, 2048]
+    from attnlab.cli import main
+    assert main(["report", str(run), "--out", str(tmp_path / "report"), "--formats", "png"]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    section = text[text.index("## Unstable points"):]
+    assert "rounds x2.00 apart" in section.split("##")[1]

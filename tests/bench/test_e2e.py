@@ -235,6 +235,22 @@ def test_an_error_is_recorded_and_a_spent_budget_skips(monkeypatch):
     assert "kernel exploded" in rows[0]["reason"] and "budget" in rows[2]["reason"]
 
 
+def test_a_decoder_on_wrong_attention_is_recorded_wrong_and_not_timed():
+    from attnlab.kernels import registry
+    from attnlab.kernels.impls import naive
+
+    registry.register_kernel("test-wrong-decode", decode=lambda q, k, v, lens, scale: naive.decode(q, k, v, lens, scale)
+                             * 1.5, description="test only", dtypes=(torch.float32,), devices=("cpu",))
+    try:
+        (wrong,) = e2e.run(_options(seq_lens=(32,), kernel="test-wrong-decode"))
+    finally:
+        registry.unregister("test-wrong-decode")
+    assert wrong["status"] == "wrong" and wrong["reason"].startswith("wrong output: test-wrong-decode: max error")
+    assert wrong["check_error"] > wrong["check_bound"] > 0 and wrong["tokens_per_s"] is None
+    (right,) = e2e.run(_options(seq_lens=(32,)))
+    assert right["status"] == "ok"
+
+
 def test_static_decoder_guards_its_cache_and_stays_eager_on_cpu():
     model = Decoder(TINY, "cpu", torch.float32)
     decoder = StaticDecoder(model, model.new_cache(1, 4), "naive")
