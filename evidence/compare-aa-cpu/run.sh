@@ -11,15 +11,17 @@ cd "$out"
 for i in 1 2 3 4 5 6; do
     python3 -m attnlab sweep --out "aa$i.jsonl" > /dev/null
 done
+# compared A B FILE_A FILE_B: compare B against A, keep the document, say its exit status and counts.
+compared() {
+    local status=0
+    python3 -m attnlab compare "$3" "$4" --json "compare-$1-$2.json" > /dev/null || status=$?
+    echo "$1 $2 exit $status: $(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['counts'])" \
+        "compare-$1-$2.json")"
+}
 for pair in "1 2" "3 4" "5 6" "1 3" "2 4" "3 5" "4 6" "1 6" "2 5"; do
     set -- $pair
-    for order in "$1 $2" "$2 $1"; do
-        set -- $order
-        status=0
-        python3 -m attnlab compare "aa$1.jsonl" "aa$2.jsonl" --json "compare-aa$1-aa$2.json" > /dev/null || status=$?
-        echo "aa$1 aa$2 exit $status: $(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['counts'])" \
-            "compare-aa$1-aa$2.json")"
-    done
+    compared "aa$1" "aa$2" "aa$1.jsonl" "aa$2.jsonl"
+    compared "aa$2" "aa$1" "aa$2.jsonl" "aa$1.jsonl"
 done | tee aa.txt
 plugin=(--kernel-module "$here/planted.py" --kernels naive,sdpa-flash,sdpa-math,planted)
 PLANTED_REPEAT=1 python3 -m attnlab sweep "${plugin[@]}" --out planted-base.jsonl > /dev/null
@@ -45,10 +47,4 @@ for i in 1 2; do
     (cd "$here/../.." && python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
         --benchmark-json="$out/grid$i.json" > /dev/null)
 done
-for order in "1 2" "2 1"; do
-    set -- $order
-    status=0
-    python3 -m attnlab compare "grid$1.json" "grid$2.json" --json "compare-grid$1-grid$2.json" > /dev/null || status=$?
-    echo "grid$1 grid$2 exit $status: $(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['counts'])" \
-        "compare-grid$1-grid$2.json")"
-done | tee grid.txt
+{ compared grid1 grid2 grid1.json grid2.json; compared grid2 grid1 grid2.json grid1.json; } | tee grid.txt
