@@ -465,8 +465,9 @@ def write_fits(fits, out_dir, skipped=(), excluded=()) -> list[Path]:
                 "excluded": _json_safe(list(excluded))}
     json_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     rows = fits_rows(fits)
-    columns = list(rows[0]) if rows else [c for c in CONTRACT_FIELDS if c != "exponent_ci"] + [
-        "exponent_ci_lo", "exponent_ci_hi"]
+    # Curves differ in their shape's fields (a decode curve's q_len, a window): every row's, in order.
+    columns = list(dict.fromkeys(c for row in rows for c in row)) if rows else [
+        c for c in CONTRACT_FIELDS if c != "exponent_ci"] + ["exponent_ci_lo", "exponent_ci_hi"]
     with csv_path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
