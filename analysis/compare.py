@@ -50,7 +50,7 @@ import numpy as np
 from attnlab import text as fmt
 from attnlab.analysis import _deps
 from attnlab.analysis.conditions import clocks_text
-from attnlab.analysis.rounds import center, resampled_centers, rounds_of, spread
+from attnlab.analysis.rounds import as_rounds, center, resampled_centers, round_medians, rounds_of, spread
 from attnlab.analysis.select import POINT_KEY, exclusion_kind, joined_key
 from attnlab.schema import COMPARE_SCHEMA, E2E_MODES, KERNEL_MODES, OK
 
@@ -332,7 +332,7 @@ def _measured_change(base_rounds, new_rounds, alpha: float, draws: int, rng, aa=
     ci = ratio_interval(base_rounds, new_rounds, draws, rng, 1 - alpha)
     noise, decided_by = noise_floor(base_rounds, new_rounds, aa)
     by_rounds = min(len(base_rounds), len(new_rounds)) > 1
-    p = mann_whitney_p(*((_medians(base_rounds), _medians(new_rounds)) if by_rounds else
+    p = mann_whitney_p(*((round_medians(base_rounds), round_medians(new_rounds)) if by_rounds else
                          (np.concatenate(base_rounds), np.concatenate(new_rounds))))
     return {"ratio": ratio, "ci": list(ci), "p_value": p, "noise": noise, "decided_by": decided_by,
             "note": _note(base_rounds, new_rounds)}
@@ -370,10 +370,6 @@ def noise_floor(base_rounds, new_rounds, aa=None) -> tuple:
     if aa is not None and aa > noise:
         return float(aa), BY_AA
     return noise, by
-
-
-def _medians(rounds) -> np.ndarray:
-    return np.array([np.median(r) for r in rounds])
 
 
 def _note(base_rounds, new_rounds) -> str:
@@ -430,17 +426,11 @@ def _why_missing(side: Side, key: str) -> str:
 def ratio_interval(base_rounds, new_rounds, draws: int, rng, level: float = 1 - DEFAULT_ALPHA) -> tuple:
     """The `level` bootstrap interval of center(new) / center(base) (analysis/rounds.py): each
     side's rounds and repetitions resampled on their own, `draws` times. Flat times are one round."""
-    ratios = resampled_centers(_rounds(new_rounds), draws, rng) / resampled_centers(_rounds(base_rounds), draws, rng)
+    new, base = (resampled_centers(as_rounds(t), draws, rng) for t in (new_rounds, base_rounds))
+    ratios = new / base
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(ratios, [tail, 100 - tail])
     return float(low), float(high)
-
-
-def _rounds(times) -> list:
-    times = list(times)
-    if times and isinstance(times[0], (list, tuple, np.ndarray)):
-        return [np.asarray(t, dtype=float) for t in times]
-    return [np.asarray(times, dtype=float)]
 
 
 def mann_whitney_p(base_times, new_times) -> float:

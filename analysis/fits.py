@@ -30,7 +30,7 @@ import numpy as np
 from attnlab import text as fmt
 from attnlab.analysis import _deps
 from attnlab.analysis.roofline import match_gpu
-from attnlab.analysis.rounds import center, resampled_centers, rounds_of, unstable_reason
+from attnlab.analysis.rounds import as_rounds, center, resampled_centers, rounds_of, unstable_reason
 from attnlab.analysis.select import POINT_KEY, joined_key, point_labels, recorded_memory, with_selection
 
 FIT_MODES = ("prefill", "decode")
@@ -155,7 +155,7 @@ def fit_group(seq_lens, reps, *, model: str = "quadratic", other_runs=None, n_bo
     order = np.argsort(np.asarray(seq_lens, dtype=float))
     n = np.asarray(seq_lens, dtype=float)[order]
     others = other_runs or [[] for _ in order]
-    runs = [[_as_rounds(reps[i])] + [_as_rounds(o) for o in others[i]] for i in order]
+    runs = [[as_rounds(reps[i])] + [as_rounds(o) for o in others[i]] for i in order]
     y = np.array([center(r[0]) for r in runs])
     a, b, c = fit_curve(n, y, model)
     fitted = a + b * n + c * n * n
@@ -200,14 +200,6 @@ def _bootstrap_medians(n, runs, fitted, y, n_boot, rng):
     if shared:
         method += " and between runs at " + ", ".join(f"{fmt.k(length)} ({count} runs)" for length, count in shared)
     return samples, method
-
-
-def _as_rounds(times) -> list:
-    """Times flat (one round) or round by round, as a list of arrays."""
-    times = list(times)
-    if times and all(isinstance(t, (list, tuple, np.ndarray)) for t in times):
-        return [np.asarray(t, float) for t in times]
-    return [np.asarray(times, float)]
 
 
 def _enough(rounds: list) -> bool:

@@ -125,17 +125,29 @@ def rounds_of(row) -> list:
     return [np.asarray(row["times_ms"], dtype=float)]
 
 
+def as_rounds(times) -> list:
+    """Times flat (one round) or round by round, as a list of arrays."""
+    times = list(times)
+    if times and all(isinstance(t, (list, tuple, np.ndarray)) for t in times):
+        return [np.asarray(t, dtype=float) for t in times]
+    return [np.asarray(times, dtype=float)]
+
+
+def round_medians(rounds: list) -> np.ndarray:
+    return np.array([np.median(r) for r in rounds])
+
+
 def center(rounds: list) -> float:
     """The point's time: the median of its rounds' medians."""
-    return float(np.median([np.median(r) for r in rounds]))
+    return float(np.median(round_medians(rounds)))
 
 
 def spread(rounds: list) -> float:
     """How far apart the rounds are, as a ratio >= 1: slowest round median over fastest; with one
     round, p90 over p10 of its repetitions (what a single round can say of its own noise)."""
     if len(rounds) > 1:
-        medians = [np.median(r) for r in rounds]
-        return float(max(medians) / min(medians))
+        medians = round_medians(rounds)
+        return float(medians.max() / medians.min())
     p10, p90 = np.percentile(rounds[0], [10, 90])
     return float(p90 / p10) if p10 > 0 else math.inf
 

@@ -218,6 +218,14 @@ def check_rounds(rounds) -> None:
         raise ValueError(f"rounds: expected a whole number of rounds from 1 to {MAX_ROUNDS}, got {rounds!r}")
 
 
+def order_seed(given: Optional[int], rounds: int) -> Optional[int]:
+    """The seed that shuffles the rounds' order: `given`, else one drawn where there are rounds
+    to shuffle; None for a single round, which keeps the plan's order."""
+    if given is None and rounds > 1:
+        return int(torch.randint(2**31 - 1, ()).item())
+    return given
+
+
 def interleaved(todo: list, seed: Optional[int]) -> list:
     """(point, round) pairs round by round, each round's points in an order shuffled from `seed`
     and the round: every point once per round, none in the same place each time. Without a
@@ -242,9 +250,7 @@ def _already_done(out: Path, resume: bool, device: torch.device) -> set:
 def _measure(writer, result: SweepResult, todo: list, config: SweepConfig, device, progress) -> None:
     progress.start(len(todo))
     start_s = time.perf_counter()
-    seed = config.order_seed
-    if seed is None and config.rounds > 1:
-        seed = int(torch.randint(2**31 - 1, ()).item())
+    seed = order_seed(config.order_seed, config.rounds)
     try:
         env = rec.environment(config.argv, device=device, run_id=result.run_id)
         env.update(workload_config=dataclasses.asdict(config.workload), rounds=config.rounds, order_seed=seed)

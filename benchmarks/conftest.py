@@ -131,7 +131,7 @@ def grid_for(config) -> Grid:
     if grid is not None:
         return grid
     from attnlab.bench.records import new_run_id
-    from attnlab.bench.sweep import DEFAULT_ROUNDS, check_device, check_rounds, default_kernels
+    from attnlab.bench.sweep import DEFAULT_ROUNDS, check_device, check_rounds, default_kernels, order_seed
     from attnlab.bench.workloads import default_preset, parse_seq_lens, preset
 
     opt = config.getoption
@@ -142,8 +142,7 @@ def grid_for(config) -> Grid:
     csv = opt("--attnlab-nvml-csv")
     rounds = opt("--attnlab-rounds") or DEFAULT_ROUNDS
     check_rounds(rounds)
-    seed = opt("--attnlab-order-seed")
-    seed = seed if seed is not None or rounds == 1 else int(torch.randint(2**31 - 1, ()).item())
+    seed = order_seed(opt("--attnlab-order-seed"), rounds)
     grid = Grid(device=device, workload=workload,
                 seq_lens=parse_seq_lens(lens_text) if lens_text else list(workload.seq_lens),
                 kernels=_split(kernels_text) if kernels_text else default_kernels(device.type),
