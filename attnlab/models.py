@@ -167,6 +167,30 @@ def attention_workspace_bytes(attention: AttentionMemory, *, batch: int, heads: 
     return total
 
 
+def backward_workspace_bytes(attention: AttentionMemory, *, batch: int, heads: int, kv_heads: int, head_dim: int,
+                             q_len: int, keys: int, dtype_bytes: int) -> int:
+    """Bytes a backward holds at its peak beyond q, k, v and the forward's output, for queries
+    (batch, q_len, heads, head_dim) over `keys` keys: dout, dq, dk and dv; a float32 delta
+    (rowsum(dout * out)) per query row; what the forward's working memory kept for the backward
+    (`attention_workspace_bytes`: a log-sum-exp per row where fused; under autograd through a
+    quadratic forward the scores, probabilities and mask, K and V expanded, upcast inputs); and
+    what the backward adds to those: dP in the input dtype with its float32 copy and dS in float32,
+    the expanded K and V's gradients, the upcast inputs' gradients."""
+    rows = batch * heads * q_len
+    kv = 2 * batch * kv_heads * keys * head_dim
+    total = (2 * rows * head_dim + kv) * dtype_bytes + 4 * rows      # dout and dq, dk and dv; delta
+    total += attention_workspace_bytes(attention, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                       q_len=q_len, keys=keys, dtype_bytes=dtype_bytes)
+    upcast = attention.fp32_inputs and dtype_bytes < 4
+    if attention.fp32_scores:
+        total += rows * keys * (2 * 4 + dtype_bytes)
+    if attention.expands_kv:
+        total += 2 * batch * heads * keys * head_dim * (4 if upcast else dtype_bytes)
+    if upcast:
+        total += 4 * (rows * head_dim + kv)
+    return total
+
+
 def _dense_bytes_per_token(config: ModelConfig, dtype_bytes: int) -> int:
     """Transient bytes of one token through a block, attention aside: hidden-size vectors,
     q/k/v with fp32 rotary copies, the MLP's intermediates."""

@@ -1,6 +1,6 @@
 """The words bench and analysis share: the schema names of the lines attnlab writes, the
-result record's fields, its statuses and modes, what tells one measured point from another,
-and the reader of record files.
+result record's fields and the kind of value each holds, its statuses and modes, what tells
+one measured point from another, a kernel's roles, and the reader of record files.
 
 Standard library only: analysis and the command line read records without importing torch.
 """
@@ -18,21 +18,48 @@ ENVIRONMENT_SCHEMA = "attnlab.environment/1"  # the conditions of a run, once pe
 RETRACTION_SCHEMA = "attnlab.retraction/1"    # records measured with a known fault, and why
 TUNING_SCHEMA = "attnlab.tuning/1"            # attnlab tune's document: per-tile times
 COMPARE_SCHEMA = "attnlab.compare/1"          # attnlab compare's document: two runs, point by point
+ROLES_SCHEMA = "attnlab.roles/1"              # a kernel's roles (ROLE_FIELDS), for records written without them
 # The lines record files hold: a newer version of one of these is a file this reader cannot read.
-READ_SCHEMAS = (RESULT_SCHEMA, ENVIRONMENT_SCHEMA, RETRACTION_SCHEMA)
+READ_SCHEMAS = (RESULT_SCHEMA, ENVIRONMENT_SCHEMA, RETRACTION_SCHEMA, ROLES_SCHEMA)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")     # how JSON text spells a surrogate
 
+# The kinds of value a record's fields hold. Each field's kind is said once, below; the column
+# lists of the loader and the selection derive from it (`fields_of`).
+TEXT, WHOLE, NUMBER, FLAG, TIMES = "text", "whole number", "number", "true or false", "list of times"
 # The contract: every result record has these keys, in this order; more may follow.
-FIELDS = (
-    "schema", "run_id", "kernel", "mode", "workload", "batch", "heads", "kv_heads", "head_dim",
-    "dtype", "causal", "seq_len", "q_len", "status", "reason", "times_ms", "median_ms", "p10_ms",
-    "p90_ms", "flops", "bytes", "tflops", "gbps", "tokens_per_s", "peak_mem_bytes",
-    "predicted_mem_bytes", "power_w_mean", "power_w_max", "energy_j", "joules_per_token", "device",
-)
+CONTRACT_KINDS = {
+    "schema": TEXT, "run_id": TEXT, "kernel": TEXT, "mode": TEXT, "workload": TEXT, "batch": WHOLE,
+    "heads": WHOLE, "kv_heads": WHOLE, "head_dim": WHOLE, "dtype": TEXT, "causal": FLAG, "seq_len": WHOLE,
+    "q_len": WHOLE, "status": TEXT, "reason": TEXT, "times_ms": TIMES, "median_ms": NUMBER, "p10_ms": NUMBER,
+    "p90_ms": NUMBER, "flops": NUMBER, "bytes": NUMBER, "tflops": NUMBER, "gbps": NUMBER, "tokens_per_s": NUMBER,
+    "peak_mem_bytes": NUMBER, "predicted_mem_bytes": NUMBER, "power_w_mean": NUMBER, "power_w_max": NUMBER,
+    "energy_j": NUMBER, "joules_per_token": NUMBER, "device": TEXT,
+}
+FIELDS = tuple(CONTRACT_KINDS)
+# The options a point was measured with, beyond the contract (each a point field, POINT_FIELDS).
+OPTION_KINDS = {
+    "window": WHOLE, "softcap": NUMBER, "docs": WHOLE, "l2_flush": TEXT, "decode_tokens": WHOLE,
+    "prefill_kernel": TEXT, "page_size": WHOLE, "kv_dtype": TEXT, "lengths": TEXT, "lengths_seed": WHOLE,
+}
+# A kernel's roles, as the registry derives them (`registry.roles`): its family (the kernel its
+# ablation_of and prefill_partner chain leads to; itself where it declares neither), the kernel it
+# is an ablation of ("" if none), and whether it is a baseline. Records carry them; records written
+# before they existed take them from a roles file beside the data (ROLES_SCHEMA lines).
+ROLE_KINDS = {"family": TEXT, "ablation_of": TEXT, "baseline": FLAG}
+ROLE_FIELDS = tuple(ROLE_KINDS)
+FIELD_KINDS = {**CONTRACT_KINDS, **OPTION_KINDS, **ROLE_KINDS}
+
+
+def fields_of(*kinds, among=tuple(FIELD_KINDS)) -> tuple:
+    """The fields of `among` (default: every field with a kind), in its order, whose kind is one of `kinds`."""
+    return tuple(name for name in among if FIELD_KINDS.get(name) in kinds)
+
 
 OK, SKIPPED = "ok", "skipped"
 WRONG = "wrong"       # the output failed its check against float64: never timed, never a speed
-FAILURES = (WRONG, "oom", "error", "unsupported")
+OOM, ERROR = "oom", "error"
+UNSUPPORTED = "unsupported"     # the implementation refused the point's inputs before launching
+FAILURES = (WRONG, OOM, ERROR, UNSUPPORTED)
 STATUSES = (OK, *FAILURES, SKIPPED)
 # Statuses that settle a point: a resumed run does not measure it again.
 FINAL_STATUSES = (OK, *FAILURES)
@@ -40,7 +67,10 @@ FINAL_STATUSES = (OK, *FAILURES)
 STATUS_RANK = {OK: 2, **dict.fromkeys(FAILURES, 1), SKIPPED: 0}
 
 PREFILL, DECODE = "prefill", "decode"
-KERNEL_MODES = (PREFILL, DECODE)
+BACKWARD, FWD_BWD = "backward", "fwd_bwd"
+KERNEL_MODES = (PREFILL, DECODE, BACKWARD, FWD_BWD)
+# Prefill-shaped modes: q_len is the length, the work quadratic in it, the rate in TFLOP/s.
+QUADRATIC_MODES = (PREFILL, BACKWARD, FWD_BWD)
 CALIBRATION = "calibration"                   # a run's own matmul and copy: its reference rates
 E2E_DECODE, E2E_PREFILL_DECODE = "e2e-decode", "e2e-prefill-decode"
 E2E_MODES = (E2E_DECODE, E2E_PREFILL_DECODE)
@@ -54,23 +84,32 @@ MODES = (*KERNEL_MODES, CALIBRATION, *E2E_MODES, RING)
 POINT_FIELDS = (
     "device", "kernel", "mode", "workload", "dtype", "batch", "heads", "kv_heads", "head_dim", "causal",
     "seq_len", "q_len", "window", "softcap", "docs", "l2_flush", "decode_tokens", "prefill_kernel",
+    "page_size", "kv_dtype", "lengths", "lengths_seed",
 )
 # Sweep options older records lack, at the value every run measured before the option existed.
 VARIANT_DEFAULTS = {"window": 0, "softcap": 0.0, "docs": 1}
+# The decode cache's options (a point field each), at what every run measured before they existed:
+# a contiguous cache (page_size 0) in the record's own dtype, every sequence the same length.
+EQUAL_LENGTHS = "equal"
+CACHE_DEFAULTS = {"page_size": 0, "lengths": EQUAL_LENGTHS, "lengths_seed": 0}
 CPU = "cpu"     # the device a record names when it ran on the host; its timer flushes no cache
 
 
 def point_defaults(record) -> dict:
     """The point fields `record` (a mapping) lacks or holds as null, at the values records of its
     mode measured before the field existed: no window, no softcap, one document, the L2 flushed
-    by writing on a GPU ("none" on a CPU), and q_len the length for prefill and ring, 1 for
-    decode and end-to-end. Fields without such a value stay missing."""
+    by writing on a GPU ("none" on a CPU), a contiguous cache of the record's dtype holding
+    equal lengths (page_size 0, kv_dtype = dtype, lengths "equal", lengths_seed 0), and q_len the
+    length for prefill, backward, fwd_bwd and ring, 1 for decode and end-to-end. Fields without
+    such a value stay missing."""
     mode = record.get("mode")
     defaults = {}
     if mode in KERNEL_MODES:
         on_cpu = CPU in (record.get("device"), record.get("device_type"))
         defaults.update(VARIANT_DEFAULTS, l2_flush="none" if on_cpu else "write")
-    if mode in (PREFILL, RING):
+    if mode in (*KERNEL_MODES, *E2E_MODES):
+        defaults.update(CACHE_DEFAULTS, kv_dtype=record.get("dtype"))
+    if mode in (*QUADRATIC_MODES, RING):
         defaults["q_len"] = record.get("seq_len")
     elif mode in (DECODE, *E2E_MODES):
         defaults["q_len"] = 1

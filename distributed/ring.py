@@ -137,23 +137,48 @@ class RingStats:
         return sum(self.sent_bytes)
 
 
-def ring_attention(q, k, v, *, causal=False, scale=None, layout="contiguous", group=None) -> torch.Tensor:
+def ring_attention(q, k, v, *, causal=False, scale=None, layout="contiguous", group=None,
+                   impl: str = "naive") -> torch.Tensor:
     """This rank's shard of attention over the whole sequence. Every rank of `group` (default: the
     whole world) calls it with its shards of one problem: q (B, Sq, H, D) and k, v (B, Sq, KVH, D),
     H a multiple of KVH, cut as `layout` says (see `shard`). `causal` over global positions,
     `scale` 1/sqrt(D) by default. Shapes, dtype, layout, causal and the scale in use must agree
     across the ranks: where they do not, every rank raises the same ValueError naming the argument
-    before any block travels. Returns (B, Sq, H, D) in q's dtype."""
+    before any block travels. `impl`: the registered implementation whose `prefill_lse` attends to
+    each block (one that declares none, or cannot run these inputs, is refused by name). Returns
+    (B, Sq, H, D) in q's dtype."""
     # Untimed: without a synchronisation per step, a GPU's next launches queue behind the current ones.
-    out, _ = _ring(q, k, v, causal, scale, layout, group, naive.prefill_lse, timed=False)
+    out, _ = _ring(q, k, v, causal, scale, layout, group, _local_attention(impl, q), timed=False)
     return out
 
 
 def ring_attention_with_stats(q, k, v, *, causal=False, scale=None, layout="contiguous", group=None,
-                              local_attention=naive.prefill_lse):
+                              local_attention=None, impl: str = "naive"):
     """ring_attention's output and a RingStats. `local_attention(q, k, v, causal, scale)` -> (out,
-    lse (B, H, Sq), -inf where a row sees no key) attends to one block; naive's by default."""
+    lse (B, H, Sq), -inf where a row sees no key) attends to one block; by default `impl`'s
+    prefill_lse (naive's)."""
+    local_attention = local_attention or _local_attention(impl, q)
     return _ring(q, k, v, causal, scale, layout, group, local_attention, timed=True)
+
+
+def _local_attention(impl: str, q):
+    """The prefill_lse of the registered implementation `impl`, where it declares one and runs q
+    here; ValueError naming impl otherwise (q itself is left to the argument check)."""
+    if impl == "naive":
+        return naive.prefill_lse
+    from attnlab import kernels
+
+    found = kernels.get(impl)       # ValueError naming impl if unknown
+    if found.prefill_lse is None:
+        raise ValueError(f"impl: {impl!r} declares no prefill_lse (out and each row's log-sum-exp), by which ring "
+                         f"attention merges its blocks")
+    if isinstance(q, torch.Tensor) and q.dim() == 4:
+        status = found.available(q.device.type)
+        if status:
+            status = found.supports("prefill", q.dtype, q.shape[-1], q.device.type)
+        if not status:
+            raise ValueError(f"impl: {impl!r} cannot attend these blocks: {status.reason}")
+    return found.prefill_lse
 
 
 def _ring(q, k, v, causal, scale, layout, group, local_attention, timed: bool):

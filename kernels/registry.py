@@ -7,6 +7,7 @@ in that call.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -19,7 +20,8 @@ import torch
 
 from attnlab.kernels.masks import OPTIONS, PLAIN, Variant
 from attnlab.models import AttentionMemory
-from attnlab.schema import DECODE, KERNEL_MODES as MODES, PREFILL  # noqa: F401  (the API names them here too)
+from attnlab.schema import (BACKWARD, DECODE, FWD_BWD, KERNEL_MODES as MODES,  # noqa: F401  (the API names them
+                            PREFILL)                                                # here too)
 
 @dataclass(frozen=True)
 class Availability:
@@ -80,7 +82,16 @@ class Implementation:
     options: tuple = ()
     varlen: Optional[Callable] = None
     builds: Optional[Callable] = None
+    paged: Optional[Callable[[int], bool]] = None   # page sizes its decode takes; None: contiguous caches only
+    paged_text: str = "-"
+    kv_dtypes: tuple = ()
     origin: str = ""
+    backward: Optional[Callable] = None
+    varlen_backward: Optional[Callable] = None
+    prefill_lse: Optional[Callable] = None
+    backward_options: tuple = ()
+    backward_limits: Optional[Callable[[str, torch.dtype, int], Availability]] = None
+    decode_workspace: bool = False
 
     def attention_memory(self, device_type: str) -> AttentionMemory:
         """What one call, prefill or decode, allocates beyond its inputs and output on this
@@ -95,7 +106,8 @@ class Implementation:
 
     @property
     def modes(self) -> tuple:
-        return tuple(m for m in MODES if getattr(self, m) is not None)
+        """The modes it serves: a backward serves both the backward alone and forward plus backward."""
+        return tuple(m for m in MODES if getattr(self, _CALL_OF_MODE.get(m, m)) is not None)
 
     def available(self, device: str | torch.device = "cuda") -> Availability:
         """Can this implementation run on `device` (a device type such as "cuda" or "cpu")?"""
@@ -111,33 +123,60 @@ class Implementation:
             return no(f"dtypes {', '.join(_dtype_name(d) for d in self.dtypes)}, not {_dtype_name(dtype)}")
         if not self.head_dims(head_dim):
             return no(f"head_dim {self.head_dims_text}, not {head_dim}")
-        return self.limits(device_type, dtype, head_dim) if self.limits else YES
+        status = self.limits(device_type, dtype, head_dim) if self.limits else YES
+        if status and mode in _BACKWARD_MODES and self.backward_limits:
+            status = self.backward_limits(device_type, dtype, head_dim)
+        return status
 
     def serves(self, mode: str, q: torch.Tensor, k=None, v=None, causal: bool = False,
-               scale: float = 1.0, variant: Variant = PLAIN, varlen: bool = False) -> Availability:
+               scale: float = 1.0, variant: Variant = PLAIN, varlen: bool = False, page_size: int = 0,
+               kv_dtype: Optional[torch.dtype] = None) -> Availability:
         """Can this implementation run `mode` for these (batch, seqlen, heads, head_dim) tensors:
         on q's device, dtype and head_dim, with the variant's options (and packed, with `varlen`),
-        and, where k and v are given, by its input rules?"""
+        over a cache in pages of `page_size` tokens (0: contiguous) stored in `kv_dtype` (default
+        k's dtype, or q's), and, where k and v are given, by its input rules?"""
         device_type = q.device.type
         status = self.available(device_type)
         if status:
             status = self.supports(mode, q.dtype, q.shape[-1], device_type)
         if status:
-            status = self.takes(variant, varlen)
+            status = self.takes(variant, varlen, mode)
+        if status:
+            status = self.takes_cache(q.dtype, page_size, kv_dtype or (k.dtype if k is not None else q.dtype))
         if status and k is not None and self.input_rules and not varlen:
             status = self.input_rules(q, k, v, causal, scale)
         return status
 
-    def takes(self, variant: Variant = PLAIN, varlen: bool = False) -> Availability:
-        """Does this implementation take these options? A refusal names the option as its argument."""
-        if varlen and self.varlen is None:
-            return no("does not take packed sequences (varlen)", "cu_seqlens_q")
+    def takes(self, variant: Variant = PLAIN, varlen: bool = False, mode: str = PREFILL) -> Availability:
+        """Does this implementation take these options in `mode`? A refusal names the option as its argument."""
+        backward = mode in _BACKWARD_MODES
+        if varlen and (self.varlen_backward if backward else self.varlen) is None:
+            what = "a backward of packed sequences (varlen_backward)" if backward else "packed sequences (varlen)"
+            return no(f"does not take {what}", "cu_seqlens_q")
+        options = self.backward_options if backward else self.options
         for option in variant.used():
-            if option not in self.options:
-                return no(f"does not support {option} (it takes: {', '.join(self.options) or 'no options'})", option)
+            if option not in options:
+                where = " in its backward" if backward and option in self.options else ""
+                return no(f"does not support {option}{where} (it takes: {', '.join(options) or 'no options'})",
+                          option)
+        return YES
+
+    def takes_cache(self, dtype: torch.dtype, page_size: int = 0,
+                    kv_dtype: Optional[torch.dtype] = None) -> Availability:
+        """Does its decode take a KV cache in pages of `page_size` tokens (0: contiguous), stored in
+        `kv_dtype` (None: q's `dtype`)? A refusal names block_table or k_cache as its argument."""
+        if page_size and self.paged is None:
+            return no("takes contiguous caches only, not a paged one", "block_table")
+        if page_size and not self.paged(page_size):
+            return no(f"takes pages of {self.paged_text} tokens, not {page_size} (k_cache's dim 1)", "k_cache")
+        if kv_dtype not in (None, dtype, *self.kv_dtypes):
+            taken = ", ".join(_dtype_name(d) for d in (dtype, *self.kv_dtypes))
+            return no(f"takes caches in {taken} with q in {_dtype_name(dtype)}, not {_dtype_name(kv_dtype)}", "k_cache")
         return YES
 
 
+_BACKWARD_MODES = (BACKWARD, FWD_BWD)
+_CALL_OF_MODE = {BACKWARD: "backward", FWD_BWD: "backward"}   # the declared call that serves a mode
 _REGISTRY: dict[str, Implementation] = {}
 DEFAULT_SPEED_RANK = 100     # after every in-tree kernel: `auto` picks a plugin only where nothing else runs
 AUTO = "auto"                # the API's "choose for me": never an implementation's name
@@ -191,7 +230,10 @@ def register_kernel(name: str, *, prefill: Optional[Callable] = None, decode: Op
                     prepare_decode: Optional[Callable] = None, memory=None, emulated_on=(),
                     ablation_of: str = "", baseline: bool = False, prefill_partner: str = "",
                     tune: Optional[Callable] = None, options=(), varlen: Optional[Callable] = None,
-                    builds: Optional[Callable] = None) -> Implementation:
+                    builds: Optional[Callable] = None, paged=None, kv_dtypes=(), backward: Optional[Callable] = None,
+                    varlen_backward: Optional[Callable] = None, prefill_lse: Optional[Callable] = None,
+                    backward_options=None, backward_limits: Optional[Callable] = None,
+                    decode_workspace: bool = False) -> Implementation:
     """Add an attention implementation to the lab; returns what was registered.
 
     The calls, on tensors in the (batch, seqlen, heads, head_dim) layout that the API has
@@ -219,6 +261,8 @@ def register_kernel(name: str, *, prefill: Optional[Callable] = None, decode: Op
       `prepare_decode(q, k_cache, v_cache, cache_seqlens, scale)`: host work done once, returning
           the call; declaring it says that decode reads the lengths on the host (so a plain call
           syncs and cannot be captured in a CUDA graph).
+      `decode_workspace`: decode takes `workspace=`, a dict that a prepared call owns and passes
+          to each of its calls, to keep scratch buffers in from the first call on.
       `memory`: what a call allocates beyond inputs and output, an AttentionMemory or
           `memory(device_type)`; default nothing (K and V streamed in place, as a fused kernel
           does). The sweep's OOM prediction and the end-to-end batch planner read it.
@@ -233,6 +277,29 @@ def register_kernel(name: str, *, prefill: Optional[Callable] = None, decode: Op
           tuned, with what each chose and every candidate's time (`attnlab tune`).
       `builds(capability)`: for a Triton kernel, the launches of a call as kernels/inspect.py's
           `Build`s for the llama3-8b shapes, so `attnlab inspect` shows what they compile to.
+      `paged`: the page sizes its decode takes from a paged cache (None: contiguous caches only;
+          True: any; a range or collection of sizes; or (predicate, text)). Its decode then
+          receives `block_table=` when a call passes one, the caches being (num_blocks,
+          page_size, kv_heads, head_dim), as in flash-attn.
+      `kv_dtypes`: cache dtypes its decode takes besides q's own (torch.float8_e4m3fn,
+          torch.float8_e5m2, or their names); it then receives `k_descale=`, `v_descale=`
+          (float32 (batch, kv_heads)) when a call passes them. kernels/paged.py has helpers.
+    Training (the API's outputs carry gradients where `backward` is declared; modes "backward"
+    and "fwd_bwd"):
+      `backward(q, k, v, causal, scale)` -> (out, grads): the forward, keeping what the backward
+          needs; `grads(dout)` -> (dq, dk, dv) in the shapes and dtypes of q, k, v, dk and dv
+          summed over each kv head's group of query heads. `grads` may be called many times on
+          the same saved state (the bench times it alone). A row that sees no key has out 0 and
+          adds no gradient: no NaN anywhere. `autograd_backward(prefill)` makes one from any
+          differentiable forward.
+      `varlen_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+          scale)` -> (out, grads): the same over packed sequences (`autograd_varlen_backward`).
+      `backward_options`: the options the backward calls take, some of `options` (default: all);
+          `backward_limits(device_type, dtype, head_dim)`: refusals of the backward beyond `limits`.
+      `prefill_lse(q, k, v, causal, scale)` -> (out, lse): prefill's output and each row's
+          log-sum-exp of its scaled (capped) visible scores, (batch, heads, seqlen_q) in float32
+          (float64 for float64 input), -inf for a row that sees no key; ring attention's local step.
+    A lazy("module:function") serves as any of these calls.
     """
     impl = Implementation(
         name=_checked_name(name), description=description, dtypes=_dtypes(dtypes),
@@ -243,8 +310,14 @@ def register_kernel(name: str, *, prefill: Optional[Callable] = None, decode: Op
         prepare_decode=prepare_decode, emulated_on=_names("emulated_on", emulated_on, empty=True),
         ablation_of=ablation_of, memory=_memory(memory), baseline=bool(baseline),
         prefill_partner=prefill_partner, tune=tune, options=_options(options),
-        varlen=_callable("varlen", varlen), builds=_callable("builds", builds), origin=_caller_module())
-    if not impl.modes:
+        varlen=_callable("varlen", varlen), builds=_callable("builds", builds), paged=_page_sizes(paged)[0],
+        paged_text=_page_sizes(paged)[1], kv_dtypes=_dtypes(kv_dtypes, "kv_dtypes", empty=True),
+        origin=_caller_module(),
+        backward=_callable("backward", backward), varlen_backward=_callable("varlen_backward", varlen_backward),
+        prefill_lse=_callable("prefill_lse", prefill_lse),
+        backward_limits=_callable("backward_limits", backward_limits),
+        backward_options=_backward_options(backward_options, options), decode_workspace=bool(decode_workspace))
+    if impl.prefill is None and impl.decode is None:
         raise ValueError(f"prefill: {name!r} registers neither prefill nor decode; give at least one")
     with _LOCK:
         _check_free(name, impl.origin)
@@ -276,6 +349,18 @@ def _options(options) -> tuple:
     return options
 
 
+def _backward_options(backward_options, options) -> tuple:
+    """The options a backward takes: some of the forward's (`options`), by default all of them."""
+    if backward_options is None:
+        return _options(options)
+    taken, declared = _options(backward_options), _options(options)
+    extra = [o for o in taken if o not in declared]
+    if extra:
+        raise ValueError(f"backward_options: expected some of the options {declared or '()'}, got "
+                         f"{', '.join(map(repr, extra))} besides")
+    return taken
+
+
 def _checked_name(name) -> str:
     if not isinstance(name, str) or not name or name != name.strip() or "," in name:
         raise ValueError(f"name: expected a non-empty name without commas or edge spaces, got {name!r}")
@@ -298,12 +383,25 @@ def _names(argument: str, values, empty: bool = False) -> tuple:
     return values
 
 
-def _dtypes(dtypes) -> tuple:
+def _dtypes(dtypes, argument: str = "dtypes", empty: bool = False) -> tuple:
     dtypes = (dtypes,) if isinstance(dtypes, (str, torch.dtype)) else tuple(dtypes)
     found = tuple(getattr(torch, d, None) if isinstance(d, str) else d for d in dtypes)
-    if not found or not all(isinstance(d, torch.dtype) for d in found):
-        raise ValueError(f"dtypes: expected torch dtypes or their names ('bfloat16'), got {dtypes!r}")
+    if (not found and not empty) or not all(isinstance(d, torch.dtype) for d in found):
+        raise ValueError(f"{argument}: expected torch dtypes or their names ('bfloat16'), got {dtypes!r}")
     return found
+
+
+def _page_sizes(paged) -> tuple:
+    """(predicate or None, text) from None, True, a range or collection of page sizes, or (predicate, text)."""
+    if paged is None:
+        return None, "-"
+    if paged is True:
+        return (lambda size: size >= 1), "any"
+    try:
+        return _head_dims(paged)
+    except (ValueError, TypeError):
+        raise ValueError(f"paged: expected None, True, a range or collection of page sizes, or (predicate, text), "
+                         f"got {paged!r}") from None
 
 
 def _head_dims(spec) -> tuple:
@@ -363,6 +461,23 @@ def get(name: str) -> Implementation:
         raise ValueError(f"impl: unknown implementation {name!r}; known: {', '.join(_REGISTRY)}") from None
 
 
+def roles(name: str) -> dict:
+    """A registered implementation's roles, as records carry them (`attnlab.schema.ROLE_FIELDS`):
+    `family`, the implementation its `ablation_of` and `prefill_partner` lead to (itself where it
+    declares neither; a name nothing registers ends the chain), `ablation_of` as declared, and
+    `baseline`. triton-decode-nopdl, an ablation of triton-decode, whose prefill partner is
+    triton, is of family triton. ValueError naming `name` where nothing registers it."""
+    impl = get(name)
+    family, seen = impl.name, {impl.name}
+    while family in _REGISTRY:
+        parent = _REGISTRY[family].ablation_of or _REGISTRY[family].prefill_partner
+        if not parent or parent in seen:      # a root, or a loop of declarations: stop where it closes
+            break
+        family = parent
+        seen.add(parent)
+    return {"family": family, "ablation_of": impl.ablation_of, "baseline": impl.baseline}
+
+
 @functools.lru_cache(maxsize=None)
 def _cached_probe(name: str, device_type: str) -> Availability:
     # Optional backends are detected once per process and device type.
@@ -406,6 +521,46 @@ def lazy(target: str, **options) -> Callable:
         return getattr(importlib.import_module(module_name), function)(*args, **options, **per_call)
     call.__qualname__ = f"lazy({target!r})"
     return call
+
+
+def autograd_backward(forward: Callable, context: Optional[Callable] = None) -> Callable:
+    """A `backward` made from a differentiable `forward(q, k, v, causal, scale, **options) -> out`:
+    the forward runs on detached leaves that require grad, and `grads(dout)` asks autograd for
+    their gradients, keeping the graph so that it may be asked again. `context()`, where given,
+    is entered around the forward and around each `grads` (torch's SDPA pins its backend so)."""
+    def backward(q, k, v, causal, scale, **options):
+        return _through_autograd(lambda *leaves: forward(*leaves, causal, scale, **options), (q, k, v), context)
+    backward.__qualname__ = f"autograd_backward({_call_name(forward)})"
+    return backward
+
+
+def autograd_varlen_backward(varlen_forward: Callable, context: Optional[Callable] = None) -> Callable:
+    """A `varlen_backward` made from a differentiable `varlen_forward`, as `autograd_backward` does."""
+    def varlen_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, **options):
+        packed = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+        return _through_autograd(lambda *leaves: varlen_forward(*leaves, *packed, **options), (q, k, v), context)
+    varlen_backward.__qualname__ = f"autograd_varlen_backward({_call_name(varlen_forward)})"
+    return varlen_backward
+
+
+def _through_autograd(forward: Callable, inputs: tuple, context: Optional[Callable]) -> tuple:
+    """(out, grads) of `forward(*inputs)` by autograd; an input the output does not reach gets zeros."""
+    context = context or contextlib.nullcontext
+    leaves = tuple(t.detach().requires_grad_() for t in inputs)
+    with torch.enable_grad(), context():
+        out = forward(*leaves)
+
+    def grads(dout: torch.Tensor) -> tuple:
+        if not out.requires_grad:     # an output of zeros only (no row sees a key) depends on nothing
+            return tuple(torch.zeros_like(t) for t in leaves)
+        with torch.enable_grad(), context():
+            return torch.autograd.grad(out, leaves, dout, retain_graph=True, allow_unused=True,
+                                       materialize_grads=True)
+    return out.detach(), grads
+
+
+def _call_name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(getattr(fn, "func", None), "__qualname__", type(fn).__name__)
 
 
 def triton_probe(device_type: str) -> Availability:

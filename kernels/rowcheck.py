@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from attnlab.kernels.masks import FULL, capped
+from attnlab.kernels.paged import FP8_DTYPES
 from attnlab.visibility import sees
 
 ALL_ROWS = 256         # a sequence this short is compared row by row
@@ -78,20 +79,39 @@ def check_prefill(out, q, k, v, *, causal: bool, scale: float, window=FULL, soft
 
 
 def check_decode(out, q, k_cache, v_cache, cache_seqlens, *, scale: float, window=FULL,
-                 softcap: float = 0.0) -> RowCheck:
+                 softcap: float = 0.0, block_table=None, k_descale=None, v_descale=None) -> RowCheck:
     """`out` of decode_attention(...) against float64: every query row of sampled sequences,
-    over the keys each length makes visible (slots past it hold anything, NaN included)."""
+    over the keys each length makes visible (slots past it hold anything, NaN included). A
+    paged cache is read through its block_table, an FP8 one times its descales in float64;
+    the plain computation attends over those values rounded to q's dtype."""
     wrong = _wrong_output(out, q)
     if wrong:
         return wrong
-    q_len, keys = q.shape[1], torch.arange(k_cache.shape[1], device=q.device)
+    q_len = q.shape[1]
     compared = []
     for b in _sequences(q.shape[0]):
         n = int(cache_seqlens[b])
+        keys = torch.arange(n, device=q.device)
         positions = torch.arange(q_len, device=q.device) + n - q_len
-        mask = (keys[None, :] < n) & sees(positions[:, None], keys[None, :], True, window)
-        compared.append(_compare(out[b], q[b], k_cache[b], v_cache[b], mask, scale, softcap))
+        mask = sees(positions[:, None], keys[None, :], True, window)
+        (k, k_scale), (v, v_scale) = (_sequence_cache(cache, b, n, block_table, descale)
+                                      for cache, descale in ((k_cache, k_descale), (v_cache, v_descale)))
+        compared.append(_compare(out[b], q[b], k, v, mask, scale, softcap, k_scale, v_scale))
     return _verdict(compared, q.dtype)
+
+
+def _sequence_cache(cache, b: int, n: int, block_table, descale) -> tuple:
+    """Sequence b's first n slots (n, kv_heads, head_dim), from its pages where paged, as stored,
+    and the descale (kv_heads,) an FP8 cache's values are multiplied by (None otherwise): the
+    product is taken a few heads at a time (`_attend`), so a long FP8 cache is never widened whole."""
+    if block_table is None:
+        slots = cache[b, :n]
+    else:
+        page_size = cache.shape[1]
+        slots = cache[block_table[b, :-(-n // page_size)].long()].flatten(0, 1)[:n]
+    if slots.dtype not in FP8_DTYPES:
+        return slots, None
+    return slots, (torch.ones(slots.shape[1], device=slots.device) if descale is None else descale[b])
 
 
 def check_varlen(out, q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool, scale: float, window=FULL,
@@ -129,17 +149,19 @@ def _sequences(batch: int) -> list[int]:
     return sorted({*range(0, batch, step), batch - 1}) if batch else []
 
 
-def _compare(out, q, k, v, mask, scale, softcap) -> tuple:
-    """One sequence's rows: out and q (rows, heads, head_dim), k and v (keys, kv_heads, head_dim),
-    mask (rows, keys) -> (error, the plain computation's error, rows)."""
-    ref = _attend(q, k, v, mask, scale, softcap, torch.float64)
-    plain = _attend(q, k, v, mask, scale, softcap, q.dtype)
+def _compare(out, q, k, v, mask, scale, softcap, k_scale=None, v_scale=None) -> tuple:
+    """One sequence's rows: out and q (rows, heads, head_dim), k and v (keys, kv_heads, head_dim)
+    times k_scale and v_scale (kv_heads,) where given, mask (rows, keys) -> (error, the plain
+    computation's error, rows)."""
+    ref = _attend(q, k, v, mask, scale, softcap, torch.float64, k_scale, v_scale)
+    plain = _attend(q, k, v, mask, scale, softcap, q.dtype, k_scale, v_scale)
     return _error(out, ref), _error(plain, ref), q.shape[0]
 
 
-def _attend(q, k, v, mask, scale, softcap, dtype) -> torch.Tensor:
+def _attend(q, k, v, mask, scale, softcap, dtype, k_scale=None, v_scale=None) -> torch.Tensor:
     """Attention of the rows, heads a few at a time: scores and P @ V in `dtype`, softmax in
-    float32 or wider (float64 for the reference); a row that sees no key is zeros."""
+    float32 or wider (float64 for the reference); a row that sees no key is zeros. K and V are
+    multiplied by k_scale and v_scale (kv_heads,) in float64 first, where given (FP8 caches)."""
     rows, heads = q.shape[0], q.shape[1]
     groups = heads // k.shape[1]
     softmax_dtype = torch.promote_types(dtype, torch.float32)
@@ -148,7 +170,8 @@ def _attend(q, k, v, mask, scale, softcap, dtype) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     for h0 in range(0, heads, per_chunk):
         h = torch.arange(h0, min(heads, h0 + per_chunk), device=q.device)
-        qh, kh, vh = q[:, h].to(dtype), k[:, h // groups].to(dtype), v[:, h // groups].to(dtype)
+        kv = h // groups
+        qh, kh, vh = q[:, h].to(dtype), _scaled(k, k_scale, kv, dtype), _scaled(v, v_scale, kv, dtype)
         scores = torch.einsum("rhd,nhd->hrn", qh, kh).to(softmax_dtype) * scale
         scores = capped(scores, softcap).masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(dtype)
@@ -156,6 +179,14 @@ def _attend(q, k, v, mask, scale, softcap, dtype) -> torch.Tensor:
         vh = vh.masked_fill(~mask.any(0)[:, None, None], 0)
         out[:, h] = torch.einsum("hrn,nhd->rhd", probs, vh).double()
     return out
+
+
+def _scaled(cache, descale, kv_heads, dtype) -> torch.Tensor:
+    """cache[:, kv_heads] in `dtype`, times its descale per kv head (exactly, in float64) where given."""
+    slots = cache[:, kv_heads]
+    if descale is None:
+        return slots.to(dtype)
+    return (slots.double() * descale[kv_heads].double()[None, :, None]).to(dtype)
 
 
 def _error(out, ref) -> float:

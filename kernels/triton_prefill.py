@@ -6,11 +6,10 @@ the shared kv head in place. Tensors are in the (batch, seqlen, heads, head_dim)
 packed as (total, heads, head_dim) for `attention_varlen`.
 
 Windows and softcap (the rules of masks.py) are constexpr switches: plain attention compiles to
-the kernel it always was, and a window bounds each program's loop to the tiles of its band.
+the kernel it always was, and a window bounds each program's loop to the tiles of its band. The
+tiles this kernel shares with the decodes and the backward are those of triton_tiles.py.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -23,22 +22,9 @@ except ImportError:  # Triton before 3.3: the pointer path only
 
 from attnlab.kernels.masks import FULL
 from attnlab.kernels.registry import triton_interpreting
-
-LOG2E = 1.4426950408889634
-INTERPRETER_BLOCK = 32   # BLOCK_M and BLOCK_N in the interpreter: small fixed tiles, no autotuning
-
-
-@triton.jit
-def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               CHECK_ROWS: tl.constexpr):
-    # Masks only where a tile can run past the tensor: the last rows, or a padded head_dim.
-    if CHECK_ROWS:
-        if BLOCK_D == HEAD_DIM:
-            return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
-        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    if BLOCK_D == HEAD_DIM:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+from attnlab.kernels.triton_tiles import (INTERPRETER_BLOCK, attend_tile, block_d, capability_major, dot_precision,
+                                          finished, host_window_band, kernel_band, load_tile, normalise,
+                                          output_buffer, positive_scale, score_factors, upcast_dot, window_band)
 
 
 @triton.jit
@@ -57,81 +43,8 @@ def _kv_tile(base, b, kv_h, row0, start_n, stride_n, offs_n, n_keys, offs_d,
             if MASKED:  # packed: past this sequence's end lie the next one's keys, not the copy engine's zeros
                 tile = tl.where(offs_n[:, None] < n_keys, tile, 0.0)
     else:
-        tile = _load_tile(base + start_n * stride_n, offs_n, n_keys, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        tile = load_tile(base + start_n * stride_n, offs_n, n_keys, offs_d, HEAD_DIM, BLOCK_D, MASKED)
     return tile
-
-
-@triton.jit
-def _tanh(x):
-    """tanh in fp32 from exp2, which the GPU and Triton's interpreter both have (libdevice's tanh
-    does not run in the interpreter). (1 - e) / (1 + e) with e = exp(-2|x|) cancels near 0, so
-    |x| < 0.4 takes tanh's odd Taylor series to x^13 (the first term left out is under 1e-8 of
-    the result there). A few ulp from tanh in fp32; NaN stays NaN and +-inf gives +-1."""
-    ax = tl.abs(x)
-    e = tl.math.exp2(ax * -2.8853900817779268)  # exp(-2|x|)
-    far = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    near = x + x * x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
-        -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * (-0.008863235529902197
-                                                                   + x2 * 0.003592128036572481)))))
-    return tl.where(ax < 0.4, near, tl.where(x < 0, -far, far))
-
-
-@triton.jit
-def _log2_scores(qk, qk_scale, cap_log2, SOFTCAP: tl.constexpr):
-    """Scores in log2 units, as exp2 wants them. Plain: qk_scale = scale * log2(e), one multiply.
-    With SOFTCAP the cap acts on the true scaled score, so the log2 factor moves past tanh:
-    qk_scale = scale / softcap is the factor inside it and cap_log2 = softcap * log2(e) the one
-    outside, giving softcap * tanh(scale * qk / softcap) * log2(e)."""
-    if SOFTCAP:
-        scores = _tanh(qk * qk_scale) * cap_log2
-    else:
-        scores = qk * qk_scale
-    return scores
-
-
-@triton.jit
-def _attend_tile(q, k, v, offs_n, key_start, key_limit, acc, m_i, l_i, qk_scale, cap_log2,
-                 MASKED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                 UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One step of the online softmax over a K/V tile.
-
-    Scores are kept in log2 units (see _log2_scores) so exp2 does the work. With MASKED, key n
-    of the tile is visible to row r iff n < key_limit[r] and, with WINDOW, n >= key_start[r];
-    rows that have seen nothing keep m = -inf, handled by the safe maximum below.
-
-    NaN needs no extra work: a NaN in q or in a key the row sees makes its score NaN, exp2
-    keeps it in p, so l and acc turn NaN for good (the running maximum ignores it: tl.max and
-    tl.maximum drop NaN, as the GPU's max does). A key the row cannot see is replaced by -inf
-    with a select, never multiplied, so a NaN there never reaches p.
-    """
-    if UPCAST_DOT:  # Triton's interpreter multiplies bf16 wrongly; fp32 operands are exact there
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if MASKED:
-        visible = offs_n[None, :] < key_limit[:, None]
-        if WINDOW:
-            visible = visible & (offs_n[None, :] >= key_start[:, None])
-        qk = tl.where(visible, _log2_scores(qk, qk_scale, cap_log2, SOFTCAP), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_new_safe[:, None])
-    elif SOFTCAP:  # tanh bends the scores: cap each one, then take the row maximum
-        qk = _log2_scores(qk, qk_scale, cap_log2, SOFTCAP)
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_new_safe = m_new
-        p = tl.math.exp2(qk - m_new[:, None])
-    else:
-        # qk_scale >= 0 (see positive_scale), so the scaled row maximum is the maximum of the
-        # scaled scores, and each score costs one fused multiply-add on its way to exp2.
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_new_safe = m_new
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
 
 
 @triton.jit
@@ -148,32 +61,9 @@ def _attend_keys(q, k_base, v_base, b, kv_h, row0, lo, hi, n_end, stride_kn, str
                      HEAD_DIM, BLOCK_N, BLOCK_D, MASKED, TMA, PACKED)
         v = _kv_tile(v_base, b, kv_h, row0, start_n, stride_vn, offs_n, n_end - start_n, offs_d,
                      HEAD_DIM, BLOCK_N, BLOCK_D, MASKED, TMA, PACKED)
-        acc, m_i, l_i = _attend_tile(q, k, v, offs_n, key_start - start_n, key_limit - start_n, acc, m_i, l_i,
+        acc, m_i, l_i = attend_tile(q, k, v, offs_n, key_start - start_n, key_limit - start_n, acc, m_i, l_i,
                                      qk_scale, cap_log2, MASKED, WINDOW, SOFTCAP, UPCAST_DOT, DOT_PRECISION)
     return acc, m_i, l_i
-
-
-@triton.jit
-def _normalise(acc, l_i):
-    """(acc / l per row, whether the row saw a key). A row that saw no key (l = 0) is zeros by
-    contract, even where 0 x V gave NaN (a NaN value in a tile it shared); any other l, NaN
-    included (`!=`, not `>`: NaN > 0 is false), divides, so a row that met a NaN stays NaN."""
-    seen = l_i != 0.0
-    return tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0), seen
-
-
-@triton.jit
-def _window_band(first_p, last_p, seqlen_k, left, right, BLOCK_N: tl.constexpr):
-    """The keys rows at positions [first_p, last_p] see in the window (left, right), as tile
-    bounds (lo, unmasked_lo, unmasked_hi, hi): every visible key lies in [lo, hi), and each
-    tile in [unmasked_lo, unmasked_hi) is seen whole by every row, so it needs no masks.
-    Tiles start at multiples of BLOCK_N; every value is clamped at 0 before dividing (Triton
-    divides towards 0, Python down). key_ranges() is this arithmetic in Python."""
-    lo = tl.maximum(first_p - left, 0) // BLOCK_N * BLOCK_N
-    hi = tl.maximum(tl.minimum(last_p + right + 1, seqlen_k), lo)
-    unmasked_lo = tl.minimum((tl.maximum(last_p - left, lo) + BLOCK_N - 1) // BLOCK_N * BLOCK_N, hi)
-    unmasked_hi = tl.maximum(tl.maximum(tl.minimum(first_p + right + 1, hi), 0) // BLOCK_N * BLOCK_N, unmasked_lo)
-    return lo, unmasked_lo, unmasked_hi, hi
 
 
 @triton.jit
@@ -199,7 +89,7 @@ def _attend_block(q, k_base, v_base, b, kv_h, row0, start_m, offs_m, offs_n, off
         key_limit = tl.minimum(offs_m + seqlen_k - seqlen_q + window_right + 1, seqlen_k)
         first_p = start_m + seqlen_k - seqlen_q
         last_p = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1 + seqlen_k - seqlen_q
-        lo, unmasked_lo, unmasked_hi, hi = _window_band(first_p, last_p, seqlen_k, window_left, window_right,
+        lo, unmasked_lo, unmasked_hi, hi = window_band(first_p, last_p, seqlen_k, window_left, window_right,
                                                         BLOCK_N)
         # The band's left edge, its interior with no masks, then its right edge.
         acc, m_i, l_i = _attend_keys(q, k_base, v_base, b, kv_h, row0, lo, unmasked_lo, seqlen_k, stride_kn,
@@ -235,7 +125,73 @@ def _attend_block(q, k_base, v_base, b, kv_h, row0, start_m, offs_m, offs_n, off
                                      stride_vn, offs_n, offs_d, key_limit, key_limit, acc, m_i, l_i, qk_scale,
                                      cap_log2, HEAD_DIM, BLOCK_N, BLOCK_D, True, False, SOFTCAP, PACKED, TMA,
                                      UPCAST_DOT, DOT_PRECISION)
-    return acc, l_i
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _store_lse(lse_row, offs_m, seqlen_q, m_i, l_i):
+    """Each row's log-sum-exp of its scaled (capped) scores, in natural-log units: m and l are in
+    log2 units (see triton_tiles.log2_scores). A row that saw no key has m = -inf and l = 0, so
+    -inf (its l is read as 1, sparing log2 a zero)."""
+    lse = (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453  # ln 2
+    tl.store(lse_row + offs_m, lse, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _query_block(heads, groups, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """The query rows this program owns on a grid of (query blocks, batch x heads): (start_m, b, h,
+    kv_h). Largest causal blocks first: the long rows start early and the short ones fill the tail."""
+    m_block = tl.num_programs(0) - 1 - tl.program_id(0) if IS_CAUSAL else tl.program_id(0)
+    b = tl.program_id(1) // heads
+    h = tl.program_id(1) % heads
+    return m_block * BLOCK_M, b, h, h // groups
+
+
+@triton.jit
+def _forward_block(Q, K, V, Out, Lse, b, q_row0, k_row0, start_m, h, kv_h, heads, seqlen_q, seqlen_k,
+                   stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+                   stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
+                   stride_lh, qk_scale, cap_log2, window_left, window_right,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PACKED: tl.constexpr,
+                   TMA: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   STORE_LSE: tl.constexpr):
+    """Query rows [start_m, start_m + BLOCK_M) of head h of one sequence, attended and written.
+
+    The sequence is batch entry b, its queries from row q_row0 and its keys from row k_row0 on:
+    dense, entry b from row 0; packed, entry 0 (batch strides 0) from its first rows. With TMA,
+    K and V are tensor descriptors, addressed by those coordinates. Lse is (batch, heads, rows),
+    rows contiguous, heads stride_lh apart.
+    """
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = (Q + b * stride_qb + h * stride_qh + (q_row0 + offs_m[:, None]) * stride_qm
+              + offs_d[None, :] * stride_qd)
+    q = load_tile(q_ptrs, offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    if TMA:
+        k_base = K
+        v_base = V
+    else:
+        k_base = (K + b * stride_kb + kv_h * stride_kh + (k_row0 + offs_n[:, None]) * stride_kn
+                  + offs_d[None, :] * stride_kd)
+        v_base = (V + b * stride_vb + kv_h * stride_vh + (k_row0 + offs_n[:, None]) * stride_vn
+                  + offs_d[None, :] * stride_vd)
+
+    acc, l_i, m_i = _attend_block(q, k_base, v_base, b, kv_h, k_row0, start_m, offs_m, offs_n, offs_d, seqlen_q,
+                                  seqlen_k, stride_kn, stride_vn, qk_scale, cap_log2, window_left, window_right,
+                                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW, SOFTCAP, PACKED, TMA,
+                                  UPCAST_DOT, DOT_PRECISION)
+
+    out, _ = normalise(acc, l_i)
+    if STORE_LSE:  # what the backward recomputes P from
+        _store_lse(Lse + (b * heads + h) * stride_lh + q_row0, offs_m, seqlen_q, m_i, l_i)
+    o_ptrs = (Out + b * stride_ob + h * stride_oh + (q_row0 + offs_m[:, None]) * stride_om
+              + offs_d[None, :] * stride_od)
+    o_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit(do_not_specialize=["window_left", "window_right"])  # one build serves every window
@@ -245,41 +201,18 @@ def _attention_fwd(
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
-    seqlen_q, seqlen_k, heads, groups, qk_scale, cap_log2, window_left, window_right, seq_bucket,
+    seqlen_q, seqlen_k, heads, groups, qk_scale, cap_log2, window_left, window_right, seq_bucket, Lse,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, STORE_LSE: tl.constexpr = False,
 ):
-    # Largest causal blocks first: the long rows start early and the short ones fill the tail.
-    m_block = tl.num_programs(0) - 1 - tl.program_id(0) if IS_CAUSAL else tl.program_id(0)
-    start_m = m_block * BLOCK_M
-    b = tl.program_id(1) // heads
-    h = tl.program_id(1) % heads
-    kv_h = h // groups
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = _load_tile(q_ptrs, offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    if UPCAST_DOT:
-        q = q.to(tl.float32)
-    if TMA:  # K and V are tensor descriptors, addressed by coordinates
-        k_base = K
-        v_base = V
-    else:
-        k_base = K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        v_base = V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-
-    acc, l_i = _attend_block(q, k_base, v_base, b, kv_h, 0, start_m, offs_m, offs_n, offs_d, seqlen_q, seqlen_k,
-                             stride_kn, stride_vn, qk_scale, cap_log2, window_left, window_right,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW, SOFTCAP, False, TMA,
-                             UPCAST_DOT, DOT_PRECISION)
-
-    out, _ = _normalise(acc, l_i)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    o_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+    start_m, b, h, kv_h = _query_block(heads, groups, BLOCK_M, IS_CAUSAL)
+    # Sequence b is entry b of the batch; Lse is (batch, heads, seqlen_q), contiguous.
+    _forward_block(Q, K, V, Out, Lse, b, 0, 0, start_m, h, kv_h, heads, seqlen_q, seqlen_k,
+                   stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+                   stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od, seqlen_q,
+                   qk_scale, cap_log2, window_left, window_right, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+                   IS_CAUSAL, WINDOW, SOFTCAP, False, TMA, UPCAST_DOT, DOT_PRECISION, STORE_LSE)
 
 
 @triton.jit(do_not_specialize=["window_left", "window_right"])
@@ -289,48 +222,27 @@ def _attention_varlen_fwd(
     stride_kn, stride_kh, stride_kd,
     stride_vn, stride_vh, stride_vd,
     stride_om, stride_oh, stride_od,
-    heads, groups, qk_scale, cap_log2, window_left, window_right, seq_bucket,
+    heads, groups, qk_scale, cap_log2, window_left, window_right, seq_bucket, Lse, stride_lh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, STORE_LSE: tl.constexpr = False,
 ):
     # Packed sequences: the grid covers the longest one, and sequence b's rows and keys are
     # q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] and k[cu_seqlens_k[b]:cu_seqlens_k[b + 1]].
-    m_block = tl.num_programs(0) - 1 - tl.program_id(0) if IS_CAUSAL else tl.program_id(0)
-    start_m = m_block * BLOCK_M
-    b = tl.program_id(1) // heads
-    h = tl.program_id(1) % heads
-    kv_h = h // groups
+    start_m, b, h, kv_h = _query_block(heads, groups, BLOCK_M, IS_CAUSAL)
     q_start = tl.load(CuSeqlensQ + b)
     seqlen_q = tl.load(CuSeqlensQ + b + 1) - q_start
     if start_m >= seqlen_q:  # this sequence ends before this block
         return
     k_start = tl.load(CuSeqlensK + b)
     seqlen_k = tl.load(CuSeqlensK + b + 1) - k_start
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = Q + (q_start + offs_m[:, None]) * stride_qm + h * stride_qh + offs_d[None, :] * stride_qd
-    q = _load_tile(q_ptrs, offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    if UPCAST_DOT:
-        q = q.to(tl.float32)
-    if TMA:  # descriptors over (1, total_k, kv_heads, head_dim): the sequence starts at row k_start
-        k_base = K
-        v_base = V
-    else:
-        k_base = K + (k_start + offs_n[:, None]) * stride_kn + kv_h * stride_kh + offs_d[None, :] * stride_kd
-        v_base = V + (k_start + offs_n[:, None]) * stride_vn + kv_h * stride_vh + offs_d[None, :] * stride_vd
-
-    acc, l_i = _attend_block(q, k_base, v_base, 0, kv_h, k_start, start_m, offs_m, offs_n, offs_d, seqlen_q,
-                             seqlen_k, stride_kn, stride_vn, qk_scale, cap_log2, window_left, window_right,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW, SOFTCAP, True, TMA,
-                             UPCAST_DOT, DOT_PRECISION)
-
-    out, _ = _normalise(acc, l_i)
-    o_ptrs = Out + (q_start + offs_m[:, None]) * stride_om + h * stride_oh + offs_d[None, :] * stride_od
-    o_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+    # TMA descriptors are over (1, total_k, kv_heads, head_dim): the sequence's keys start at row
+    # k_start of entry 0. Lse is (heads, total_q), flash-attn's packed layout.
+    _forward_block(Q, K, V, Out, Lse, 0, q_start, k_start, start_m, h, kv_h, heads, seqlen_q, seqlen_k,
+                   0, stride_qm, stride_qh, stride_qd, 0, stride_kn, stride_kh, stride_kd,
+                   0, stride_vn, stride_vh, stride_vd, 0, stride_om, stride_oh, stride_od, stride_lh,
+                   qk_scale, cap_log2, window_left, window_right, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+                   IS_CAUSAL, WINDOW, SOFTCAP, True, TMA, UPCAST_DOT, DOT_PRECISION, STORE_LSE)
 
 
 def _set_kv_tiles(nargs):
@@ -413,76 +325,6 @@ def tma_unfit_reason(k: torch.Tensor, v: torch.Tensor) -> str | None:
     return None
 
 
-def capability_major(device: torch.device) -> int:
-    """The CUDA device's compute capability major version, asked once per device."""
-    return _capability_major(torch.device(device).index or 0)
-
-
-@functools.lru_cache(maxsize=None)
-def _capability_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
-def positive_scale(q: torch.Tensor, scale: float) -> tuple:
-    """(q, scale) with scale >= 0, as the kernels need: a negative scale moves into q, exactly."""
-    return (-q, -scale) if scale < 0 else (q, scale)
-
-
-def block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get true fp32 products, not TF32, so fp32 means fp32 accuracy.
-    return "ieee"
-
-
-def upcast_dot(dtype: torch.dtype) -> bool:
-    """Triton's interpreter (3.6 to 3.9) gets tl.dot on bf16 wrong; fp32 operands are exact."""
-    return triton_interpreting() and dtype == torch.bfloat16
-
-
-def output_buffer(q: torch.Tensor) -> torch.Tensor:
-    """Where a kernel writes its output: like q, but fp32 for bf16 in the interpreter, which
-    converts fp32 to bf16 towards zero where a GPU rounds to nearest (twice the rounding
-    error); `finished` then rounds as the GPU would."""
-    return torch.empty_like(q, dtype=torch.float32) if upcast_dot(q.dtype) else torch.empty_like(q)
-
-
-def finished(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return out.to(dtype)  # the same tensor unless output_buffer widened it
-
-
-def kernel_band(causal: bool, window, seqlen_q: int, seqlen_k: int) -> tuple:
-    """(causal, bounds): the call as the kernels run it, for sequences of at most seqlen_q
-    queries over seqlen_k keys. Causal is folded into the window (it is right = 0), and a side
-    that reaches past every key is unbounded; what stays plain runs the plain kernel (bounds
-    None, causal or not), anything else the window path with bounds (left, right), an
-    unbounded side given as a bound past every key so the kernel never tests for -1."""
-    if tuple(window) == FULL:
-        return causal, None
-    left, right = window
-    right = 0 if causal else right
-    left = -1 if left >= seqlen_k - 1 else left    # the last row reaches key 0: so does every row
-    right = -1 if right >= seqlen_q - 1 else right  # the first row reaches the last key
-    if left < 0 and right < 0:
-        return False, None
-    if left < 0 and right == 0:
-        return True, None
-    unbounded = seqlen_q + seqlen_k
-    return causal, (unbounded if left < 0 else left, unbounded if right < 0 else right)
-
-
-def window_band(first_p: int, last_p: int, seqlen_k: int, left: int, right: int, block_n: int) -> tuple:
-    """The kernel's _window_band in Python: (lo, unmasked_lo, unmasked_hi, hi) for rows at
-    positions [first_p, last_p] in the window (left, right), each side a bound >= 0."""
-    lo = max(first_p - left, 0) // block_n * block_n
-    hi = max(min(last_p + right + 1, seqlen_k), lo)
-    unmasked_lo = min((max(last_p - left, lo) + block_n - 1) // block_n * block_n, hi)
-    unmasked_hi = max(max(min(first_p + right + 1, hi), 0) // block_n * block_n, unmasked_lo)
-    return lo, unmasked_lo, unmasked_hi, hi
-
-
 def key_ranges(seqlen_q: int, seqlen_k: int, causal: bool, window=FULL, block_m: int = 128,
                block_n: int = 64) -> list:
     """[lo, hi) of the keys each query block's program loops over, as the kernel bounds its
@@ -496,17 +338,9 @@ def key_ranges(seqlen_q: int, seqlen_k: int, causal: bool, window=FULL, block_m:
             continue
         first_p = start_m + seqlen_k - seqlen_q
         last_p = min(start_m + block_m, seqlen_q) - 1 + seqlen_k - seqlen_q
-        lo, _, _, hi = window_band(first_p, last_p, seqlen_k, *bounds, block_n)
+        lo, _, _, hi = host_window_band(first_p, last_p, seqlen_k, *bounds, block_n)
         ranges.append((lo, hi))
     return ranges
-
-
-def score_factors(scale: float, softcap: float) -> tuple:
-    """(qk_scale, cap_log2) for the kernels' _log2_scores: the scale with log2(e) folded in, or
-    with a cap, the factor inside tanh and the one that takes its output to log2 units."""
-    if softcap > 0:
-        return scale / softcap, softcap * LOG2E
-    return scale * LOG2E, 0.0
 
 
 def _use_tma(tma: bool | None, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -549,6 +383,22 @@ def attention(q, k, v, causal: bool, scale: float, tma: bool | None = None, wind
     tma: read K and V through tensor descriptors; None uses them on a GPU that has them
     when the tensors fit, True insists (ValueError if they cannot be used), False never.
     """
+    return _attention(q, k, v, causal, scale, tma, window, softcap, lse=None)
+
+
+def attention_lse(q, k, v, causal: bool, scale: float, tma: bool | None = None, window=FULL,
+                  softcap: float = 0.0) -> tuple:
+    """`attention` and each row's log-sum-exp of its scaled (capped) visible scores: (out, lse),
+    lse float32 (batch, heads, seqlen_q), -inf for a row that sees no key (naive.prefill_lse's
+    convention), so partial results over key blocks merge exactly and the backward recomputes
+    the softmax from it."""
+    batch, seqlen_q, heads = q.shape[:3]
+    lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=q.device)
+    return _attention(q, k, v, causal, scale, tma, window, softcap, lse=lse), lse
+
+
+def _attention(q, k, v, causal, scale, tma, window, softcap, lse) -> torch.Tensor:
+    """attention, writing each row's log-sum-exp into `lse` unless it is None."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     causal, bounds = kernel_band(causal, window, seqlen_q, seqlen_k)
@@ -559,8 +409,9 @@ def attention(q, k, v, causal: bool, scale: float, tma: bool | None = None, wind
         k, v = _descriptors(k, v, block_d(head_dim))
     out = output_buffer(q)
     args = (q, k, v, out, *strides, *out.stride(), seqlen_q, seqlen_k, heads, heads // kv_heads,
-            *score_factors(scale, softcap), *(bounds or (0, 0)), triton.next_power_of_2(max(seqlen_q, seqlen_k)))
-    meta = _meta(head_dim, causal, bounds, softcap, q.dtype, tma)
+            *score_factors(scale, softcap), *(bounds or (0, 0)), triton.next_power_of_2(max(seqlen_q, seqlen_k)),
+            out if lse is None else lse)
+    meta = dict(_meta(head_dim, causal, bounds, softcap, q.dtype, tma), STORE_LSE=lse is not None)
     _launch(_attention_fwd, _attention_fwd_tuned, args, meta, seqlen_q, batch * heads, q.dtype)
     return finished(out, q.dtype)
 
@@ -571,6 +422,22 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     int32 (batch + 1,) -> (total_q, H, D) in q's dtype. Sequence b is attended on its own, as
     `attention` would; max_seqlen_q and max_seqlen_k are at least its lengths. tma as there.
     """
+    return _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window,
+                             softcap, tma, lse=None)
+
+
+def attention_varlen_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                         scale: float, window=FULL, softcap: float = 0.0, tma: bool | None = None) -> tuple:
+    """`attention_varlen` and each row's log-sum-exp, (out, lse): lse float32 (heads, total_q),
+    flash-attn's packed layout, -inf for a row that sees no key."""
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    return _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window,
+                             softcap, tma, lse=lse), lse
+
+
+def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window,
+                      softcap, tma, lse) -> torch.Tensor:
+    """attention_varlen, writing each row's log-sum-exp into `lse` unless it is None."""
     heads, head_dim = q.shape[1], q.shape[2]
     batch, kv_heads = cu_seqlens_q.shape[0] - 1, k.shape[1]
     if q.shape[0] == 0 or batch == 0:
@@ -584,8 +451,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
         k, v = _descriptors(k[None], v[None], block_d(head_dim))
     args = (q, k, v, out, cu_seqlens_q, cu_seqlens_k, *strides, *out.stride(), heads, heads // kv_heads,
             *score_factors(scale, softcap), *(bounds or (0, 0)),
-            triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)))
-    meta = _meta(head_dim, causal, bounds, softcap, q.dtype, tma)
+            triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)), out if lse is None else lse,
+            0 if lse is None else lse.stride(0))
+    meta = dict(_meta(head_dim, causal, bounds, softcap, q.dtype, tma), STORE_LSE=lse is not None)
     _launch(_attention_varlen_fwd, _attention_varlen_fwd_tuned, args, meta, max_seqlen_q, batch * heads, q.dtype)
     return finished(out, q.dtype)
 
@@ -601,6 +469,8 @@ def _inspect_ints(head_dim: int, varlen: bool) -> dict:
     ints = dict(heads=INSPECT_HEADS, groups=INSPECT_HEADS // INSPECT_KV_HEADS, seq_bucket=INSPECT_SEQLEN)
     if not varlen:
         ints.update(seqlen_q=INSPECT_SEQLEN, seqlen_k=INSPECT_SEQLEN)
+    else:
+        ints.update(stride_lh=INSPECT_SEQLEN)   # lse (heads, total_q)
     for prefix, heads in (("q", INSPECT_HEADS), ("k", INSPECT_KV_HEADS), ("v", INSPECT_KV_HEADS), ("o", INSPECT_HEADS)):
         shape = [INSPECT_SEQLEN, heads, head_dim] if varlen else [1, INSPECT_SEQLEN, heads, head_dim]
         ints.update(named_strides(prefix, shape, "bmhd" if prefix in "qo" else "bnhd"))
@@ -616,10 +486,11 @@ def inspect_build(capability: int, dtype: torch.dtype, head_dim: int, causal: bo
     tensor_type = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=bd, IS_CAUSAL=causal, WINDOW=window, SOFTCAP=softcap,
                       UPCAST_DOT=False, DOT_PRECISION="ieee", TMA=tma, **config.kwargs)
+    constexprs["STORE_LSE"] = False
     block = kv_block_shape(config.kwargs["BLOCK_N"], bd)
     name = "prefill_varlen" if varlen else "prefill_window" if window or softcap else "prefill"
     return Build(name, _attention_varlen_fwd if varlen else _attention_fwd, _inspect_ints(head_dim, varlen),
-                 constexprs, tensor_type, pointers={"CuSeqlensQ": "*i32", "CuSeqlensK": "*i32"},
+                 constexprs, tensor_type, pointers={"CuSeqlensQ": "*i32", "CuSeqlensK": "*i32", "Lse": "*fp32"},
                  descriptors={"K": block, "V": block} if tma else {},
                  options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
                  labels=dict(mode="prefill", dtype=tensor_type[1:], head_dim=head_dim, causal=causal, tma=tma,

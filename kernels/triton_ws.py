@@ -30,9 +30,7 @@ import triton.language as tl
 
 from attnlab.kernels.impls.triton_ws import HEAD_DIMS, row_layout
 from attnlab.kernels.registry import triton_interpreting
-
-LOG2E = 1.4426950408889634
-INTERPRETER_BLOCK = 32   # BLOCK_M and BLOCK_N in the interpreter: small tiles, programs run one by one
+from attnlab.kernels.triton_tiles import INTERPRETER_BLOCK, LOG2E, dot_precision, normalise, upcast_dot
 
 
 @triton.jit
@@ -66,14 +64,6 @@ def _attend_tile(q, k, v, key, key_limit, acc, m_i, l_i, qk_scale, MASK_KEYS: tl
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
-
-
-@triton.jit
-def _normalise(acc, l_i):
-    """acc / l per row. A row that saw no key (l = 0) is zeros; any other l, NaN included,
-    divides, so a row that met a NaN stays NaN."""
-    seen = l_i != 0.0
-    return tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
 
 
 @triton.jit
@@ -130,7 +120,8 @@ def _attention_ws_fwd(
                                      MASK_KEYS, DOT_PRECISION)
 
     # The copy engine clips the store at seqlen_q: the last tile's padding rows are not written.
-    o_desc.store([start_m, h * HEAD_DIM], _normalise(acc, l_i).to(Out.dtype.element_ty))
+    out, _ = normalise(acc, l_i)
+    o_desc.store([start_m, h * HEAD_DIM], out.to(Out.dtype.element_ty))
 
 
 # Hopper tiles, (BLOCK_M, BLOCK_N, num_stages) by head_dim, all with num_warps=4, the count the
@@ -162,7 +153,7 @@ def _launch_meta(head_dim: int, dtype: torch.dtype) -> dict:
     if triton_interpreting():
         # The interpreter runs programs one by one on small tiles; bf16 products go through fp32.
         return dict(BLOCK_M=INTERPRETER_BLOCK, BLOCK_N=INTERPRETER_BLOCK, WARP_SPECIALIZE=True,
-                    UPCAST_DOT=dtype == torch.bfloat16)
+                    UPCAST_DOT=upcast_dot(dtype))
     block_m, block_n, stages = HOPPER_TILES[head_dim]
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, WARP_SPECIALIZE=True, UPCAST_DOT=False,
                 num_warps=NUM_WARPS, num_stages=stages)
@@ -179,7 +170,8 @@ def launch(q, k, v, out, causal: bool, scale: float) -> tuple:
             out.stride(0), out.stride(1), seqlen_q, seqlen_k, heads, kv_heads, heads // kv_heads, scale * LOG2E)
     # Keys need masks where a tile crosses the diagonal or the end of the keys.
     mask_keys = bool(causal) or seqlen_k % meta["BLOCK_N"] != 0
-    return grid, args, dict(meta, HEAD_DIM=head_dim, IS_CAUSAL=bool(causal), MASK_KEYS=mask_keys, DOT_PRECISION="ieee")
+    return grid, args, dict(meta, HEAD_DIM=head_dim, IS_CAUSAL=bool(causal), MASK_KEYS=mask_keys,
+                            DOT_PRECISION=dot_precision(q.dtype))
 
 
 def attention(q, k, v, causal: bool, scale: float) -> torch.Tensor:

@@ -94,7 +94,7 @@ def test_the_modules_name_the_same_words():
         schema.RESULT_SCHEMA, schema.ENVIRONMENT_SCHEMA, schema.TUNING_SCHEMA)
     assert tuning.TUNING_SCHEMA == schema.TUNING_SCHEMA and sweep.CALIBRATION == schema.CALIBRATION
     assert (select.STATUSES, select.MODES) == (schema.STATUSES, schema.MODES)
-    assert workloads.MODES == schema.KERNEL_MODES == (schema.PREFILL, schema.DECODE)
+    assert workloads.MODES == schema.KERNEL_MODES == (schema.PREFILL, schema.DECODE, schema.BACKWARD, schema.FWD_BWD)
     assert (e2e.MODE_DECODE, e2e.MODE_PREFILL_DECODE) == schema.E2E_MODES
     assert set(schema.MODES) == {*schema.KERNEL_MODES, schema.CALIBRATION, *schema.E2E_MODES, schema.RING}
 
@@ -131,3 +131,47 @@ def test_a_newer_environment_or_retraction_is_refused_too(tmp_path):
     path.write_text('{"schema": "attnlab.result/1"}\n{"schema": "attnlab.environment/2", "run_id": "r"}\n')
     with pytest.raises(ValueError, match=r"run.jsonl:2: written by a newer attnlab \(schema attnlab.environment/2"):
         schema.read_records(path)
+
+
+def test_every_field_a_record_is_read_by_has_one_kind():
+    named = (*schema.FIELDS, *schema.POINT_FIELDS, *schema.ROLE_FIELDS)
+    assert [f for f in named if f not in schema.FIELD_KINDS] == []
+    assert set(schema.FIELD_KINDS.values()) == {schema.TEXT, schema.WHOLE, schema.NUMBER, schema.FLAG, schema.TIMES}
+    assert schema.FIELDS == tuple(schema.CONTRACT_KINDS) and schema.FIELDS[:3] == ("schema", "run_id", "kernel")
+    assert set(schema.OPTION_KINDS) <= set(schema.POINT_FIELDS)         # an option tells points apart
+    assert {*schema.VARIANT_DEFAULTS, *schema.CACHE_DEFAULTS} <= set(schema.OPTION_KINDS)
+
+
+def test_the_analysis_column_lists_derive_from_the_kinds():
+    pytest.importorskip("pandas")
+    from attnlab.analysis import load, select
+
+    kinds = schema.FIELD_KINDS
+    assert set(load.NUMERIC_FIELDS) == {f for f, k in kinds.items() if k in (schema.WHOLE, schema.NUMBER)}
+    others = [f for f in schema.POINT_FIELDS if f != "seq_len"]
+    assert select.WHOLE_NUMBER_FIELDS == tuple(f for f in others if kinds[f] == schema.WHOLE)
+    assert set(select.NUMBER_FIELDS) == {f for f in others if kinds[f] in (schema.WHOLE, schema.NUMBER)}
+    assert set(select.TEXT_FIELDS) == {"run_id", "status", *(f for f in schema.POINT_FIELDS if kinds[f] == schema.TEXT)}
+    assert select.POINT_KEY == schema.POINT_FIELDS
+
+
+def test_a_new_record_carries_the_roles_the_registry_gives_its_kernel():
+    pytest.importorskip("torch")
+    from attnlab.kernels import registry
+
+    record = ok_record(kernel="triton-ptr")
+    assert {k: record[k] for k in schema.ROLE_FIELDS} == registry.roles("triton-ptr")
+    assert record["family"] == "triton" and record["ablation_of"] == "triton"
+    assert ok_record(kernel="sdpa-flash", baseline=False)["baseline"] is False      # given: it stands
+    assert not set(schema.ROLE_FIELDS) & set(ok_record(kernel="not-registered"))
+    assert list(record)[:len(schema.FIELDS)] == list(schema.FIELDS)
+
+
+def test_the_roles_file_holds_each_registered_kernel_once(tmp_path):
+    pytest.importorskip("torch")
+    from attnlab.bench import roles
+
+    lines = [json.loads(line) for line in roles.write_roles(tmp_path / "roles.jsonl").read_text().splitlines()]
+    assert len({line["kernel"] for line in lines}) == len(lines) and lines
+    assert all(line["schema"] == schema.ROLES_SCHEMA and set(line) == {"schema", "kernel", *schema.ROLE_FIELDS}
+               for line in lines)

@@ -1,4 +1,5 @@
-"""`attnlab check`: every implementation that runs here, against float64, on awkward shapes."""
+"""`attnlab check`: every implementation that runs here, against float64, on awkward shapes;
+gradients too for those with a backward."""
 from __future__ import annotations
 
 import sys
@@ -16,13 +17,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--kernels", type=parse_names, default=None,
                         help="comma list of implementations to check (default: every one that runs here)")
+    parser.add_argument("--modes", type=parse_names, default=None,
+                        help="comma list of the check's modes to run: prefill, decode, varlen (packed), backward "
+                             "and varlen-backward (gradients; default: all)")
 
 
 def run(args) -> int:
     import torch
 
     from attnlab.kernels import get
-    from attnlab.kernels.selfcheck import check, why_not
+    from attnlab.kernels.selfcheck import CASE_MODES, check, why_not
 
     device, dtype = device_or_default(args.device), getattr(torch, args.dtype)
     try:
@@ -31,9 +35,14 @@ def run(args) -> int:
     except ValueError as exc:
         print(f"attnlab check: error: --kernels: {str(exc).partition(': ')[2]}", file=sys.stderr)
         return 2
-    results = check(device, dtype, kernels=args.kernels)
+    unknown = [m for m in args.modes or () if m not in CASE_MODES]
+    if unknown:
+        print(f"attnlab check: error: --modes: expected some of {', '.join(CASE_MODES)}, got "
+              f"{', '.join(unknown)}", file=sys.stderr)
+        return 2
+    results = check(device, dtype, kernels=args.kernels, modes=args.modes)
     checked = {r.impl for r in results}
-    not_run = {name: why_not(name, device, dtype) for name in args.kernels or () if name not in checked}
+    not_run = {name: why_not(name, device, dtype, args.modes) for name in args.kernels or () if name not in checked}
     if args.kernels and not checked:
         _print_plugin_failures(args.plugin_failures)
         reasons = "; ".join(f"{name} ({reason})" for name, reason in not_run.items())

@@ -13,7 +13,8 @@ import warnings
 import torch
 
 from attnlab.kernels.masks import FULL
-from attnlab.kernels.registry import YES, cuda_capability, no, register_kernel
+from attnlab.kernels.registry import (YES, autograd_backward, autograd_varlen_backward, cuda_capability, no,
+                                      register_kernel)
 from attnlab.models import AttentionMemory
 from attnlab.visibility import sees
 
@@ -42,6 +43,12 @@ def _compiled():
     return torch.compile(_flex().flex_attention, dynamic=False)
 
 
+def _backward_limits(device_type, dtype, head_dim):
+    if device_type != "cuda":
+        return no(f"FlexAttention has no backward on {device_type} (torch {torch.__version__} refuses it)")
+    return YES
+
+
 def _capped(softcap: float):
     def score_mod(score, b, h, q_idx, kv_idx):   # FlexAttention's scores arrive scaled
         return softcap * torch.tanh(score / softcap)
@@ -52,6 +59,8 @@ def _run(q, k, v, block_mask, scale, softcap):
     """q (B, Sq, H, D), k and v (B, Sk, KVH, D) -> (B, Sq, H, D)."""
     score_mod = _capped(softcap) if softcap > 0 else None
     run = _compiled() if q.device.type == "cuda" else _flex().flex_attention
+    if not torch.is_grad_enabled():   # on a CPU torch refuses inputs that require grad, even where none is taken
+        q, k, v = q.detach(), k.detach(), v.detach()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         out = run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod,
@@ -109,8 +118,14 @@ def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, caus
     return _run(q[None], k[None], v[None], block_mask, scale, softcap)[0]
 
 
+# No paged or FP8 caches (so both are refused by name): torch 2.13's paged FlexAttention
+# (torch.nn.attention.experimental._paged_attention, private) keeps a page table of its own over
+# a (1, kv_heads, pages x page_size, head_dim) pool, and run eagerly on the CPU it scores every
+# sequence against the whole pool, letting NaN in pages a sequence does not own reach P @ V.
 register_kernel(
     "flex", prefill=prefill, decode=decode, prepare_decode=prepare_decode, varlen=varlen,
+    backward=autograd_backward(prefill), varlen_backward=autograd_varlen_backward(varlen),
+    backward_limits=_backward_limits,
     options=("window", "softcap"), description="torch FlexAttention: block masks and score mods, compiled on a GPU",
     devices=("cpu", "cuda"), dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     probe=_probe, limits=_limits, speed_rank={"cuda": 35, "cpu": 95}, emulated_on=("cpu",),

@@ -1,5 +1,6 @@
 """The quadratic baseline: the full score matrix in memory, softmax in fp32; every option
-(windows, softcap, packed sequences), as the yardstick for those who take them.
+(windows, softcap, packed sequences), and gradients by autograd through the same operations,
+as the yardstick for those who take them.
 
 Scores and P @ V run in the input dtype, as a framework's plain attention would, so its
 error is the honest yardstick for what a dtype costs.
@@ -9,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from attnlab.kernels.masks import FULL, capped, decode_visible, visible
-from attnlab.kernels.registry import register_kernel
+from attnlab.kernels.paged import FP8_DTYPES, contiguous_caches
+from attnlab.kernels.registry import autograd_backward, autograd_varlen_backward, register_kernel
 from attnlab.models import AttentionMemory
 
 # K and V repeated for every query head, the whole score matrix in fp32: on every device.
@@ -18,6 +20,11 @@ MEMORY = AttentionMemory(expands_kv=True, fp32_scores=True)
 
 def _attend(q, k, v, mask, scale, softcap=0.0):
     """q (B, Sq, H, D); k, v (B, Sk, KVH, D); mask broadcastable to (B, H, Sq, Sk)."""
+    return _attend_scores(q, k, v, mask, scale, softcap)[0]
+
+
+def _attend_scores(q, k, v, mask, scale, softcap=0.0):
+    """(_attend's output, the scaled visible scores (B, H, Sq, Sk) its softmax took, -inf where hidden)."""
     groups = q.shape[2] // k.shape[2]
     qh = q.transpose(1, 2)                                   # (B, H, Sq, D)
     kh = k.transpose(1, 2).repeat_interleave(groups, dim=1)  # (B, H, Sk, D)
@@ -25,11 +32,13 @@ def _attend(q, k, v, mask, scale, softcap=0.0):
     softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 input
     scores = capped((qh @ kh.transpose(-1, -2)).to(softmax_dtype) * scale, softcap)  # the (B, H, Sq, Sk) matrix
     scores = scores.masked_fill(~mask, float("-inf"))       # a select: a hidden NaN key is gone
-    out = torch.softmax(scores, dim=-1).to(q.dtype) @ vh
-    # A row that sees no key is all -inf, whose softmax is NaN: by contract it is zeros. Only
-    # those rows are zeroed, so a NaN in q or in a key or value a row sees stays NaN.
-    out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
-    return out.transpose(1, 2).contiguous()
+    # A row that sees no key is all -inf, whose softmax is NaN, and NaN weights would make NaN
+    # gradients too: by contract its weights and output are zeros. Only those rows are touched,
+    # so a NaN in q or in a key or value a row sees stays NaN.
+    empty = ~mask.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    out = (probs.to(q.dtype) @ vh).masked_fill(empty, 0.0)
+    return out.transpose(1, 2).contiguous(), scores
 
 
 def prefill(q, k, v, causal, scale, window=FULL, softcap=0.0):
@@ -41,19 +50,15 @@ def prefill_lse(q, k, v, causal, scale, window=FULL, softcap=0.0):
     partial results over key blocks merge exactly (ring attention). q (B, Sq, H, D), k and v
     (B, Sk, KVH, D) -> out as prefill's, lse (B, H, Sq) in float32 (float64 for float64 input,
     naive's softmax dtype); -inf for a row that sees no key."""
-    mask = visible(q.shape[1], k.shape[1], causal, q.device, window)
-    groups = q.shape[2] // k.shape[2]
-    qh = q.transpose(1, 2)
-    kh = k.transpose(1, 2).repeat_interleave(groups, dim=1)
-    vh = v.transpose(1, 2).repeat_interleave(groups, dim=1)
-    softmax_dtype = torch.promote_types(q.dtype, torch.float32)
-    scores = capped((qh @ kh.transpose(-1, -2)).to(softmax_dtype) * scale, softcap).masked_fill(~mask, float("-inf"))
-    # The same operations as _attend, so out is prefill's to the bit.
-    out = (torch.softmax(scores, dim=-1).to(q.dtype) @ vh).masked_fill(~mask.any(-1, keepdim=True), 0.0)
-    return out.transpose(1, 2).contiguous(), torch.logsumexp(scores, dim=-1)
+    out, scores = _attend_scores(q, k, v, visible(q.shape[1], k.shape[1], causal, q.device, window), scale, softcap)
+    return out, torch.logsumexp(scores, dim=-1)
 
 
-def decode(q, k_cache, v_cache, cache_seqlens, scale, window=FULL, softcap=0.0):
+def decode(q, k_cache, v_cache, cache_seqlens, scale, window=FULL, softcap=0.0, block_table=None, k_descale=None,
+           v_descale=None):
+    if block_table is not None or k_cache.dtype != q.dtype:     # paged or FP8: gathered and dequantised here
+        seqlen = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+        k_cache, v_cache = contiguous_caches(q, k_cache, v_cache, seqlen, block_table, k_descale, v_descale)
     mask = decode_visible(cache_seqlens, q.shape[1], k_cache.shape[1], window)[:, None]  # (B, 1, q_len, S)
     # Slots past a sequence's length may hold anything (NaN too); 0 x NaN would leak into P @ V.
     written = torch.arange(k_cache.shape[1], device=q.device) < cache_seqlens[:, None].long()
@@ -73,7 +78,9 @@ def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, caus
 
 register_kernel(
     "naive", prefill=prefill, decode=decode, varlen=varlen, options=("window", "softcap"),
+    backward=autograd_backward(prefill), varlen_backward=autograd_varlen_backward(varlen), prefill_lse=prefill_lse,
     description="quadratic baseline: full score matrix, softmax in fp32",
     devices=("cpu", "cuda"), dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     speed_rank={"cpu": 30, "cuda": 90}, memory=MEMORY, baseline=True,
+    paged=True, kv_dtypes=FP8_DTYPES,      # pages gathered and dequantised inside the call
 )

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attnlab.kernels.registry import YES, Availability, contiguous_head_dim, no, register_kernel
+from attnlab.kernels.registry import (YES, Availability, autograd_backward, contiguous_head_dim, no,
+                                      register_kernel)
 from attnlab.kernels.masks import FULL, visible
+from attnlab.kernels.paged import FP8_DTYPES, contiguous_caches
 from attnlab.models import AttentionMemory
 
 HALF = (torch.float16, torch.bfloat16)
@@ -59,24 +61,36 @@ def _mask(seqlen_q, seqlen_k, causal, device, window):
     return None, False
 
 
-def _decode(backend, q, k_cache, v_cache, cache_seqlens, scale, window=FULL):
+def _decode(backend, q, k_cache, v_cache, cache_seqlens, scale, window=FULL, **cache):
     """SDPA has no ragged cache: attend per group of equal lengths (reading lengths syncs)."""
-    return _prepare_decode(backend, q, k_cache, v_cache, cache_seqlens, scale, window)()
+    return _prepare_decode(backend, q, k_cache, v_cache, cache_seqlens, scale, window, **cache)()
 
 
-def _prepare_decode(backend, q, k_cache, v_cache, cache_seqlens, scale, window=FULL):
-    """Read the lengths once (a host sync) and return a call that needs no sync."""
+def _prepare_decode(backend, q, k_cache, v_cache, cache_seqlens, scale, window=FULL, block_table=None,
+                    k_descale=None, v_descale=None):
+    """Read the lengths once (a host sync) and return a call that needs no sync. SDPA has no
+    paged or FP8 cache either: the call gathers the pages up to the longest length and
+    dequantises them to q's dtype first, and is timed with those copies."""
     lengths = cache_seqlens.tolist()
+    caches = lambda: (k_cache, v_cache)
+    if block_table is not None or k_cache.dtype != q.dtype:
+        longest = max(lengths)
+        caches = lambda: contiguous_caches(q, k_cache, v_cache, longest, block_table, k_descale, v_descale)
     if len(set(lengths)) == 1:
         n = lengths[0]
-        return lambda: _prefill(backend, q, k_cache[:, :n], v_cache[:, :n], True, scale, window)
+
+        def same_lengths():
+            k, v = caches()
+            return _prefill(backend, q, k[:, :n], v[:, :n], True, scale, window)
+        return same_lengths
     groups = [(n, torch.tensor([b for b, m in enumerate(lengths) if m == n], device=q.device))
               for n in sorted(set(lengths))]
 
     def call():
+        k, v = caches()
         out = q.new_empty(q.shape)
         for n, rows in groups:
-            out[rows] = _prefill(backend, q[rows], k_cache[rows, :n], v_cache[rows, :n], True, scale, window)
+            out[rows] = _prefill(backend, q[rows], k[rows, :n], v[rows, :n], True, scale, window)
         return out
     return call
 
@@ -165,8 +179,10 @@ def _register(name, backend, description, dtypes, devices, limits, speed_rank, i
         prefill=functools.partial(_prefill, backend),
         decode=functools.partial(_decode, backend),
         prepare_decode=functools.partial(_prepare_decode, backend),
+        # autograd through the same call; the backend stays pinned while the gradients are taken
+        backward=autograd_backward(functools.partial(_prefill, backend), functools.partial(sdpa_kernel, backend)),
         speed_rank=speed_rank, limits=limits, input_rules=input_rules, memory=_memory(backend), baseline=baseline,
-        options=options,
+        options=options, paged=True, kv_dtypes=FP8_DTYPES,    # gathered and dequantised inside the call
     )
 
 

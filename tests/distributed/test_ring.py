@@ -33,11 +33,13 @@ class Case:
     tokens_per_chunk: int    # awkward (odd) lengths, so the ranks' causal work is uneven in contiguous
     heads: int = 6
     kv_heads: int = 2        # GQA unless said
+    impl: str = "naive"      # whose prefill_lse attends to each block
 
     @property
     def name(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"{self.layout}-{'causal' if self.causal else 'full'}-{dtype}-h{self.heads}kv{self.kv_heads}"
+        return (f"{self.layout}-{'causal' if self.causal else 'full'}-{dtype}-h{self.heads}kv{self.kv_heads}"
+                + ("" if self.impl == "naive" else f"-{self.impl}"))
 
     def seqlen(self, world: int) -> int:
         return self.tokens_per_chunk * world * (2 if self.layout == "zigzag" else 1)
@@ -51,6 +53,7 @@ class Case:
 
 CASES = [Case(layout, causal, dtype, chunk) for layout, chunk in (("contiguous", 13), ("zigzag", 7))
          for causal in (False, True) for dtype in (torch.float32, torch.float16)]
+CASES.append(Case("zigzag", True, torch.float16, 7, impl="triton"))   # a kernel's own prefill_lse (interpreted here)
 CASES.append(Case("zigzag", True, torch.float32, 5, heads=4, kv_heads=4))
 WORLDS = (2, 4)
 STATS_CASE = CASES[4]      # zigzag fp32: its length suits both layouts
@@ -96,7 +99,8 @@ def _ring_cases(group):
     results = {"outputs": {}, "errors": _bad_calls(rank, world, group)}
     for case in CASES:
         q, k, v = (shard(t, rank, world, case.layout) for t in case.inputs(world))
-        results["outputs"][case.name] = ring_attention(q, k, v, causal=case.causal, layout=case.layout, group=group)
+        results["outputs"][case.name] = ring_attention(q, k, v, causal=case.causal, layout=case.layout, group=group,
+                                                       impl=case.impl)
     results["stats"], results["local_calls"] = _stats_run(rank, world, group)
     return results
 

@@ -88,10 +88,10 @@ def test_registry_describes_every_implementation():
                 "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math"}
     assert expected <= set(names)
     for impl in K.implementations():
-        assert set(impl.modes) <= {"prefill", "decode"} and impl.modes
+        assert set(impl.modes) <= set(K.MODES) and impl.modes
         status = impl.available("cpu")
         assert status.ok or status.reason, f"{impl.name} unavailable without a reason"
-    assert K.get("triton").modes == ("prefill",) and K.get("triton-decode").modes == ("decode",)
+    assert K.get("triton").modes == ("prefill", "backward", "fwd_bwd") and K.get("triton-decode").modes == ("decode",)
     assert not K.get("flash-attn").available("cpu")
 
 

@@ -112,6 +112,7 @@ def test_prefill_nan_rules(run, dtype):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("run", DECODE_RUNS)
+@pytest.mark.parametrize("run", [pytest.param(run, marks=pytest.mark.slow) if "splits" in run else run
+                                 for run in DECODE_RUNS])        # three splits: the interpreter's slowest
 def test_decode_nan_rules(run, dtype):
     nan_rules.check_decode(DECODE_RUNS[run], dtype=dtype)

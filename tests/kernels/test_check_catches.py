@@ -51,6 +51,7 @@ def test_cases_reach_past_three_tiles_with_gqa_and_causal():
     assert all(c.max_seqlen > min(c.lengths) for c in selfcheck.DECODE_CASES)    # every case has padding
 
 
+@pytest.mark.slow     # the whole check, its long case included, for two kernels
 def test_a_bug_past_256_queries_fails_the_long_case_only(register):
     register("test-short-sighted", prefill=short_sighted_prefill)
     results = selfcheck.check("cpu", torch.float16, kernels=["test-short-sighted", "sdpa-math"])
@@ -104,6 +105,7 @@ def test_what_is_not_an_answer_fails_every_case_with_the_reason(register, dtype,
 
 # --- inputs: a copy each, and changing them fails -------------------------------------------------
 
+@pytest.mark.slow     # the whole check for two kernels
 def test_a_kernel_that_changes_its_inputs_fails_and_the_next_kernel_is_unaffected(register):
     register("test-changes-inputs", prefill=doubles_q_after, decode=cleans_the_cache)
     register("test-right-after", prefill=naive.prefill, decode=naive.decode)

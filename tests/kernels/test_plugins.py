@@ -63,7 +63,9 @@ def test_check_passes_a_right_plugin_and_fails_a_wrong_one_by_name(outside):
     right = attnlab("check", "--device", "cpu", "--kernel-module", str(outside / "mine.py"),
                     "--kernels", "torch-chunked", cwd=outside)
     assert right.returncode == 0, right.stdout + right.stderr
-    assert right.stdout.count("torch-chunked") == 5 and "0 failed" in right.stdout
+    rows = [line for line in right.stdout.splitlines() if "torch-chunked" in line]
+    assert len(rows) == 8 and "0 failed" in right.stdout      # 5 forward cases, 3 gradient cases
+    assert sum("backward" in row for row in rows) == 3
     wrong = attnlab("check", "--device", "cpu", "--dtype", "float32", "--kernel-module", str(outside / "wrong.py"),
                     "--kernels", "off-by-a-bit,sdpa-math", cwd=outside)
     assert wrong.returncode == 1

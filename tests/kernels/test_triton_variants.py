@@ -2,7 +2,7 @@
 reference, held to FlashAttention's criterion: at most twice naive's error in the same dtype.
 
 On a CPU the kernels run in Triton's interpreter (tiles of 32), so shapes stay small but cross
-several tiles; bf16 runs there with fp32 dot operands (triton_prefill.upcast_dot). The band
+several tiles; bf16 runs there with fp32 dot operands (triton_tiles.upcast_dot). The band
 tests count the K/V tiles each program's loop covers, with no kernel run at all.
 """
 import itertools
@@ -15,7 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import attnlab.kernels as K
-from attnlab.kernels import triton_decode, triton_prefill
+from attnlab.kernels import triton_decode, triton_prefill, triton_tiles
 from reference import (assert_close_as_naive, decode_mask, random_qkv, reference, reference_varlen,
                        visible_keys)
 
@@ -130,13 +130,13 @@ def test_a_window_makes_decode_work_independent_of_the_cache_length():
 def test_window_band_covers_what_rows_see_and_skips_masks_only_where_all_see(seqlen_q, seqlen_k, causal, window,
                                                                              block_m, block_n):
     mask = visible_keys(seqlen_q, seqlen_k, causal, window)
-    causal_, bounds = triton_prefill.kernel_band(causal, window, seqlen_q, seqlen_k)
+    causal_, bounds = triton_tiles.kernel_band(causal, window, seqlen_q, seqlen_k)
     assert bounds is not None
     offset = seqlen_k - seqlen_q
     for start_m in range(0, seqlen_q, block_m):
         rows = mask[start_m:start_m + block_m]
         last_p = min(start_m + block_m, seqlen_q) - 1 + offset
-        lo, unmasked_lo, unmasked_hi, hi = triton_prefill.window_band(start_m + offset, last_p, seqlen_k, *bounds,
+        lo, unmasked_lo, unmasked_hi, hi = triton_tiles.host_window_band(start_m + offset, last_p, seqlen_k, *bounds,
                                                                       block_n)
         assert lo % block_n == 0 and lo <= unmasked_lo <= unmasked_hi <= hi <= seqlen_k
         assert not rows[:, :lo].any() and not rows[:, hi:].any(), "a visible key outside the loop"
@@ -146,11 +146,11 @@ def test_window_band_covers_what_rows_see_and_skips_masks_only_where_all_see(seq
 
 @triton.jit
 def _band_probe(Args, Out, N: tl.constexpr, BLOCK_N: tl.constexpr):
-    # The kernel's own _window_band, on a vector of cases: (first_p, last_p, seqlen_k, left, right).
+    # The kernels' own window_band, on a vector of cases: (first_p, last_p, seqlen_k, left, right).
     i = tl.arange(0, N)
     first_p, last_p = tl.load(Args + i * 5), tl.load(Args + i * 5 + 1)
     seqlen_k, left, right = tl.load(Args + i * 5 + 2), tl.load(Args + i * 5 + 3), tl.load(Args + i * 5 + 4)
-    lo, unmasked_lo, unmasked_hi, hi = triton_prefill._window_band(first_p, last_p, seqlen_k, left, right, BLOCK_N)
+    lo, unmasked_lo, unmasked_hi, hi = triton_tiles.window_band(first_p, last_p, seqlen_k, left, right, BLOCK_N)
     tl.store(Out + i * 4, lo)
     tl.store(Out + i * 4 + 1, unmasked_lo)
     tl.store(Out + i * 4 + 2, unmasked_hi)
@@ -168,12 +168,12 @@ def test_key_ranges_is_the_kernels_band_arithmetic():
     args = args.to(torch.int32).contiguous()
     out = torch.empty(n, 4, dtype=torch.int32)
     _band_probe[(1,)](args, out, N=n, BLOCK_N=32)
-    expected = [triton_prefill.window_band(*row, 32) for row in args.tolist()]
+    expected = [triton_tiles.host_window_band(*row, 32) for row in args.tolist()]
     assert out.tolist() == [list(e) for e in expected]
 
 
 def test_kernel_band_folds_causal_and_drops_windows_that_reach_everything():
-    band = triton_prefill.kernel_band
+    band = triton_tiles.kernel_band
     assert band(True, (-1, -1), 50, 80) == (True, None)
     assert band(False, (-1, 0), 50, 80) == (True, None)          # right = 0 is causal
     assert band(True, (-1, 7), 50, 80) == (True, None)           # causal hides what right would add
