@@ -31,25 +31,26 @@ import numpy as np
 
 from attnlab import text as fmt
 from attnlab.analysis import _deps
+from attnlab.analysis import roles as kernel_roles
 from attnlab.analysis.claim import E2E_SETTINGS, calibration_cards, validation_brief
 from attnlab.analysis.conditions import card_namer, named_run, record_cards, several_cards_note
 from attnlab.analysis.fits import MIN_R2_TO_EXTRAPOLATE
 from attnlab.analysis.roofline import match_gpu
 from attnlab.analysis.select import POINT_KEY, SAME_POINT, WHOLE_NUMBER_FIELDS, describe, joined_key, point_labels
+from attnlab.schema import BACKWARD, FWD_BWD, KERNEL_MODES, OK, OOM, PREFILL, QUADRATIC_MODES
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 FIGSIZE = (9.0, 5.4)
 DPI = 110
 GIB = 2**30
 GREY = "#555555"
-# Colour and marker per kernel, fixed: one family shares a hue, an ablation its lighter shade.
-KERNEL_STYLE = {
-    "triton": ("#1f77b4", "o"), "triton-ptr": ("#7fb2dc", "o"),
-    "triton-decode": ("#1f77b4", "D"), "triton-decode-nopdl": ("#7fb2dc", "D"),
-    "sdpa-flash": ("#ff7f0e", "s"), "flash-attn": ("#d62728", "s"), "sdpa-cudnn": ("#2ca02c", "^"),
-    "sdpa-efficient": ("#9467bd", "v"), "sdpa-math": ("#8c564b", "P"), "naive": ("#7f7f7f", "X"),
-}
+# The hues families are drawn in: a family's hue comes from its name (`family_hues`), its
+# ablations are drawn in a lighter shade of it, and its kernels told apart by their markers.
+FAMILY_HUES = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22",
+               "#17becf", "#393b79", "#637939", "#8c6d31")
+ABLATION_WHITE = 0.5        # how far an ablation's shade lies from its family's hue towards white
 RATE_LABELS = {"tflops": ("Prefill compute rate", "TFLOP/s"), "gbps": ("Decode memory bandwidth", "GB/s")}
+TRAINING_TITLES = {BACKWARD: "Backward compute rate", FWD_BWD: "Forward and backward compute rate"}
 OTHER_COLORS = ("#e377c2", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 # What a drawn row keeps of its record: the run and the point it measured.
 RECORD_COLUMNS = ("run_id", *POINT_KEY)
@@ -145,19 +146,48 @@ def _legend_outside(ax) -> None:
                   bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
 
 
-def palette_for(kernels) -> dict:
-    """The same colour for a kernel in every chart, in every report: fixed for the kernels this
-    package ships, from the kernel's name for any other."""
-    return {k: KERNEL_STYLE.get(k, (_by_name(k, OTHER_COLORS), ""))[0] for k in set(kernels)}
+def palette_for(records) -> dict:
+    """{kernel: colour} for the kernels of `records` (result records with their role columns, or
+    kernel names, each then its own family): its family's hue (`family_hues`), in a lighter
+    shade for an ablation. The same in every chart of a report, as a report draws with one
+    palette."""
+    roles = kernel_roles.of_kernels(records)
+    hues = family_hues({r.family for r in roles.values()})
+    return {kernel: _lighter(hues[r.family]) if r.ablation_of else hues[r.family] for kernel, r in roles.items()}
 
 
-def kernel_markers(kernels) -> dict:
-    """The same marker for a kernel in every chart."""
-    return {k: KERNEL_STYLE.get(k, ("", _by_name(k, MARKERS)))[1] for k in set(kernels)}
+def kernel_markers(records) -> dict:
+    """{kernel: marker} for the kernels of `records`: from the kernel's name, and no two kernels
+    drawn in one colour share a marker while markers remain."""
+    palette = palette_for(records)
+    markers = {}
+    for colour in set(palette.values()):
+        markers.update(_spread(sorted(k for k, c in palette.items() if c == colour), MARKERS))
+    return markers
 
 
-def _by_name(name: str, choices):
-    return choices[int(hashlib.sha1(str(name).encode()).hexdigest(), 16) % len(choices)]
+def family_hues(families) -> dict:
+    """{family: hue}: each family's hue from its name, the next free one where a family earlier by
+    name took it, so that families drawn together differ while hues remain."""
+    return _spread(sorted(set(families)), FAMILY_HUES)
+
+
+def _spread(names: list, choices) -> dict:
+    """{name: choice}: each name's choice from its hash, moved on to the next one not yet taken
+    by a name before it in `names` while any is free."""
+    taken, chosen = set(), {}
+    for name in names:
+        start = int(hashlib.sha1(str(name).encode()).hexdigest(), 16) % len(choices)
+        free = [choices[(start + i) % len(choices)] for i in range(len(choices))
+                if choices[(start + i) % len(choices)] not in taken]
+        chosen[name] = free[0] if free else choices[start]
+        taken.add(chosen[name])
+    return chosen
+
+
+def _lighter(colour: str) -> str:
+    from matplotlib.colors import to_hex, to_rgb
+    return to_hex([c + (1 - c) * ABLATION_WHITE for c in to_rgb(colour)])
 
 
 def markers_for(values) -> dict:
@@ -197,14 +227,15 @@ series_labels = point_labels     # a series is its kernel and what tells its rec
 
 def _series(records, by_run, palette, markers) -> tuple:
     """(labels, fields, look, note) of a chart's records: labels and fields from `series_labels`;
-    look(row) gives a drawn row's (colour, marker): colour by kernel, marker by run where runs
-    are told apart, else by device; note says so in the caption when runs are drawn apart."""
+    look(row) gives a drawn row's (colour, marker): colour by the kernel's family (`palette_for`),
+    marker by run where runs are told apart, else by kernel; note says so in the caption when runs
+    are drawn apart."""
     labels, fields = series_labels(records, records["kernel"], by_run)
-    palette = palette or palette_for(records["kernel"])
+    palette = palette or palette_for(records)
     if "run_id" in fields:    # runs drawn apart: the marker tells the run
         by, markers = "run_id", markers_for(records["run_id"])
     else:
-        by, markers = "kernel", markers or kernel_markers(records["kernel"])
+        by, markers = "kernel", markers or kernel_markers(records)
 
     def look(row):
         return palette.get(row["kernel"], GREY), markers.get(str(row[by]), "o")
@@ -392,7 +423,7 @@ def rate_chart(rows, roof, quantity: str, palette=None, markers=None, *, by_run:
     points = _record_points(ok, labels, quantity, label[1])
     peaks = _peak_points(roof, ok, label[1])
     drawn = _drawn(points, peaks)
-    fig, (ax,) = _figure(f"{label[0]} against context ({workload})", caption_for(
+    fig, (ax,) = _figure(f"{_rate_title(ok, label)} against context ({workload})", caption_for(
         ok, _joined(f"dashed lines: peak {_peak_text(peaks, label[1])}", runs_note)))
     _plot_series(ax, points, look)
     _horizontal_lines(ax, peaks, ok["seq_len"].min(),
@@ -402,6 +433,12 @@ def rate_chart(rows, roof, quantity: str, palette=None, markers=None, *, by_run:
     ax.set_ylabel(f"{'compute' if quantity == 'tflops' else 'bandwidth'} ({label[1]})")
     _legend_outside(ax)
     return _attach(fig, drawn)
+
+
+def _rate_title(ok, label: tuple) -> str:
+    """The rate's name: a training mode's own where the rows are all of one, else the label's."""
+    modes = set(ok["mode"])
+    return TRAINING_TITLES[modes.pop()] if len(modes) == 1 and modes <= set(TRAINING_TITLES) else label[0]
 
 
 MASK_CELLS = 64      # a mask is drawn as this many cells a side, as attention-gym draws them
@@ -430,7 +467,7 @@ def mask_chart(rows):
     query, key = np.nonzero(np.ones_like(seen))
     drawn = _pd().DataFrame({"series": "mask", "kernel": "", "seq_len": seq_len, "y": seen[query, key].astype(int),
                              "y_unit": "seen", "y_from": "the visibility rule (attnlab/visibility.py)", "run_id": "",
-                             "mode": "prefill", "workload": first["workload"], "query_cell": query, "key_cell": key})
+                             "mode": PREFILL, "workload": first["workload"], "query_cell": query, "key_cell": key})
     return _attach(fig, drawn)
 
 
@@ -464,7 +501,7 @@ def rate_bars(rows, roof, quantity: str, palette=None, markers=None, *, by_run: 
     points = _record_points(ok, labels, quantity, label[1]).sort_values("series")
     peaks = _peak_points(roof, ok, label[1])
     drawn = _drawn(points, peaks)
-    fig, (ax,) = _figure(f"{label[0]} at {length} ({workload})", caption_for(
+    fig, (ax,) = _figure(f"{_rate_title(ok, label)} at {length} ({workload})", caption_for(
         ok, _joined(f"one context length ({length}); dashed lines: peak {_peak_text(peaks, label[1])}", runs_note)),
         legend_outside=False)
     colors = [look(row)[0] for _, row in points.iterrows()]
@@ -561,7 +598,7 @@ def memory_chart(rows, palette=None, markers=None, *, by_run: bool = False):
     mode, workload = _one(rows, "mode"), _one(rows, "workload")
     rows = rows.sort_values("seq_len")
     labels, fields, look, runs_note = _series(rows, by_run, palette, markers)
-    ok, oom = _ok(rows), rows[rows["status"] == "oom"]
+    ok, oom = _ok(rows), rows[rows["status"] == OOM]
     capacity = {d: s.memory_bytes for d in rows["device"].unique() if (s := match_gpu(d))}
     measured = _record_points(ok, "measured " + labels, "peak_mem_bytes / 2**30", "GiB", y=ok["peak_mem_bytes"] / GIB)
     predicted = _record_points(rows, "predicted " + labels, "predicted_mem_bytes / 2**30", "GiB",
@@ -646,8 +683,14 @@ def claim_chart(document: dict):
                            [claim["short_tok_s"], claim["long_tok_s"]], "tok/s", note=document["claim_source"])
     measured = _claim_measured_points(document["measured"])
     what_ifs = _claim_what_if_points(document)
-    drawn = _drawn(models, what_ifs, claimed, measured)
-    fig, (ax,) = _figure("Output tokens/s against context: where the claimed drop comes from", caption)
+    tested = _claim_lever_measured_points(document)
+    calls = _claim_window_call_points(document)
+    drawn = _drawn(models, what_ifs, claimed, measured, tested, calls)
+    fig, axes = _figure("Output tokens/s against context: where the claimed drop comes from", caption,
+                        ncols=2 if len(calls) else 1)
+    if len(calls):      # room between the panels for the first one's legend
+        fig.subplots_adjust(right=0.98, wspace=0.85)
+    ax = axes[0]
     colors = _sns().color_palette("deep", 6)
     color_of = {label: colors[i] for i, (_, label) in enumerate(CLAIM_MODEL_SERIES)}
     for label, line in models.groupby("series", sort=False):
@@ -659,6 +702,9 @@ def claim_chart(document: dict):
                label="claim (Cartridges, Fig. 3)")
     for (label, group), color in zip(measured.groupby("series", sort=True), colors[3:] * 4):
         ax.scatter(group["seq_len"], group["y"], marker="D", s=36, color=color, zorder=4, label=label)
+    _plot_lever_measured(ax, tested, document)
+    if len(calls):
+        _plot_window_calls(axes[1], calls, document)
     _context_axis(ax, n + [claim["short_ctx"], claim["long_ctx"]])
     _batch_axis(ax, points)
     ax.set_ylabel("output tokens/s (all sequences)")
@@ -720,6 +766,71 @@ def _claim_what_if_points(document: dict):
     return pd.concat(lines, ignore_index=True) if lines else pd.DataFrame(columns=["series", "seq_len", "y"])
 
 
+def _what_if_color(document: dict, name: str) -> str:
+    """The colour of a what-if's line (`_plot_what_ifs` colours them in the document's order)."""
+    names = [w["name"] for w in document.get("what_if") or []]
+    return OTHER_COLORS[names.index(name) % len(OTHER_COLORS)]
+
+
+def _claim_lever_measured_points(document: dict):
+    """End-to-end points that test a what-if (an 8-bit cache for kv-fp8): tok_s at their batch,
+    each series named after its lever, to sit on the lever's line."""
+    pd, frames = _pd(), []
+    for lever in document.get("what_if") or []:
+        e2e = [p for p in lever.get("measured") or [] if p.get("tok_s") is not None]
+        if not e2e:
+            continue
+        items = pd.DataFrame(e2e, columns=["seq_len", "tok_s", "batch", "mode", "kernel", "device", "run_id",
+                                           *E2E_SETTINGS])
+        base = f"measured, what if {lever['name']}: " + items["mode"].astype(str) + ", " + items["kernel"].astype(str)
+        labels, _ = series_labels(items, base)
+        frames.append(_record_points(items, labels, "tok_s", "tok/s").assign(what_if=lever["name"]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["series", "seq_len", "y"])
+
+
+def _plot_lever_measured(ax, points, document: dict) -> None:
+    for label, group in points.groupby("series", sort=True):
+        ax.scatter(group["seq_len"], group["y"], marker="D", s=40, facecolor="white", zorder=6, linewidths=1.6,
+                   edgecolor=_what_if_color(document, group["what_if"].iloc[0]), label=label)
+
+
+def _claim_window_call_points(document: dict):
+    """Decode calls measured with a window (window-W levers): per call ms, measured and as the
+    model has it (the kernel's line without a window at the keys the window leaves)."""
+    pd, frames = _pd(), []
+    for lever in document.get("what_if") or []:
+        calls = [p for p in lever.get("measured") or [] if p.get("measured_ms") is not None]
+        groups = {}
+        for p in calls:
+            groups.setdefault((p["kernel"], p.get("batch")), []).append(p)
+        for (kernel, batch), group in groups.items():
+            name = f"what if {lever['name']}: {kernel}, batch {batch}"
+            frames.append(_line_points(f"model, {name}", [p["seq_len"] for p in group],
+                                       [p["model_ms"] for p in group], "ms per call", kernel=kernel,
+                                       what_if=lever["name"], note=[p["basis"] for p in group]))
+            frames.append(_line_points(f"measured, {name}", [p["seq_len"] for p in group],
+                                       [p["measured_ms"] for p in group], "ms per call", kernel=kernel,
+                                       what_if=lever["name"], run_id=[p["run_id"] for p in group],
+                                       y_from="median_ms"))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["series", "seq_len", "y"])
+
+
+def _plot_window_calls(ax, calls, document: dict) -> None:
+    """Decode call times against context under a window: measured (diamonds) on the model's line,
+    in the colour of the lever's line."""
+    for label, group in calls.groupby("series", sort=True):
+        color = _what_if_color(document, group["what_if"].iloc[0])
+        if label.startswith("model, "):
+            ax.plot(group["seq_len"], group["y"], color=color, ls="--", lw=1.6, label=label)
+        else:
+            ax.scatter(group["seq_len"], group["y"], marker="D", s=36, color=color, zorder=4, label=label)
+    _context_axis(ax, calls["seq_len"].tolist(), log_y=False)
+    ax.set_ylim(0, 1.15 * calls["y"].max())
+    ax.set_ylabel("decode ms per call (one layer)")
+    ax.set_title("windowed decode: measured against the model", fontsize=9)
+    ax.legend(fontsize=6, loc="best")
+
+
 def _plot_what_ifs(ax, lines) -> None:
     for i, (name, line) in enumerate(lines.groupby("series", sort=False)):
         ax.plot(line["seq_len"], line["y"], color=OTHER_COLORS[i % len(OTHER_COLORS)],
@@ -736,7 +847,7 @@ def _claim_measured_points(measured: list):
 
 
 def _ok(rows):
-    return rows[(rows["status"] == "ok") & (rows["median_ms"] > 0)].sort_values("seq_len")
+    return rows[(rows["status"] == OK) & (rows["median_ms"] > 0)].sort_values("seq_len")
 
 
 def _one(rows, column: str) -> str:
@@ -823,18 +934,27 @@ def _safe(text: str) -> str:
     return safe if safe == text else f"{safe}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
 
 
-def pick_baseline(kernels, baseline=None) -> tuple:
-    """(baseline, chosen automatically?): the requested kernel, else what one would otherwise
-    use (torch SDPA's flash backend, the flash-attn package), else an unfused reference."""
-    kernels = set(kernels)
+def pick_baseline(ok, baseline=None) -> tuple:
+    """(baseline, chosen automatically?) among the kernels of `ok` (ok records, with their role
+    columns): the requested kernel, else one whose records say it is a baseline (what one would
+    otherwise use): the one measured at the most points, then the fastest (least time summed
+    over the lengths all of those share), then the first by name; with none, the first kernel
+    by name."""
+    kernels = set(ok["kernel"])
     if baseline:
         if baseline not in kernels:
             raise ValueError(f"baseline: {baseline!r} has no ok records; kernels present: {', '.join(sorted(kernels))}")
         return baseline, False
-    for candidate in ("sdpa-flash", "flash-attn", "sdpa-math", "naive"):
-        if candidate in kernels:
-            return candidate, True
-    return (sorted(kernels)[0], True) if kernels else (None, True)
+    roles = kernel_roles.of_kernels(ok)
+    candidates = ok[ok["kernel"].isin([k for k in kernels if roles[k].baseline])]
+    if candidates.empty:
+        return (sorted(kernels)[0], True) if kernels else (None, True)
+    points = candidates.groupby("kernel").size()
+    most = candidates[candidates["kernel"].isin(points[points == points.max()].index)]
+    lengths = most.groupby("seq_len")["kernel"].nunique()
+    shared = most[most["seq_len"].isin(lengths[lengths == most["kernel"].nunique()].index)]
+    time = shared.groupby("kernel")["median_ms"].sum()
+    return min(sorted(set(most["kernel"])), key=lambda k: time.get(k, float("inf"))), True
 
 
 def records_to_draw(results, all_runs: bool = False):
@@ -852,14 +972,13 @@ def render_all(results, out_dir, *, fits=(), roof=None, claim=None, baseline=Non
     `records_to_draw` picks them; with `all_runs` each run is its own series. A workload
     measured in several dtypes gets a chart per dtype."""
     rows = records_to_draw(results, all_runs)
-    renderer = _Renderer(Path(out_dir), formats, fits, roof, baseline, all_runs,
-                         palette_for(rows["kernel"]), kernel_markers(rows["kernel"]))
-    charted = rows[rows["mode"].isin(("prefill", "decode"))]
+    renderer = _Renderer(Path(out_dir), formats, fits, roof, baseline, all_runs, palette_for(rows), kernel_markers(rows))
+    charted = rows[rows["mode"].isin(KERNEL_MODES)]
     for (mode, workload), group in charted.groupby(["mode", "workload"]):
         several_dtypes = group["dtype"].nunique() > 1
         for dtype, records in group.groupby("dtype"):
             renderer.group(records, mode, workload, dtype if several_dtypes else "")
-        if mode == "prefill":
+        if mode == PREFILL:
             renderer.emit(_slug("mask", "", workload, ""), mask_chart(group), f"mask, {workload}")
     if claim is not None:
         renderer.emit("claim", claim_chart(claim), "claim")
@@ -895,16 +1014,17 @@ class _Renderer:
             self.emit(name, fig, f"{mode} {what or kind}, {where.removeprefix(mode + ' ')}")
 
         ok = _ok(rows)
-        quantity = "tflops" if mode == "prefill" else "gbps"
+        quantity = "tflops" if mode in QUADRATIC_MODES else "gbps"
+        by_mode = mode in (BACKWARD, FWD_BWD)      # prefill's rate chart is named by its unit alone: theirs by mode
         if ok["seq_len"].nunique() == 1 and ok[quantity].notna().any():
-            draw(quantity, rate_bars(rows, self.roof, quantity, **style), named_by_mode=False)
+            draw(quantity, rate_bars(rows, self.roof, quantity, **style), named_by_mode=by_mode)
             return      # one length: no curve to draw; the head-to-head table holds the times
         if ok.empty:
             self.skipped.append(f"{where}: no ok records, so no latency or rate chart")
         else:
             draw("latency", latency_chart(rows, self.fits, **style))
             if ok[quantity].notna().any():
-                draw(quantity, rate_chart(rows, self.roof, quantity, **style), named_by_mode=False)
+                draw(quantity, rate_chart(rows, self.roof, quantity, **style), named_by_mode=by_mode)
             self.speedup(rows, ok, where, draw, style)
             if ok["power_w_mean"].notna().any() or ok["joules_per_token"].notna().any():
                 draw("power", power_chart(rows, **style))
@@ -918,7 +1038,7 @@ class _Renderer:
         if self.baseline and self.baseline not in kernels:
             self.skipped.append(f"{where}: baseline {self.baseline} has no ok records here, so no speedup chart")
             return
-        chosen, auto = pick_baseline(kernels, self.baseline)
+        chosen, auto = pick_baseline(ok, self.baseline)
         if len(kernels) < 2:
             self.skipped.append(f"{where}: one kernel only, so no speedup chart")
             return

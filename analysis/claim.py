@@ -21,6 +21,10 @@ calibration at all.
 What-ifs (`WhatIf`, `parse_what_if`): the levers the talk behind the claim names, each a change
 to what a sequence keeps in its KV cache (`KvCache`: an 8-bit cache, a sliding window, a
 trained cartridge in place of the context, no context at all), run through this same model.
+Each lever sits beside the measurements that test it, with the model's error at each, and is
+drawn wherever the records hold such measurements, asked for or not: kv-fp8 beside end-to-end
+runs with an 8-bit cache (left out of the claim's own curve and its calibration, so the lever
+meets them out of sample), window-W beside decode calls with a window of W keys.
 """
 from __future__ import annotations
 
@@ -35,12 +39,12 @@ from attnlab.analysis.conditions import named_run, run_cards
 from attnlab.analysis.roofline import GPU_SPECS, GpuSpec, gpu_spec, match_gpu
 from attnlab.analysis.select import recorded_memory, standing_ok
 from attnlab.models import DEFAULT_MODEL, AttentionMemory, ModelConfig
+from attnlab.schema import CALIBRATION, DECODE, E2E_DECODE, E2E_MODES, E2E_PREFILL_DECODE, PREFILL
 
 CLAIM = {"short_ctx": 1024, "short_tok_s": 10000, "long_ctx": 122880, "long_tok_s": 130}
 CLAIM_SOURCE = ("Cartridges (arXiv 2506.06266), Fig. 3 and App. A.3: Llama-3 8B, one H100, SGLang, "
                 "decode only, largest batch that fits, 128 tokens decoded per sequence, 1k to 120k of context")
 DEFAULT_SEQ_LENS = tuple(sorted({1024 * 2**i for i in range(8)} | {CLAIM["long_ctx"]}))  # 1k .. 128k and 120k
-E2E_MODES = ("e2e-decode", "e2e-prefill-decode")
 DTYPE_BYTES = 2                                   # bf16 weights and cache
 MODEL_PRESETS = {k: v for k, v in models.PRESETS.items() if k != "tiny"}
 STREAMING = AttentionMemory()                     # a decode kernel that reads K and V in place
@@ -48,7 +52,10 @@ WHAT_IF_FORMS = ("kv-fp8, window-W, cartridge-C or weights (W and C positive tok
                  "window-4096, window-4k, cartridge-2k)")
 _SIZED_WHAT_IF = re.compile(r"(window|cartridge)-([1-9][0-9]*)(k?)")
 # What an end-to-end point was measured with besides its model and context (point fields too).
-E2E_SETTINGS = ("decode_tokens", "prefill_kernel")
+E2E_SETTINGS = ("decode_tokens", "prefill_kernel", "kv_dtype", "page_size")
+# Bytes per cached element of each cache dtype a record may name (a record without one: the claim's bf16).
+KV_DTYPE_BYTES = {"float8_e4m3fn": 1, "float8_e5m2": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "bfloat16": 2, "bf16": 2,
+                  "float16": 2, "fp16": 2, "half": 2, "float32": 4, "fp32": 4, "float64": 8, "fp64": 8}
 
 
 def model_config(model) -> ModelConfig:
@@ -281,12 +288,14 @@ def parse_what_if(text) -> tuple:
 # --- the document ------------------------------------------------------------------------------
 
 def explain_claim(serving: ServingModel, seq_lens=DEFAULT_SEQ_LENS, measured=(), ideal: ServingModel | None = None,
-                  model_name: str | None = None, gpu_name: str | None = None, what_if=()) -> dict:
+                  model_name: str | None = None, gpu_name: str | None = None, what_if=(), tested=None) -> dict:
     """The `attnlab claim --json` document: model points for `seq_lens`, the three ratios
     (short over long context, at the claim's two lengths), the paper's, attnlab's measured and
     the model's ratios side by side, and an explanation in words. `measured`: points from
     end-to-end records (see `measured_points`); `ideal`: the uncalibrated model; `what_if`:
-    levers (`WhatIf`) whose curves the same model draws at `seq_lens`."""
+    levers (`WhatIf`) whose curves the same model draws at `seq_lens`; `tested`: {KvCache: the
+    measured points that test the lever of that cache} (`split_by_cache`, `window_measurements`),
+    set beside the lever with the model's error at each."""
     seq_lens = sorted({int(n) for n in seq_lens})
     if not seq_lens or seq_lens[0] < 1:
         raise ValueError(f"seq_lens: expected positive context lengths, got {seq_lens}")
@@ -319,15 +328,31 @@ def explain_claim(serving: ServingModel, seq_lens=DEFAULT_SEQ_LENS, measured=(),
         document["ideal_points"] = [ideal.point(n) for n in seq_lens]
     document["validation"] = model_validation(serving)
     document["explanation"] = _explanation(serving, short, long, document)
-    document["what_if"] = [_what_if_entry(lever, points, m) for lever, points in levers]
+    document["what_if"] = [_what_if_entry(lever, points, serving, (tested or {}).get(lever.kv, []))
+                           for lever, points in levers]
     return document
 
 
-def _what_if_entry(lever: WhatIf, points: list, model: ModelConfig) -> dict:
+def _what_if_entry(lever: WhatIf, points: list, serving: ServingModel, tested: list) -> dict:
+    """A lever's curve, and beside it the points that test it, each with the model's error."""
+    measured = [_lever_point(p, lever, serving) for p in tested]
+    errors = [p for p in measured if p.get("model_error") is not None]
+    worst = max(errors, key=lambda p: abs(p["model_error"]), default=None)
     return {"name": lever.name, "description": lever.description, "kv_cache": asdict(lever.kv),
-            "kv_bytes_per_token": model.kv_bytes_per_token(lever.kv.dtype_bytes),
+            "kv_bytes_per_token": serving.model.kv_bytes_per_token(lever.kv.dtype_bytes),
             "prefill": "left out: the claim is decode only, and each lever changes what is prefilled",
-            "points": points}
+            "points": points, "measured": measured,
+            "measured_error_worst": None if worst is None else {k: worst.get(k) for k in (
+                "model_error", "seq_len", "kernel", "mode", "run_id", "card")}}
+
+
+def _lever_point(point: dict, lever: WhatIf, serving: ServingModel) -> dict:
+    """An end-to-end point beside the lever's model at its batch and context (`_with_model`), with
+    the batch the lever's planner would choose there; a decode call already holds its model time."""
+    if point["mode"] not in E2E_MODES:
+        return point
+    model = lever.applied(serving)
+    return {**_with_model(point, model), "model_max_batch": model.max_batch(point["seq_len"])}
 
 
 def _with_model(point: dict, serving: ServingModel) -> dict:
@@ -338,7 +363,7 @@ def _with_model(point: dict, serving: ServingModel) -> dict:
     if not point.get("batch"):
         return {**point, "model_tok_s": None, "model_error": None}
     model = replace(serving, calibration=replace(serving.calibration, kv_bw_efficiency=kv)) if kv else serving
-    tok_s = model.tok_s(point["seq_len"], point["batch"], with_prefill=point["mode"] == "e2e-prefill-decode")
+    tok_s = model.tok_s(point["seq_len"], point["batch"], with_prefill=point["mode"] == E2E_PREFILL_DECODE)
     return {**point, "model_tok_s": tok_s, "model_error": point["tok_s"] / tok_s - 1 if tok_s else None}
 
 
@@ -361,7 +386,7 @@ def _side_by_side(serving: ServingModel, doc: dict) -> list:
             {"what": "model", "short_ctx": claim["short_ctx"], "long_ctx": claim["long_ctx"],
              "ratio": doc["ratio_max_batch"], "how": "this model at its planned largest batch"}]
     for m in doc["measured_ratios"]:
-        if m["mode"] != "e2e-decode":
+        if m["mode"] != E2E_DECODE:
             continue
         short = serving.tok_s(m["short_ctx"], m["short_batch"]) if m.get("short_batch") else None
         long = serving.tok_s(m["long_ctx"], m["long_batch"]) if m.get("long_batch") else None
@@ -447,7 +472,7 @@ def _measured_sentences(doc: dict) -> list:
         measured, modelled = rows.get("attnlab measured"), rows.get("model at the measured batches")
         if not measured:
             continue
-        mine = [p for p in doc["measured"] if (p["kernel"], p["run_id"], p["mode"]) == (kernel, run_id, "e2e-decode")]
+        mine = [p for p in doc["measured"] if (p["kernel"], p["run_id"], p["mode"]) == (kernel, run_id, E2E_DECODE)]
         errors = [abs(p["model_error"]) for p in mine if p.get("model_error") is not None]
         run = named_run(run_id, {run_id: measured.get("card")})
         text = (f"Measured with {kernel} in run {run}, attnlab's decoder with random weights: "
@@ -538,6 +563,89 @@ def measured_ratios(points) -> list:
     return out
 
 
+def kv_bytes(kv_dtype) -> int | None:
+    """Bytes per cached element of a record's kv_dtype: the claim's bf16 where it names none,
+    None for a name this model does not know."""
+    return DTYPE_BYTES if fmt.missing(kv_dtype) else KV_DTYPE_BYTES.get(str(kv_dtype).lower().removeprefix("torch."))
+
+
+def split_by_cache(points: list) -> tuple[list, dict, list]:
+    """End-to-end points split by what they cached: (the claim's own, in bf16; {KvCache: points}
+    with an 8-bit cache, which test the kv-fp8 lever; notes on the rest, left out)."""
+    own, fp8, other = [], [], Counter()
+    for p in points:
+        size = kv_bytes(p.get("kv_dtype"))
+        (own if size == DTYPE_BYTES else fp8 if size == 1 else []).append(p)
+        if size not in (DTYPE_BYTES, 1):
+            other[p.get("kv_dtype")] += 1
+    notes = [f"left out {count} end-to-end record(s) with a {dtype} cache: neither the claim's bf16 nor a lever's"
+             for dtype, count in other.items()]
+    if fp8:
+        notes.append(f"{len(fp8)} end-to-end record(s) with an 8-bit cache stand beside the kv-fp8 what-if, not the "
+                     f"claim's curve, and no calibration uses them")
+    return own, ({what_if_named("kv-fp8").kv: fp8} if fp8 else {}), notes
+
+
+def tested_levers(tested: dict, asked: list) -> list:
+    """Levers the measurements test that none asked for already draws: kv-fp8, window-W."""
+    have = {lever.kv for lever in asked}
+    return [what_if_named("kv-fp8" if kv.dtype_bytes == 1 else f"window-{kv.window}")
+            for kv, points in tested.items() if points and kv not in have]
+
+
+def window_measurements(results, serving: ServingModel, fits, kv_share: dict, cards=None) -> dict:
+    """{KvCache(window=W): points} from the standing decode calls on this GPU measured with a
+    window of W keys, of the model's kv heads and head size, in bf16: each with its time beside
+    the model's for it, the kernel's own decode line without a window (its linear fit of the same
+    shape and cache, a + b n) at the min(n, W) keys the window leaves; where the kernel has no
+    such line, the KV read alone at its calibrated share of the bandwidth (`kv_share`, else the
+    model's), which leaves out every fixed cost."""
+    ok = standing_ok(results)
+    if "window" not in ok:
+        return {}
+    m, cards = serving.model, cards or {}
+    rows = ok[(ok["mode"] == DECODE) & (ok["window"].fillna(0) > 0) & (ok["kv_heads"] == m.kv_heads)
+              & (ok["head_dim"] == m.head_dim) & (_gpu_keys(ok) == serving.gpu.key)]
+    found = {}
+    for _, row in rows.iterrows():
+        if kv_bytes(row.get("kv_dtype")) != DTYPE_BYTES or not row["median_ms"] > 0:
+            continue
+        window, n = int(row["window"]), int(row["seq_len"])
+        keys = min(n, window)
+        fit = _unwindowed_fit(fits, row, serving.gpu.key)
+        if fit is not None:
+            model_ms = float(fit.predict_ms(keys))
+            basis = f"{fit.kernel}'s decode line without a window ({fit.workload}, R^2 {fit.r2:.3f}) at {keys:,} keys"
+        else:
+            share = kv_share.get(row["kernel"]) or serving.calibration.kv_bw_efficiency
+            model_ms = 1e3 * float(row["bytes"]) / (serving.gpu.bandwidth_gbps * 1e9 * share)
+            basis = (f"the KV read alone at {100 * share:.0f}% of {serving.gpu.bandwidth_gbps:,.0f} GB/s, no fixed "
+                     f"cost ({row['kernel']} has no decode line without a window of this shape)")
+        found.setdefault(KvCache(window=window), []).append({
+            "mode": DECODE, "kernel": row["kernel"], "seq_len": n, "window": window, "keys": keys,
+            "batch": _int_or_none(row["batch"]), "measured_ms": float(row["median_ms"]), "model_ms": model_ms,
+            "model_error": float(row["median_ms"]) / model_ms - 1 if model_ms > 0 else None, "basis": basis,
+            "device": row["device"], "run_id": row["run_id"], "card": cards.get(row["run_id"])})
+    return {kv: sorted(points, key=lambda p: (p["kernel"], p["seq_len"])) for kv, points in found.items()}
+
+
+def _unwindowed_fit(fits, row, gpu_key: str):
+    """The linear decode fit of row's kernel on this GPU whose curve differs from row's point only
+    in having no window (and its workload's name); None without one."""
+    for fit in fits or ():
+        if (fit.kernel, fit.mode, fit.model) != (row["kernel"], DECODE, "linear") or fit.shape.get("window"):
+            continue
+        if getattr(match_gpu(fit.device), "key", None) != gpu_key or fit.dtype != row["dtype"]:
+            continue
+        if all(_same(value, row.get(key)) for key, value in fit.shape.items() if key != "window"):
+            return fit
+    return None
+
+
+def _same(a, b) -> bool:
+    return (fmt.missing(a) and fmt.missing(b)) or (not fmt.missing(a) and not fmt.missing(b) and a == b)
+
+
 # --- calibration --------------------------------------------------------------------------------
 
 def calibrate(results, serving: ServingModel, points=(), fits=(), cards=None) -> tuple[Calibration, dict, list]:
@@ -565,7 +673,7 @@ def calibrate(results, serving: ServingModel, points=(), fits=(), cards=None) ->
         provenance.append(_provenance(_picked(values, "weights_bw_efficiency"), "the fastest device copy "
                                       "calibration record", [_record_point(copy)], cards))
     kv_by_kernel = _kv_efficiencies(on_gpu, fits, serving, copy_gbps)
-    steps = [p for p in points if p["mode"] == "e2e-decode" and p["batch"] and p["step_ms"]]
+    steps = [p for p in points if p["mode"] == E2E_DECODE and p["batch"] and p["step_ms"]]
     kernel = _model_kernel(steps, kv_by_kernel)
     if kernel:
         values["kv_bw_efficiency"], why, fit = kv_by_kernel[kernel]
@@ -603,7 +711,7 @@ def calibrate(results, serving: ServingModel, points=(), fits=(), cards=None) ->
 
 def _best(rows, kind: str, column: str):
     """The calibration record of `kind` (copy, matmul) with the highest `column`, or None."""
-    found = rows[(rows["mode"] == "calibration") & rows["kernel"].str.contains(kind) & (rows[column] > 0)]
+    found = rows[(rows["mode"] == CALIBRATION) & rows["kernel"].str.contains(kind) & (rows[column] > 0)]
     return found.loc[found[column].idxmax()] if len(found) else None
 
 
@@ -653,12 +761,13 @@ def _kv_efficiencies(on_gpu, fits, serving: ServingModel, copy_gbps) -> dict:
     model's attention shape: bytes per cached token (from its records) over the slope b."""
     out, m = {}, serving.model
     for fit in fits:
-        if fit.mode != "decode" or fit.model != "linear" or fit.b_ms_per_token <= 0:
+        if fit.mode != DECODE or fit.model != "linear" or fit.b_ms_per_token <= 0 or not _claims_cache(fit.shape):
             continue
         if (fit.shape.get("kv_heads"), fit.shape.get("head_dim")) != (m.kv_heads, m.head_dim):
             continue
-        rows = on_gpu[(on_gpu["mode"] == "decode") & (on_gpu["kernel"] == fit.kernel)
+        rows = on_gpu[(on_gpu["mode"] == DECODE) & (on_gpu["kernel"] == fit.kernel)
                       & (on_gpu["workload"] == fit.workload) & (on_gpu["bytes"] > 0)]
+        rows = rows[[_claims_cache(row) for _, row in rows.iterrows()]]
         per_token = _slope(rows["seq_len"], rows["bytes"])
         if not per_token:
             continue
@@ -671,6 +780,17 @@ def _kv_efficiencies(on_gpu, fits, serving: ServingModel, copy_gbps) -> dict:
                                   + (f", held to the measured copy's {copy_gbps:,.0f}" if capped < gbps else "")
                                   + f", {100 * share:.0f}% of {serving.gpu.bandwidth_gbps:,.0f}", fit)
     return out
+
+
+def _claims_cache(shape) -> bool:
+    """Whether a curve's shape (or a record) is the claim's cache: bf16, contiguous, every sequence
+    as long as the context, no window; older records lack these fields and were all of it."""
+    return (kv_bytes(shape.get("kv_dtype")) == DTYPE_BYTES and not _number(shape.get("page_size"))
+            and not _number(shape.get("window")) and (fmt.missing(shape.get("lengths")) or shape.get("lengths") == "equal"))
+
+
+def _number(value) -> float:
+    return 0.0 if fmt.missing(value) else float(value)
 
 
 def _slope(x, y):
@@ -714,7 +834,7 @@ def _fit_compute_and_overhead(points: list, serving: ServingModel, compute_cap: 
 def _prefill_attention(fits, model: ModelConfig):
     """(a, b, c) ms per layer and sequence from the fastest quadratic prefill fit of the
     model's attention shape (batch 1, causal), its source and the fit; None without one."""
-    matching = [f for f in fits if f.mode == "prefill" and f.model == "quadratic" and f.shape.get("causal")
+    matching = [f for f in fits if f.mode == PREFILL and f.model == "quadratic" and f.shape.get("causal")
                 and f.shape.get("batch") == 1
                 and (f.shape.get("heads"), f.shape.get("kv_heads"), f.shape.get("head_dim"))
                 == (model.heads, model.kv_heads, model.head_dim)]
@@ -817,10 +937,12 @@ def build_claim(model=DEFAULT_MODEL, gpu="h100-sxm", *, seq_lens=DEFAULT_SEQ_LEN
     """The claim document for a model and GPU (presets or configs). With `results` (a loaded
     DataFrame) the model is calibrated on them, with `fits` (of the same records) too, and
     measured points sit beside it. `what_if`: levers (`WhatIf`, or names `what_if` parses)
-    drawn by the same model, calibrated alike. Returns (document, notes)."""
+    drawn by the same model, calibrated alike, and beside each the measurements that test it;
+    a lever the results test is drawn whether asked for or not (`tested_levers`). Returns
+    (document, notes)."""
     config, spec = model_config(model), gpu_spec(gpu)
     ideal = ServingModel(config, spec, num_gpus=num_gpus, decode_tokens=decode_tokens)
-    serving, points, notes = ideal, [], []
+    serving, points, notes, tested = ideal, [], [], {}
     if calibration is not None:
         serving = replace(ideal, calibration=calibration)
     elif results is not None and len(results):
@@ -831,15 +953,21 @@ def build_claim(model=DEFAULT_MODEL, gpu="h100-sxm", *, seq_lens=DEFAULT_SEQ_LEN
         ideal = replace(ideal, memory_bytes=recorded_memory(environments, on_gpu))
         cards = run_cards(environments)
         points, notes = measured_points(results, ideal, cards)
-        calibration, kv_by_kernel, cal_notes = calibrate(results, ideal, points, fits, cards)
-        notes += cal_notes
+        points, by_cache, cache_notes = split_by_cache(points)
+        contiguous = [p for p in points if not p.get("page_size")]     # paged runs are compared, not fitted
+        calibration, kv_by_kernel, cal_notes = calibrate(results, ideal, contiguous, fits, cards)
+        notes += cache_notes + cal_notes
         points = [{**p, "kv_bw_efficiency": kv_by_kernel.get(p["kernel"])} for p in points]
         serving = replace(ideal, calibration=calibration)
+        tested = {kv: [{**p, "kv_bw_efficiency": kv_by_kernel.get(p["kernel"])} for p in found]
+                  for kv, found in by_cache.items()}
+        tested.update(window_measurements(results, serving, fits, kv_by_kernel, cards))
     name = model if isinstance(model, str) else config.name
     gpu_key = gpu if isinstance(gpu, str) and gpu in GPU_SPECS else spec.key
     levers = [lever if isinstance(lever, WhatIf) else what_if_named(lever) for lever in what_if]
+    levers += tested_levers(tested, levers)
     return explain_claim(serving, seq_lens, points, ideal=ideal, model_name=name, gpu_name=gpu_key,
-                         what_if=levers), notes
+                         what_if=levers, tested=tested), notes
 
 
 def infer_gpu(results):

@@ -52,7 +52,8 @@ from attnlab.analysis import _deps
 from attnlab.analysis.conditions import clocks_text
 from attnlab.analysis.rounds import as_rounds, center, resampled_centers, round_medians, rounds_of, spread
 from attnlab.analysis.select import POINT_KEY, exclusion_kind, joined_key
-from attnlab.schema import COMPARE_SCHEMA, E2E_MODES, KERNEL_MODES, OK
+from attnlab.schema import (BACKWARD, COMPARE_SCHEMA, DECODE, E2E_DECODE, E2E_MODES, E2E_PREFILL_DECODE, FWD_BWD,
+                            KERNEL_MODES, OK, PREFILL)
 
 COMPARED_MODES = (*KERNEL_MODES, *E2E_MODES)
 REGRESSED, IMPROVED, NOISY, UNCHANGED = "regressed", "improved", "noisy", "unchanged"
@@ -83,7 +84,8 @@ ENVIRONMENT_FIELDS = (
 ORDER_FIELDS = ("heads", "kv_heads", "head_dim", "seq_len", "batch", "q_len", "window", "softcap", "docs",
                 "decode_tokens")
 CHART_NAME = "ratio"
-MODE_LINES = {"prefill": "-", "decode": "--", "e2e-decode": ":", "e2e-prefill-decode": "-."}
+MODE_LINES = {PREFILL: "-", DECODE: "--", BACKWARD: (0, (5, 1, 1, 1)), FWD_BWD: (0, (3, 1, 1, 1, 1, 1)),
+              E2E_DECODE: ":", E2E_PREFILL_DECODE: "-."}
 RATIO_TICKS = (0.25, 0.33, 0.5, 0.67, 0.8, 0.9, 0.95, 1, 1.05, 1.1, 1.25, 1.5, 2, 3, 4)
 
 
@@ -694,7 +696,8 @@ def ratio_chart(comparison: Comparison):
     ax.axhspan(*band, color="#dddddd", alpha=0.6, lw=0,
                label=f"threshold {fmt.percent(comparison.threshold)}, either way")
     ax.axhline(1.0, color=charts.GREY, lw=1)
-    palette, markers = charts.palette_for(drawn["kernel"]), charts.kernel_markers(drawn["kernel"])
+    sides = charts._pd().concat([comparison.base.records, comparison.new.records])     # their role columns
+    palette, markers = charts.palette_for(sides), charts.kernel_markers(sides)
     for label, series in drawn.sort_values("seq_len").groupby("series", sort=True):
         _plot_ratio_series(ax, series, label, palette, markers)
     charts._context_axis(ax, drawn["seq_len"], log_y=True)

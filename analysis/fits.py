@@ -32,12 +32,17 @@ from attnlab.analysis import _deps
 from attnlab.analysis.roofline import match_gpu
 from attnlab.analysis.rounds import as_rounds, center, resampled_centers, rounds_of, unstable_reason
 from attnlab.analysis.select import POINT_KEY, joined_key, point_labels, recorded_memory, with_selection
+from attnlab.schema import BACKWARD, DECODE, FWD_BWD, KERNEL_MODES, OK, OOM, PREFILL
 
-FIT_MODES = ("prefill", "decode")
+FIT_MODES = KERNEL_MODES
 MODELS = {"linear": 2, "quadratic": 3}                     # name -> number of coefficients
-MODEL_OF_MODE = {"decode": "linear", "prefill": "quadratic"}
-WHY_MODEL = {"decode": "decode reads the KV cache once per call: linear in context",
-             "prefill": "prefill does n^2 work besides fixed and linear costs: quadratic in context"}
+MODEL_OF_MODE = {DECODE: "linear", PREFILL: "quadratic", BACKWARD: "quadratic", FWD_BWD: "quadratic"}
+WHY_MODEL = {DECODE: "decode reads the KV cache once per call: linear in context",
+             PREFILL: "prefill does n^2 work besides fixed and linear costs: quadratic in context",
+             BACKWARD: "the backward does 2.5x prefill's n^2 work besides fixed and linear costs: quadratic in "
+                         "context",
+             FWD_BWD: "forward and backward do 3.5x prefill's n^2 work besides fixed and linear costs: quadratic "
+                        "in context"}
 STRONG_EVIDENCE = 10.0     # an AICc difference beyond which the data clearly favour one model
 GROUP_KEYS = ("kernel", "mode", "workload", "device")
 # The rest of the point key: a curve's records share it and differ in length alone.
@@ -237,7 +242,7 @@ def memory_wall(rows, capacity_bytes):
     (`rows`, any status): a length at or past one that ran out of memory does not fit; else
     the records' predicted memory, extended as a quadratic in n, against `capacity_bytes`.
     fits_in_memory is None where neither says."""
-    oom = rows.loc[rows["status"] == "oom", "seq_len"].dropna()
+    oom = rows.loc[rows["status"] == OOM, "seq_len"].dropna()
     first_oom = int(oom.min()) if len(oom) else None
     known = rows.dropna(subset=["predicted_mem_bytes"]).drop_duplicates("seq_len")
     known = known[known["predicted_mem_bytes"] > 0]
@@ -278,7 +283,7 @@ def fit_all(results, *, environments=None, modes=FIT_MODES, n_boot: int = 2000, 
     if in_modes.empty:              # only calibration, end-to-end or ring records: no curve to fit
         return [], []
     in_modes = in_modes.assign(_curve=_curve_keys(in_modes))
-    ok = in_modes[in_modes["status"] == "ok"]
+    ok = in_modes[in_modes["status"] == OK]
     fits, skipped = [], []
     for curve, rows in ok[ok["excluded"] == ""].groupby("_curve", sort=True):
         first = rows.iloc[0]
@@ -418,7 +423,7 @@ def left_out(results, fits, modes=FIT_MODES) -> list:
         key = (curve, row["run_id"], None if fmt.missing(row["seq_len"]) else int(row["seq_len"]))
         reason = row["excluded"]
         if not reason and row["mode"] in modes and key not in used:
-            reason = (f"status {row['status']}: {row['reason']}" if row["status"] != "ok"
+            reason = (f"status {row['status']}: {row['reason']}" if row["status"] != OK
                       else f"its curve has under {MIN_LENGTHS} context lengths, so it was not fitted")
         if reason:
             out.append({"file": row["source"], "line": _plain(row.get("source_line")), "run_id": row["run_id"],

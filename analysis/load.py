@@ -3,7 +3,9 @@ and folders, into one DataFrame of result records and one of run environments, w
 record marked as standing for its point or left out, and why (see `select`).
 
 Retractions (RETRACTION_SCHEMA lines, by convention in a `retractions.jsonl` beside the
-data) are read from named folders and from the folder of every named file.
+data) and kernels' roles (ROLES_SCHEMA lines, in a `roles.jsonl`, for records written before
+records carried them: see `roles`) are read from named folders and from the folder of every
+named file.
 
 Nothing here raises on odd content: unknown schemas, lines that are not JSON and files that
 are neither format become entries in `Loaded.warnings`; records whose values cannot be a
@@ -22,20 +24,18 @@ from pathlib import Path
 
 from attnlab import text as fmt
 from attnlab.analysis import _deps
+from attnlab.analysis import roles as kernel_roles
 from attnlab.analysis import select
 from attnlab.analysis.rounds import merge_rounds
 from attnlab.analysis.select import standing_ok
-from attnlab.schema import (COMPARE_SCHEMA, ENVIRONMENT_SCHEMA, FIELDS, POINT_FIELDS, RESULT_SCHEMA,
-                            RETRACTION_SCHEMA, TUNING_SCHEMA, newer_schema, parse_json, parse_json_lines,
-                            point_defaults, version)
+from attnlab.schema import (COMPARE_SCHEMA, ENVIRONMENT_SCHEMA, FIELDS, NUMBER, POINT_FIELDS, RESULT_SCHEMA,
+                            RETRACTION_SCHEMA, ROLE_FIELDS, ROLES_SCHEMA, TUNING_SCHEMA, WHOLE, fields_of,
+                            newer_schema, parse_json, parse_json_lines, point_defaults, version)
 
 RETRACTIONS_FILE = "retractions.jsonl"
+BESIDE_THE_DATA = (RETRACTIONS_FILE, kernel_roles.ROLES_FILE)    # read from the folder of each file named
 
-NUMERIC_FIELDS = (
-    "batch", "heads", "kv_heads", "head_dim", "seq_len", "q_len", "median_ms", "p10_ms", "p90_ms", "flops",
-    "bytes", "tflops", "gbps", "tokens_per_s", "peak_mem_bytes", "predicted_mem_bytes", "power_w_mean",
-    "power_w_max", "energy_j", "joules_per_token", "window", "softcap", "docs", "decode_tokens",
-)
+NUMERIC_FIELDS = fields_of(WHOLE, NUMBER)      # the columns read as numbers (NaN where a record has none)
 ENVIRONMENT_FIELDS = (
     "run_id", "gpu_name", "gpu_uuid", "driver", "cuda", "torch", "triton", "flash_attn", "power_limit_w",
     "clocks", "git_commit", "host", "time", "argv",
@@ -54,14 +54,16 @@ class Malformed(str):
 class Loaded:
     """What `load` read. `results`: one row per result record (all statuses; columns are the
     record's fields plus `source` and `source_line`, where it came from, `source_format`, and
-    `excluded` and `valid`, see `select`); `environments`: one row per run; `retractions`: as
-    read; `warnings`: what was skipped and why; `files`: files read."""
+    `excluded` and `valid`, see `select`, and the kernel's roles, see `roles`); `environments`:
+    one row per run; `retractions` and `roles`: the lines as read; `warnings`: what was skipped
+    and why; `files`: files read."""
 
     results: object
     environments: object
     warnings: list = field(default_factory=list)
     files: list = field(default_factory=list)
     retractions: list = field(default_factory=list)
+    roles: list = field(default_factory=list)
 
     @property
     def standing(self):
@@ -78,11 +80,12 @@ def load(paths) -> Loaded:
     """Load every sweep JSONL and pytest-benchmark JSON under `paths` (files or folders)."""
     pd = _deps.pandas("loading records")
     files = expand_paths(paths)
-    records, environments, retractions, warnings = [], [], [], []
-    for path in files + _retraction_files_beside(paths, files):
+    records, environments, retractions, roles, warnings = [], [], [], [], []
+    for path in files + _files_beside(paths, files):
         got_records, got_envs, got_warnings = read_file(path)
-        records += [r for r in got_records if r.get("schema") != RETRACTION_SCHEMA]
+        records += [r for r in got_records if r.get("schema") not in (RETRACTION_SCHEMA, ROLES_SCHEMA)]
         retractions += [r for r in got_records if r.get("schema") == RETRACTION_SCHEMA]
+        roles += [r for r in got_records if r.get("schema") == ROLES_SCHEMA]
         environments += got_envs
         warnings += got_warnings
     merged = merge_rounds([(_hashable_point(r), select.invalid_reason(r)) for r in records])
@@ -90,11 +93,12 @@ def load(paths) -> Loaded:
     environments = [_plain_environment(e) for e in environments]
     warnings += _environment_conflicts(environments)
     results = _results_frame(pd, records, environments)
+    warnings += kernel_roles.fill(results, roles)
     started = {e["run_id"]: e.get("time") for e in environments if e.get("run_id")}
     warnings += select.mark(results, invalid, retractions, started)
     envs = _environments_frame(pd, environments)
     return Loaded(results=results, environments=envs, warnings=warnings, files=[str(p) for p in files],
-                  retractions=retractions)
+                  retractions=retractions, roles=roles)
 
 
 def _hashable_point(record: dict) -> dict:
@@ -132,11 +136,11 @@ def _environment_conflicts(environments: list) -> list:
     return warnings
 
 
-def _retraction_files_beside(paths, files: list) -> list:
-    """The retractions file in the folder of each file named directly, unless already read."""
+def _files_beside(paths, files: list) -> list:
+    """The retractions and roles files in the folder of each file named directly, unless already read."""
     named = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     read = {f.resolve() for f in files}
-    beside = {(p.parent / RETRACTIONS_FILE).resolve() for p in named if p.is_file()}
+    beside = {(p.parent / name).resolve() for p in named if p.is_file() for name in BESIDE_THE_DATA}
     return sorted(p for p in beside if p.is_file() and p not in read)
 
 
@@ -224,6 +228,10 @@ def read_jsonl(text: str, path="<text>") -> tuple[list, list, list]:
             retraction, why = select.parse_retraction(obj, f"{path}:{number}")
             records += [retraction] if retraction else []
             warnings += [why] if why else []
+        elif schema == ROLES_SCHEMA:
+            line, why = kernel_roles.parse_line(obj, f"{path}:{number}")
+            records += [{**line, "schema": ROLES_SCHEMA}] if line else []
+            warnings += [why] if why else []
         elif schema == ENVIRONMENT_SCHEMA:
             environments.append(_with_source(obj, path, "sweep"))
         else:
@@ -307,8 +315,9 @@ def _benchmark_environment(document: dict, run_id: str, path) -> dict:
            "cpu": _mapping(machine.get("cpu")).get("brand_raw"), "python": machine.get("python_version"),
            "git_commit": commit.get("id"), "time": document.get("datetime"),
            "pytest_benchmark": document.get("version")}
-    # A conftest may add attnlab's environment fields to machine_info; take them where present.
-    nested = machine.get("attnlab") if isinstance(machine.get("attnlab"), dict) else {}
+    # A conftest may add attnlab's environment fields to machine_info, and those that change from
+    # run to run to commit_info (benchmarks/conftest.py); take them where present.
+    nested = {**_mapping(commit.get("attnlab")), **_mapping(machine.get("attnlab"))}
     for key in ENVIRONMENT_FIELDS:
         value = nested.get(key, machine.get(key))
         if value is not None and key != "run_id":
@@ -339,7 +348,7 @@ def _scaled(seconds):
 
 def _results_frame(pd, records: list, environments: list):
     frame = pd.DataFrame.from_records(records) if records else pd.DataFrame()
-    for column in (*FIELDS, *POINT_FIELDS, "source", "source_line", "source_format"):
+    for column in (*FIELDS, *POINT_FIELDS, *ROLE_FIELDS, "source", "source_line", "source_format"):
         if column not in frame.columns:
             frame[column] = None
     for column in NUMERIC_FIELDS:

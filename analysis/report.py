@@ -23,10 +23,12 @@ from attnlab.analysis.claim import CLAIM, validation_text
 from attnlab.analysis.conditions import card_namer, conditions_blocks, run_cards, with_cards
 from attnlab.analysis.fits import (MIN_LENGTHS, MIN_R2_TO_EXTRAPOLATE, MIN_STABLE_POINTS, SELECTION, extrapolated_text,
                                    fit_labels, worst_miss)
+from attnlab.analysis.load import THIS_MACHINE
 from attnlab.analysis.roofline import roofline_summary
 from attnlab.analysis.rounds import unstable_reason
 from attnlab.analysis.select import SAME_POINT, exclusion_kind, joined_key, point_labels
 from attnlab.models import DEFAULT_MODEL
+from attnlab.schema import KERNEL_MODES, OK, QUADRATIC_MODES, WRONG
 
 
 SELECTION_NOTE = (f"Selection: {SELECTION}. Records measured with a known fault are retracted in a retractions.jsonl "
@@ -142,7 +144,7 @@ def _sections(analysis, drawn, baseline=None) -> list:
         ("Head to head", _head_to_head_blocks(results, baseline)),
         ("Fits: decode a + b n, prefill a + b n + c n^2", _fit_blocks(analysis.fits, run_cards(envs))),
         ("Roofline", _roofline_blocks(analysis.roof)),
-        ("The claim: 10,000 tokens/s at 1k, 130 at 120k", _claim_blocks(claim)),
+        ("The claim: 10,000 tokens/s at 1k, 130 at 120k", _claim_blocks(claim, _claim_chart_shown(analysis))),
         ("Failed and out-of-memory points", _failure_blocks(results)),
         ("Unstable points", _unstable_blocks(results)),
         ("What was skipped", [("list", analysis.warnings)] if analysis.warnings else [("p", "Nothing.")]),
@@ -154,12 +156,49 @@ def _sections(analysis, drawn, baseline=None) -> list:
 
 def _summary_blocks(analysis, drawn) -> list:
     claim = analysis.claim
-    blocks = summary.headline_blocks(analysis.results)
-    blocks += [("chart", c) for c in drawn if c.name == "claim"]
-    if claim:
+    blocks = _headline_blocks(analysis.results)
+    if _claim_chart_shown(analysis):
+        blocks += [("p", _claim_chart_label(analysis))] + [("chart", c) for c in drawn if c.name == "claim"]
         blocks.append(("p", _ratios_text(claim)))
     said = summary.sentences(analysis.results, analysis.roof, claim, analysis.excluded)
     return blocks + ([("list", said)] if said else [])
+
+
+def _this_machine(results):
+    """Which records are of a run made on this machine (`--this-machine`, as `attnlab lab` labels it)."""
+    return results["device"].astype(str).str.endswith(f"({THIS_MACHINE})")
+
+
+def _headline_blocks(results) -> list:
+    """The headline tables, this machine's first where a run of it is read beside others: the
+    report of `attnlab lab` leads with the run it just made."""
+    mine = _this_machine(results)
+    if not mine.any() or mine.all():
+        return summary.headline_blocks(results)
+    return [("p", "This machine, the run measured here:"), *summary.headline_blocks(results[mine]),
+            ("p", "The other runs read beside it, for comparison:"), *summary.headline_blocks(results[~mine])]
+
+
+def _claim_runs(claim: dict) -> set:
+    """The runs whose records calibrate the serving model or are set beside it."""
+    provenance = claim["assumptions"]["calibration"].get("provenance") or []
+    items = [part for item in provenance for part in (item, item.get("compute_efficiency_at_most")) if part]
+    return ({point["run_id"] for item in items for point in item["points"] if point.get("run_id")}
+            | {m["run_id"] for m in claim.get("measured") or [] if m.get("run_id")})
+
+
+def _claim_chart_shown(analysis) -> bool:
+    """The serving model's chart belongs in the summary only where records read feed it."""
+    return bool(analysis.claim and _claim_runs(analysis.claim))
+
+
+def _claim_chart_label(analysis) -> str:
+    claim, results = analysis.claim, analysis.results
+    runs, mine = _claim_runs(claim), set(results.loc[_this_machine(results), "run_id"])
+    whose = ("this machine's run" if runs <= mine else "this machine's run and others read beside it" if runs & mine
+             else "the other runs read, not this machine's" if mine else "the runs read")
+    return (f"The serving model behind the claim, {claim['model']} on {claim['gpu']}, calibrated on or set beside "
+            f"{whose} ({', '.join(sorted(runs))}):")
 
 
 def _record_blocks(loaded) -> list:
@@ -167,7 +206,7 @@ def _record_blocks(loaded) -> list:
     standing = results["excluded"] == ""
     return [("p", f"Read {len(loaded.files)} file(s): {', '.join(loaded.files)}. {len(results)} result records: "
                   f"{int(standing.sum())} stand for their points "
-                  f"({int((standing & (results['status'] == 'ok')).sum())} of them ok), "
+                  f"({int((standing & (results['status'] == OK)).sum())} of them ok), "
                   f"{int((~standing).sum())} are left out (see 'Left out')."),
             ("p", SELECTION_NOTE), ("table", *_record_counts(results))]
 
@@ -180,18 +219,19 @@ def _record_counts(results):
 
 def _head_to_head_blocks(results, baseline=None) -> list:
     """Per run and workload, every kernel's median time at each length, its rate, and how many
-    times faster it is than the baseline (sdpa-flash unless asked otherwise) at the same point.
+    times faster it is than the baseline (`pick_baseline`'s, unless asked otherwise) at the same point.
     Only kernels measured in the same run are set side by side: same card, same state, same
     code. A column is a kernel and the options that tell its records apart (q len 4, ...)."""
-    ok = results[results["valid"] & (results["status"] == "ok") & results["mode"].isin(("prefill", "decode"))]
+    ok = results[results["valid"] & (results["status"] == OK) & results["mode"].isin(KERNEL_MODES)]
     blocks = []
     group = ["run_id", "mode", "workload", "device", "dtype"]
-    for (run_id, mode, workload, device, dtype), rows in ok.groupby(group):
+    mine_first = sorted(ok.groupby(group), key=lambda item: not str(item[0][3]).endswith(f"({THIS_MACHINE})"))
+    for (run_id, mode, workload, device, dtype), rows in mine_first:
         kernels = sorted(set(rows["kernel"]))
         if len(kernels) < 2:
             continue
-        chosen = baseline if baseline in kernels else pick_baseline(kernels)[0]
-        rate, unit = ("tflops", "TFLOP/s") if mode == "prefill" else ("gbps", "GB/s")
+        chosen = baseline if baseline in kernels else pick_baseline(rows)[0]
+        rate, unit = ("tflops", "TFLOP/s") if mode in QUADRATIC_MODES else ("gbps", "GB/s")
         rows = rows.assign(label=point_labels(rows, rows["kernel"], within=group)[0],
                            _point=joined_key(rows, SAME_POINT))
         base_ms = rows[rows["kernel"] == chosen].groupby("_point")["median_ms"].last()
@@ -233,7 +273,8 @@ def _fit_blocks(fits, cards: dict) -> list:
                      "never" if f.crossover_seq_len is None else f"{f.crossover_seq_len:,} tokens",
                      *[extrapolated_text(p) for p in f.extrapolation]])
     note = ("Each curve is fitted to the one record that stands for each of its points. Decode reads the KV cache "
-            "once per call, so its model is linear; prefill is quadratic. Coefficients are non-negative and fitted "
+            "once per call, so its model is linear; prefill, backward and fwd_bwd are quadratic. Coefficients are "
+            "non-negative and fitted "
             "on relative error; 'worst miss' is the largest relative gap between the curve and a point. The "
             "exponent is the log-log slope over the longer half of the lengths. Intervals come from a bootstrap: "
             "over each record's repetitions, and, where several valid runs measured a length (the count in "
@@ -258,15 +299,16 @@ def _lengths(points) -> str:
 
 def _roofline_blocks(roof) -> list:
     if roof.empty:
-        return [("p", "No ok prefill or decode records.")]
+        return [("p", "No ok prefill, decode, backward or fwd_bwd records.")]
     summary = roofline_summary(roof)
     headers = ["kernel", "mode", "workload", "device", "% of peak at longest", "best % (at)", "peak", "peak source"]
     rows = [[r["label"], r["mode"], r["workload"], r["device"],
              f"{fmt.pct(r['pct_at_longest'])} at {fmt.k(r['longest_seq_len'])}",
              f"{fmt.pct(r['best_pct'])} ({fmt.k(r['best_seq_len'])})", f"{fmt.num(r['peak'])} {r['peak_unit']}",
              r["peak_source"]] for _, r in summary.iterrows()]
-    note = ("Prefill is judged against the compute peak (TFLOP/s), decode against memory bandwidth (GB/s): "
-            "decode reads the whole KV cache for one query. Measured peaks come from the run's calibration "
+    note = ("Prefill, backward and fwd_bwd are judged against the compute peak (TFLOP/s), decode against memory "
+            "bandwidth (GB/s): decode reads the whole KV cache for one query. Measured peaks come from the run's "
+            "calibration "
             "(a bf16 matmul, a device copy); without them, from the GPU's spec sheet.")
     return [("p", note), ("table", headers, rows)]
 
@@ -279,7 +321,7 @@ def _ratios_text(claim: dict) -> str:
             f"{claimed:.0f}x ({claim['claim_source']}).")
 
 
-def _claim_blocks(claim: dict) -> list:
+def _claim_blocks(claim: dict, chart_in_summary: bool) -> list:
     headers = ["context", "largest batch", "tok/s at largest batch", "tok/s at batch 1", "tok/s with prefill"]
     rows = [[fmt.k(p["seq_len"]), p["max_batch"], fmt.num(p["tok_s_max_batch"]), fmt.num(p["tok_s_batch1"]),
              fmt.num(p["tok_s_with_prefill"])] for p in claim["points"]]
@@ -299,7 +341,8 @@ def _claim_blocks(claim: dict) -> list:
                          fmt.num(m["model_tok_s"]), _signed_pct(m["model_error"]), m["run_id"]]
                         for m in claim["measured"]]))
     blocks += _validation_blocks(claim.get("validation"))
-    return blocks + [("p", "The chart of this model and the measured points is in the summary.")]
+    return blocks + ([("p", "The chart of this model and the measured points is in the summary.")]
+                     if chart_in_summary else [])
 
 
 def _provenance_blocks(provenance: list) -> list:
@@ -356,7 +399,7 @@ def _signed_pct(error) -> str:
 def _wrong_blocks(results) -> list:
     """The points whose output failed its check against float64: first in the report, since no
     time of theirs is a speed. One row per kernel, mode, run and error."""
-    wrong = results[(results["status"] == "wrong") & (results["excluded"] == "")]
+    wrong = results[(results["status"] == WRONG) & (results["excluded"] == "")]
     if wrong.empty:
         return []
     rows = []
@@ -372,7 +415,7 @@ def _wrong_blocks(results) -> list:
 def _unstable_blocks(results) -> list:
     """The points whose time mixes states (`rounds.unstable_reason`): one row per kernel, mode,
     run and reason; the fits leave them out where a curve keeps enough points without them."""
-    ok = results[(results["status"] == "ok") & (results["excluded"] == "")]
+    ok = results[(results["status"] == OK) & (results["excluded"] == "")]
     reasons = ok.apply(unstable_reason, axis=1) if len(ok) else ok.index.to_series(dtype=object)
     unstable = ok.assign(why=reasons)[reasons != ""]
     if unstable.empty:
@@ -385,7 +428,7 @@ def _unstable_blocks(results) -> list:
 
 
 def _failure_blocks(results) -> list:
-    failed = results[~results["status"].isin(("ok", "wrong")) & (results["excluded"] == "")]
+    failed = results[~results["status"].isin((OK, WRONG)) & (results["excluded"] == "")]
     if failed.empty:
         return [("p", "Every point ran.")]
     headers = ["status", "kernel", "mode", "workload", "contexts", "reason", "run"]
@@ -456,8 +499,9 @@ def _html_block(block) -> str:
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
     chart = block[1]
     data = base64.b64encode(Path(chart.files["png"]).read_bytes()).decode("ascii")
-    return (f'<figure><img alt="{html.escape(chart.title)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(chart.caption)}</figcaption></figure>")
+    # The caption is drawn in the image, under its axes: said once, and kept in the alt text.
+    alt = html.escape(f"{chart.title}. {chart.caption}")
+    return f'<figure><img alt="{alt}" src="data:image/png;base64,{data}"></figure>'
 
 
 def render_markdown(sections, out_dir) -> str:
@@ -481,7 +525,7 @@ def _md_block(block, out_dir: Path) -> list:
         return [row(block[1]), "| " + " | ".join(["---"] * len(block[1])) + " |"] + [row(r) for r in block[2]]
     chart = block[1]
     link = Path(chart.files["png"]).relative_to(out_dir).as_posix()
-    return [f"![{md_text(chart.title)}]({link})", "", f"*{md_text(chart.caption)}*"]
+    return [f"![{md_text(chart.title)}]({link})"]       # its caption is drawn in the image
 
 
 MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~#])")

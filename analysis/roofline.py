@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from attnlab.analysis import _deps
 from attnlab.analysis.select import point_labels, standing_ok
+from attnlab.schema import CALIBRATION, DECODE, QUADRATIC_MODES
 
 # Spec peaks are for bf16/fp16 on tensor cores; other dtypes get no percentage.
 TENSOR_CORE_DTYPES = ("bf16", "bfloat16", "fp16", "float16", "half")
@@ -92,7 +93,7 @@ def measured_peaks(results) -> dict:
     """{run_id: {"tflops": ..., "gbps": ...}} from ok calibration records (the best of each kind)."""
     peaks = {}
     ok = standing_ok(results)
-    calibration = ok[ok["mode"] == "calibration"]
+    calibration = ok[ok["mode"] == CALIBRATION]
     for run_id, rows in calibration.groupby("run_id"):
         matmul = rows[rows["kernel"].str.startswith("matmul")]["tflops"].dropna()
         copy = rows[rows["kernel"].str.contains("copy")]["gbps"].dropna()
@@ -102,8 +103,9 @@ def measured_peaks(results) -> dict:
 
 
 def peak_for(row, measured: dict) -> tuple:
-    """(peak, unit, source) that a prefill or decode row is judged against."""
-    compute = row["mode"] == "prefill"
+    """(peak, unit, source) that a row is judged against: the compute peak for prefill, backward
+    and fwd_bwd (the training modes do the same matmuls, 2.5 and 3.5 times over), bandwidth for decode."""
+    compute = row["mode"] in QUADRATIC_MODES
     kind, unit = ("tflops", "TFLOP/s") if compute else ("gbps", "GB/s")
     if str(row["dtype"]).lower().removeprefix("torch.") not in TENSOR_CORE_DTYPES:
         return None, unit, f"no peak for dtype {row['dtype']} (peaks are for bf16/fp16)"
@@ -118,18 +120,18 @@ def peak_for(row, measured: dict) -> tuple:
 
 
 def roofline(results):
-    """Standing ok prefill and decode rows with `peak`, `peak_unit`, `peak_source`, `achieved`
-    and `pct_of_peak` (compute for prefill, bandwidth for decode)."""
+    """Standing ok kernel-mode rows with `peak`, `peak_unit`, `peak_source`, `achieved` and
+    `pct_of_peak` (compute for prefill, backward and fwd_bwd, bandwidth for decode)."""
     pd = _deps.pandas("the roofline view")
     ok = standing_ok(results)
-    rows = ok[ok["mode"].isin(("prefill", "decode"))].copy()
+    rows = ok[ok["mode"].isin((*QUADRATIC_MODES, DECODE))].copy()
     measured = measured_peaks(results)
     columns = ["peak", "peak_unit", "peak_source"]
     if rows.empty:
         return rows.assign(**{c: pd.Series(dtype=object) for c in columns}, achieved=[], pct_of_peak=[])
     rows[columns] = pd.DataFrame([peak_for(r, measured) for _, r in rows.iterrows()], index=rows.index)
     rows["peak"] = pd.to_numeric(rows["peak"], errors="coerce")
-    rows["achieved"] = rows["tflops"].where(rows["mode"] == "prefill", rows["gbps"])
+    rows["achieved"] = rows["tflops"].where(rows["mode"].isin(QUADRATIC_MODES), rows["gbps"])
     rows["pct_of_peak"] = 100.0 * rows["achieved"] / rows["peak"]
     return rows
 

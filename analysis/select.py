@@ -21,16 +21,20 @@ from __future__ import annotations
 import math
 
 from attnlab import text as fmt
-from attnlab.schema import CALIBRATION, MODES, POINT_FIELDS, STATUS_RANK, STATUSES
+from attnlab.schema import (CALIBRATION, MODES, NUMBER, OK, POINT_FIELDS, STATUS_RANK, STATUSES, TEXT, WHOLE,
+                            fields_of)
 
 POINT_KEY = POINT_FIELDS
 # Two kernels measured the same point where they agree on all of it but the kernel.
 SAME_POINT = tuple(f for f in POINT_KEY if f != "kernel")
-TEXT_FIELDS = ("run_id", "kernel", "mode", "workload", "device", "dtype", "status", "l2_flush", "prefill_kernel")
+# What a record must hold as text to be read: its run, its status and the text fields of its point.
+TEXT_FIELDS = ("run_id", "status", *fields_of(TEXT, among=POINT_KEY))
 # What may tell apart records of one kernel at one length, in the order a label names them.
 LABEL_FIELDS = (*(f for f in POINT_KEY if f not in ("kernel", "seq_len")), "run_id")
-WHOLE_NUMBER_FIELDS = ("batch", "heads", "kv_heads", "head_dim", "q_len", "window", "docs", "decode_tokens")
-NUMBER_FIELDS = (*WHOLE_NUMBER_FIELDS, "softcap")     # point fields that hold a number where they are given
+# Point fields that hold a number where they are given; seq_len, a length, has a check of its own.
+_OTHER_THAN_SEQ_LEN = tuple(f for f in POINT_KEY if f != "seq_len")
+WHOLE_NUMBER_FIELDS = fields_of(WHOLE, among=_OTHER_THAN_SEQ_LEN)
+NUMBER_FIELDS = fields_of(WHOLE, NUMBER, among=_OTHER_THAN_SEQ_LEN)
 MAX_MEDIAN_MS = 86_400_000.0        # a day: no sweep or benchmark times a single call for longer
 MAX_SEQ_LEN = 2**31 - 1             # lengths are int32 in every kernel
 # What a retraction may narrow its run down to; lengths are inclusive bounds.
@@ -76,7 +80,7 @@ def with_selection(results):
 def standing_ok(results):
     """Rows of `results` that stand for their point with status ok."""
     results = with_selection(results)
-    return results[(results["excluded"] == "") & (results["status"] == "ok")]
+    return results[(results["excluded"] == "") & (results["status"] == OK)]
 
 
 # --- invalid --------------------------------------------------------------------------------
@@ -100,7 +104,7 @@ def invalid_reason(record: dict) -> str:
         return f"invalid: mode {mode!r} is not one of {', '.join(MODES)}"
     if mode != CALIBRATION and not _whole(seq_len, 1, MAX_SEQ_LEN):
         return f"invalid: seq_len {seq_len!r} is not a whole number of tokens from 1 to {MAX_SEQ_LEN}"
-    if status != "ok":
+    if status != OK:
         return ""
     if mode == CALIBRATION:
         rates = [record.get(k) for k in ("tflops", "gbps") if record.get(k) is not None]

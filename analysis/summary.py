@@ -14,8 +14,10 @@ from attnlab import text as fmt
 from attnlab.analysis.claim import validation_brief
 from attnlab.analysis.conditions import cards_of, named_run, record_cards, several_cards_note
 from attnlab.analysis.select import POINT_KEY, SAME_POINT, exclusion_kind, point_labels, standing_ok
+from attnlab.schema import BACKWARD, DECODE, FWD_BWD, OK, PREFILL
 
-RATE = {"prefill": ("tflops", "TFLOP/s", "matmul"), "decode": ("gbps", "GB/s", "copy")}
+RATE = {PREFILL: ("tflops", "TFLOP/s", "matmul"), DECODE: ("gbps", "GB/s", "copy"),
+        BACKWARD: ("tflops", "TFLOP/s", "matmul"), FWD_BWD: ("tflops", "TFLOP/s", "matmul")}
 HEADLINE_LENGTHS = 3
 MAX_SENTENCES = 5
 GROUP = ["mode", "workload", "device", "dtype"]
@@ -62,7 +64,7 @@ def _of(rows, key):
 
 
 def _valid_ok(results):
-    return results[results["valid"] & (results["status"] == "ok") & results["mode"].isin(RATE)]
+    return results[results["valid"] & (results["status"] == OK) & results["mode"].isin(RATE)]
 
 
 def _some(lengths: list) -> list:
@@ -117,7 +119,7 @@ def _workloads(results) -> list:
     ok = ok[ok["mode"].isin(RATE)]
     # The workloads measured at the most lengths first, prefill before decode: they say the most.
     sizes = ok.groupby(GROUP)["seq_len"].nunique()
-    return sorted(sizes.index, key=lambda key: (-sizes[key], key[0] != "prefill", key))
+    return sorted(sizes.index, key=lambda key: (-sizes[key], key[0] != PREFILL, key))
 
 
 def _fastest(results, roof, key) -> str | None:

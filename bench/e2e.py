@@ -1,8 +1,10 @@
 """End to end: output tokens/s of a Llama-shaped decoder against context length.
 
-For each context length: the largest batch that fits (from the shapes, confirmed by
-allocating, shrunk on out-of-memory) or a fixed one, a KV cache of seq_len + decode_tokens
-positions per sequence filled with random values (or by a timed prefill), warm-up and CUDA
+For each context length: the largest batch that fits (from the shapes and the cache's real
+bytes per token, confirmed by allocating, shrunk on out-of-memory) or a fixed one, a KV cache
+of seq_len + decode_tokens positions per sequence (contiguous, or in pages of `page_size`
+tokens; in the model's dtype or 8-bit with descales, `kv_dtype`) filled with random values
+(or, contiguous and in the model's dtype, by a timed prefill), warm-up and CUDA
 graph capture, then `decode_tokens` greedy decode steps timed one by one. One record per
 length, in the sweep's format (bench/records.py), with mode `e2e-decode` or
 `e2e-prefill-decode`. An out-of-memory or an error at one length becomes that length's
@@ -11,7 +13,6 @@ record and the run goes on.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -19,13 +20,15 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from attnlab import kernels, models
+from attnlab.bench.device import check_device, hand_back_cache, peak_memory_bytes, reset_peak_memory, synchronize
 from attnlab.bench.model import Decoder, StaticDecoder, WrongOutput, resolve_prefill, why_not_captured
 from attnlab.bench.nvml import NvmlSampler
+from attnlab.bench.outcomes import first_line
 from attnlab.bench.records import device_name, new_record, new_run_id
-from attnlab.bench.sweep import check_device
 from attnlab.bench.timer import Timing
-from attnlab.bench.workloads import CPU_SEQ_LENS, LONG_SEQ_LENS
-from attnlab.schema import E2E_DECODE as MODE_DECODE, E2E_PREFILL_DECODE as MODE_PREFILL_DECODE
+from attnlab.bench.workloads import CPU_SEQ_LENS, KV_DTYPES, LONG_SEQ_LENS, kv_dtype_name
+from attnlab.schema import EQUAL_LENGTHS, E2E_DECODE as MODE_DECODE, E2E_PREFILL_DECODE as MODE_PREFILL_DECODE
+from attnlab.schema import ERROR, OK, OOM, SKIPPED, WRONG
 
 DEFAULT_SEQ_LENS = LONG_SEQ_LENS            # 1k .. 128k, as the sweep
 CPU_BATCH = 4            # on a CPU memory is not what the experiment studies: a small fixed batch
@@ -46,6 +49,8 @@ class E2EOptions:
     with_prefill: bool = False
     device: str | None = None                 # cuda if present, else cpu
     dtype: str | None = None                  # bfloat16 on CUDA, float32 on a CPU
+    kv_dtype: str | None = None               # the cache's: dtype, or float8_e4m3fn / float8_e5m2 (fp8_e4m3, ...)
+    page_size: int = 0                        # tokens per page of a paged cache; 0: contiguous
     budget_s: float | None = None             # stop starting lengths once spent
     mem_budget_bytes: int | None = None       # plan within this instead of free device memory
     cuda_graph: bool = True
@@ -61,6 +66,7 @@ class E2EOptions:
         out.model = self.model or ("tiny" if cpu else models.DEFAULT_MODEL)
         out.seq_lens = tuple(self.seq_lens or (CPU_SEQ_LENS if cpu else DEFAULT_SEQ_LENS))
         out.dtype = self.dtype or ("float32" if cpu else "bfloat16")
+        out.kv_dtype = kv_dtype_name(self.kv_dtype) if self.kv_dtype else out.dtype
         if out.batch is None and cpu and self.mem_budget_bytes is None:
             out.batch = CPU_BATCH
         _check(out)
@@ -79,6 +85,18 @@ def _check(o: E2EOptions) -> None:
         raise ValueError(f"decode_tokens: expected at least 1, got {o.decode_tokens}")
     if o.warmup_steps < 0:
         raise ValueError(f"warmup_steps: expected 0 or more, got {o.warmup_steps}")
+    if isinstance(o.page_size, bool) or not isinstance(o.page_size, int) or o.page_size < 0:
+        raise ValueError(f"page_size: expected a number of tokens per page >= 1, or 0 for a contiguous cache, "
+                         f"got {o.page_size!r}")
+    if o.with_prefill and (o.page_size or o.kv_dtype != o.dtype):
+        raise ValueError("with_prefill: the prefill fills a contiguous cache in the model's dtype; a paged or "
+                         f"{o.kv_dtype} cache is filled with random values (drop with_prefill)")
+
+
+def cache_positions(o: E2EOptions, seq_len: int) -> int:
+    """Positions each sequence's cache holds: seq_len + decode_tokens, in whole pages where paged."""
+    positions = seq_len + o.decode_tokens
+    return -(-positions // o.page_size) * o.page_size if o.page_size else positions
 
 
 def run(options: E2EOptions, *, clock: Callable[[], float] = time.monotonic) -> Iterator[dict]:
@@ -88,15 +106,16 @@ def run(options: E2EOptions, *, clock: Callable[[], float] = time.monotonic) -> 
     config = models.preset(o.model)
     decode_name, prefill_name = implementation_names(o)      # an unknown name fails before allocating
     try:
-        model = Decoder(config, o.device, DTYPES[o.dtype], seed=o.seed)
+        model = Decoder(config, o.device, DTYPES[o.dtype], seed=o.seed, kv_dtype=KV_DTYPES[o.kv_dtype],
+                        page_size=o.page_size)
     except torch.OutOfMemoryError as exc:
-        reason = f"the weights ({config.weight_bytes(DTYPES[o.dtype].itemsize)} bytes) do not fit: {_first_line(exc)}"
+        reason = f"the weights ({config.weight_bytes(DTYPES[o.dtype].itemsize)} bytes) do not fit: {first_line(exc)}"
         for seq_len in o.seq_lens:
-            yield _record(o, config, seq_len, kernel=decode_name, status="oom", reason=reason)
+            yield _record(o, config, seq_len, kernel=decode_name, status=OOM, reason=reason)
         return
     for seq_len in o.seq_lens:
         if o.budget_s is not None and clock() - started >= o.budget_s:
-            yield _record(o, config, seq_len, kernel=decode_name, status="skipped",
+            yield _record(o, config, seq_len, kernel=decode_name, status=SKIPPED,
                           reason=f"budget of {o.budget_s:g} s spent")
             continue
         yield measure_point(model, seq_len, o, decode_name, prefill_name)
@@ -108,7 +127,8 @@ def implementation_names(options: E2EOptions) -> tuple[str, str | None]:
     o = options.resolved()
     c = models.preset(o.model)
     probe = torch.empty(1, 1, c.heads, c.head_dim, device=o.device, dtype=DTYPES[o.dtype])
-    decode = kernels.resolve(o.kernel, kernels.DECODE, probe).name
+    decode = kernels.resolve(o.kernel, kernels.DECODE, probe, page_size=o.page_size,
+                             kv_dtype=KV_DTYPES[o.kv_dtype]).name
     if not o.with_prefill:
         return decode, None
     if o.prefill_kernel != "auto":
@@ -125,31 +145,32 @@ def measure_point(model: Decoder, seq_len: int, o: E2EOptions, decode_name: str,
     config = model.config
     terms = memory_terms(model, o, decode_name, prefill_name)
     budget = plan_budget_bytes(model, o)
-    batch = o.batch or models.largest_batch(config, seq_len, o.decode_tokens, budget, **terms)
+    planned = cache_positions(o, seq_len) - seq_len       # the decoded tokens, and a last page's slack
+    batch = o.batch or models.largest_batch(config, seq_len, planned, budget, **terms)
     base = dict(kernel=decode_name, prefill_kernel=prefill_name, mem_budget_bytes=budget, **assumed_fields(terms))
-    predicted = models.predicted_bytes(config, max(batch, 1), seq_len, o.decode_tokens, **terms)
+    predicted = models.predicted_bytes(config, max(batch, 1), seq_len, planned, **terms)
     if batch < 1:
-        return _record(o, config, seq_len, **base, batch=0, status="oom", predicted_mem_bytes=predicted,
+        return _record(o, config, seq_len, **base, batch=0, status=OOM, predicted_mem_bytes=predicted,
                        reason=f"predicted not to fit one sequence: {predicted} bytes needed for batch 1")
-    _reset_peak(model.device)
+    reset_peak_memory(model.device)
     outcome = None
     try:
         outcome = _measure(model, seq_len, batch, o, decode_name, prefill_name)
     except torch.OutOfMemoryError as exc:
-        failure = dict(status="oom", reason=_first_line(exc))
+        failure = dict(status=OOM, reason=first_line(exc))
     except WrongOutput as exc:
-        failure = dict(status="wrong", reason=str(exc), check_error=exc.verdict.error, check_bound=exc.verdict.bound)
+        failure = dict(status=WRONG, reason=str(exc), check_error=exc.verdict.error, check_bound=exc.verdict.bound)
     except Exception as exc:  # one length failing must not end the run
-        failure = dict(status="error", reason=f"{type(exc).__name__}: {_first_line(exc)}")
-    peak = _peak(model.device)
-    _release(model.device)     # after the except blocks, so the failed frames are gone
+        failure = dict(status=ERROR, reason=f"{type(exc).__name__}: {first_line(exc)}")
+    peak = peak_memory_bytes(model.device)
+    hand_back_cache(model.device)     # after the except blocks, so the failed frames are gone
     if outcome is None:
         return _record(o, config, seq_len, **base, batch=batch, predicted_mem_bytes=predicted,
                        peak_mem_bytes=peak, **failure)
     terms["graph"] = outcome["cuda_graph"]     # a capture that failed leaves the eager pool alone
-    predicted = models.predicted_bytes(config, outcome["batch"], seq_len, o.decode_tokens, **terms)
+    predicted = models.predicted_bytes(config, outcome["batch"], seq_len, planned, **terms)
     return _record(o, config, seq_len, **{**base, **outcome}, predicted_mem_bytes=predicted,
-                   peak_mem_bytes=peak, status="ok")
+                   peak_mem_bytes=peak, status=OK)
 
 
 def memory_terms(model: Decoder, o: E2EOptions, decode_name: str, prefill_name: str | None) -> dict:
@@ -160,7 +181,8 @@ def memory_terms(model: Decoder, o: E2EOptions, decode_name: str, prefill_name: 
     decode = kernels.get(decode_name)
     prefill = kernels.get(prefill_name).attention_memory(device_type) if prefill_name else None
     return dict(attention=decode.attention_memory(device_type), dtype_bytes=model.dtype.itemsize,
-                graph=o.cuda_graph and not why_not_captured(decode, model.device), prefill_attention=prefill)
+                graph=o.cuda_graph and not why_not_captured(decode, model.device), prefill_attention=prefill,
+                kv_dtype_bytes=model.kv_dtype.itemsize)
 
 
 def assumed_fields(terms: dict) -> dict:
@@ -182,7 +204,7 @@ def device_budget_bytes(model: Decoder) -> int:
     what the allocator holds, less the planner's reserve (attnlab.models.planner_reserve_bytes)."""
     if model.device.type != "cuda":
         raise ValueError("mem_budget_bytes: needed on a CPU when batch is not fixed")
-    _release(model.device)
+    hand_back_cache(model.device)
     free, total = torch.cuda.mem_get_info(model.device)
     return models.planner_budget_bytes(free, torch.cuda.memory_allocated(model.device), total)
 
@@ -218,7 +240,7 @@ def fit(model: Decoder, seq_len: int, batch: int, o: E2EOptions, decode_name: st
         except torch.OutOfMemoryError:
             if not shrink or batch == 1:
                 raise
-        _release(model.device)   # outside the except block: the failed attempt's tensors are free
+        hand_back_cache(model.device)   # outside the except block: the failed attempt's tensors are free
         batch = max(1, min(batch - 1, batch * 9 // 10))
 
 
@@ -237,7 +259,7 @@ def prepare(model: Decoder, seq_len: int, batch: int, o: E2EOptions, decode_name
     for _ in range(max(1, o.warmup_steps)):
         decoder.reset(seq_len)
         decoder.step()
-    _sync(model.device)
+    synchronize(model.device)
     return decoder
 
 
@@ -247,10 +269,10 @@ def time_prefill(model: Decoder, cache, seq_len: int, impl: str, seed: int) -> t
     gen = torch.Generator(device=model.device).manual_seed(seed)
     tokens = torch.randint(0, model.config.vocab, (cache.batch, seq_len), generator=gen, device=model.device)
     model.prefill(tokens[:1], cache, impl=impl)
-    _sync(model.device)
+    synchronize(model.device)
     start = time.perf_counter()
     logits = model.prefill(tokens, cache, impl=impl)
-    _sync(model.device)
+    synchronize(model.device)
     return time.perf_counter() - start, logits.argmax(dim=-1)
 
 
@@ -289,7 +311,9 @@ def _decode_figures(model: Decoder, seq_len: int, batch: int, o: E2EOptions, tim
     c, e = model.config, model.dtype.itemsize
     context = seq_len + (o.decode_tokens + 1) / 2
     flops = batch * (2 * c.streamed_param_count() + c.attention_flops_per_key() * context)
-    moved = c.streamed_weight_bytes(e) + batch * context * c.kv_bytes_per_token(e)
+    descales = 2 * c.layers * batch * c.kv_heads * 4 if model.kv_dtype.itemsize == 1 else 0
+    moved = (c.streamed_weight_bytes(e) + batch * context * c.kv_bytes_per_token(model.kv_dtype.itemsize)
+             + descales)
     timing = Timing.from_times(times_ms, warmup_reps=o.warmup_steps).as_fields()
     median_s = timing["median_ms"] * 1e-3
     return dict(**timing, flops=int(flops), bytes=int(moved), tflops=flops / median_s / 1e12,
@@ -306,37 +330,13 @@ def _record(o: E2EOptions, config, seq_len: int, **fields) -> dict:
         workload=o.model, model=o.model, heads=config.heads, kv_heads=config.kv_heads,
         head_dim=config.head_dim, dtype=o.dtype, causal=True, seq_len=seq_len, q_len=1,
         decode_tokens=o.decode_tokens, device=device_name(o.device),
+        page_size=o.page_size, kv_dtype=o.kv_dtype, lengths=EQUAL_LENGTHS, lengths_seed=0,
         model_params=config.param_count(), weight_bytes=config.weight_bytes(dtype_bytes),
-        kv_bytes_per_token=config.kv_bytes_per_token(dtype_bytes), **{"cuda_graph": False, **fields})
+        kv_bytes_per_token=config.kv_bytes_per_token(KV_DTYPES[o.kv_dtype].itemsize), **{"cuda_graph": False, **fields})
 
 
 def _mode(o: E2EOptions) -> str:
     return MODE_PREFILL_DECODE if o.with_prefill else MODE_DECODE
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _release(device: torch.device) -> None:
-    if device.type == "cuda":   # hand cached blocks back so the next plan sees them as free
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 # NVML: power and energy over the timed windows, through the sweep's sampler.

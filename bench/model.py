@@ -7,8 +7,10 @@ Nothing is downloaded: the weights are random, so the numbers say what the shape
 not what a trained model outputs. Attention goes through attnlab.kernels (decode_attention
 for decoding, attention for prefill) with the implementation chosen by name. The KV cache
 is preallocated, one (batch, max_seqlen, kv_heads, head_dim) tensor per layer for K and for
-V, and written in place, so a decode step has static shapes and can be captured in a CUDA
-graph where the attention implementation never reads the device from the host.
+V, or as servers keep it, pages (num_blocks, page_size, kv_heads, head_dim) in shuffled
+physical order behind a block table, in the model's dtype or in 8 bits with a descale per
+(sequence, kv head); it is written in place, so a decode step has static shapes and can be
+captured in a CUDA graph where the attention implementation never reads the device from the host.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 from attnlab.kernels import DECODE, PREFILL, Implementation, decode_attention, get, resolve
 from attnlab.kernels import attention as attention_fn
-from attnlab.kernels.rowcheck import check_decode
+from attnlab.bench.point_call import check_cached
 from attnlab.models import PREFILL_CHUNK_TOKENS, Gemm, ModelConfig
 
 
@@ -72,15 +74,47 @@ def random_weights(config: ModelConfig, device, dtype: torch.dtype, seed: int = 
     return Weights(embed, layers, norm(), lm_head)
 
 
-class KVCache:
-    """K and V for every layer in one allocation; layer l's K is (batch, max_seqlen, kv_heads, head_dim)."""
+# An 8-bit cache's descale: stored x descale is the value attended, so values up to about this many
+# standard deviations of the random fill (and of the model's K and V, which stay O(1)) fit the format.
+FP8_SPAN = 16.0
 
-    def __init__(self, config: ModelConfig, batch: int, max_seqlen: int, device, dtype: torch.dtype):
-        self.batch, self.max_seqlen = batch, max_seqlen
+
+def fp8_descale(dtype: torch.dtype) -> float:
+    """FP8_SPAN over the format's largest value, rounded to a power of two: every stored value
+    times it is then exact in bf16 (and float32), as a kernel that dequantises in q's dtype reads it."""
+    return 2.0 ** round(math.log2(FP8_SPAN / torch.finfo(dtype).max))
+FILL_CHUNK_ELEMENTS = 1 << 24     # an 8-bit fill draws this many values at a time (64 MiB in float32)
+
+
+class KVCache:
+    """K and V for every layer in one allocation. Contiguous (page_size 0): layer l's K is
+    (batch, max_seqlen, kv_heads, head_dim). Paged: (num_blocks, page_size, kv_heads, head_dim),
+    each sequence owning ceil(max_seqlen / page_size) pages in shuffled physical order, found
+    through `block_table` (batch, pages per sequence) int32. In an 8-bit `dtype` each (layer,
+    K or V, sequence, kv head) has a float32 descale, all `fp8_descale(dtype)`."""
+
+    def __init__(self, config: ModelConfig, batch: int, max_seqlen: int, device, dtype: torch.dtype,
+                 page_size: int = 0, seed: int = 0):
+        self.batch, self.max_seqlen, self.page_size = batch, max_seqlen, page_size
+        rows, slots = batch, max_seqlen
+        self.block_table = None
+        if page_size:
+            pages = math.ceil(max_seqlen / page_size)
+            rows, slots = batch * pages, page_size
+            gen = torch.Generator().manual_seed(seed)
+            self.block_table = torch.randperm(rows, generator=gen).view(batch, pages).to(device, torch.int32)
         # Zeros, not empty: slots past a sequence's length must be finite, since an implementation
         # that multiplies them by zero probability would turn garbage NaN into NaN output.
-        self.data = torch.zeros(config.layers, 2, batch, max_seqlen, config.kv_heads, config.head_dim,
+        self.data = torch.zeros(config.layers, 2, rows, slots, config.kv_heads, config.head_dim,
                                 device=device, dtype=dtype)
+        self.descale = None
+        if self.fp8:
+            self.descale = torch.full((config.layers, 2, batch, config.kv_heads), fp8_descale(dtype), device=device,
+                                      dtype=torch.float32)
+
+    @property
+    def fp8(self) -> bool:
+        return self.data.element_size() == 1
 
     def k(self, layer: int) -> torch.Tensor:
         return self.data[layer, 0]
@@ -88,15 +122,54 @@ class KVCache:
     def v(self, layer: int) -> torch.Tensor:
         return self.data[layer, 1]
 
+    def options(self, layer: int) -> dict:
+        """decode_attention's cache keywords for `layer`: block_table, k_descale and v_descale
+        where the cache has them."""
+        found = {"block_table": self.block_table}
+        if self.descale is not None:
+            found.update(k_descale=self.descale[layer, 0], v_descale=self.descale[layer, 1])
+        return {name: t for name, t in found.items() if t is not None}
+
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one new token per sequence: k and v (batch, 1, kv_heads, head_dim) at `positions`
+        (batch,) long, on the device, without reading it on the host (a CUDA graph replays this)."""
+        if self.page_size:
+            rows = self.block_table.gather(1, (positions // self.page_size)[:, None])[:, 0].long()
+            slots = positions % self.page_size
+        else:
+            rows, slots = torch.arange(self.batch, device=positions.device), positions
+        for kind, values in enumerate((k, v)):
+            self.data[layer, kind][rows, slots] = self._stored(values[:, 0], layer, kind)
+
+    def _stored(self, values: torch.Tensor, layer: int, kind: int) -> torch.Tensor:
+        """values (batch, kv_heads, head_dim) as the cache holds them: divided by their descale and
+        held to the format's range where it is 8-bit."""
+        if not self.fp8:
+            return values
+        largest = torch.finfo(self.data.dtype).max
+        scaled = values.float() / self.descale[layer, kind][:, :, None]
+        return scaled.clamp(-largest, largest).to(self.data.dtype)
+
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        extra = [t for t in (self.descale, self.block_table) if t is not None]
+        return sum(t.numel() * t.element_size() for t in (self.data, *extra))
 
     def fill_random(self, seed: int = 0) -> None:
-        """Random K/V (standard normal), one in-place pass per layer: cheap even at 60 GiB."""
+        """Random K/V (standard normal), one in-place pass per layer: cheap even at 60 GiB. An 8-bit
+        cache draws the values in chunks and stores them over its descale."""
         gen = torch.Generator(device=self.data.device).manual_seed(seed)
-        for layer in self.data:
-            layer.normal_(generator=gen)
+        if not self.fp8:
+            for layer in self.data:
+                layer.normal_(generator=gen)
+            return
+        descale, largest = fp8_descale(self.data.dtype), torch.finfo(self.data.dtype).max
+        flat = self.data.view(-1, self.data.shape[-1])
+        step = max(1, FILL_CHUNK_ELEMENTS // flat.shape[1])
+        for first in range(0, flat.shape[0], step):
+            chunk = flat[first:first + step]
+            values = torch.randn(chunk.shape, generator=gen, device=chunk.device) / descale
+            chunk.copy_(values.clamp(-largest, largest).to(chunk.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,13 +200,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Decoder:
     """A Llama-shaped decoder with random weights; `prefill` and `StaticDecoder` run it."""
 
-    def __init__(self, config: ModelConfig, device="cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    def __init__(self, config: ModelConfig, device="cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                 kv_dtype: torch.dtype | None = None, page_size: int = 0):
         self.config, self.device, self.dtype = config, torch.device(device), dtype
+        self.kv_dtype, self.page_size = kv_dtype or dtype, page_size     # how its caches are kept
         self.weights = random_weights(config, self.device, dtype, seed)
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
     def new_cache(self, batch: int, max_seqlen: int) -> KVCache:
-        return KVCache(self.config, batch, max_seqlen, self.device, self.dtype)
+        return KVCache(self.config, batch, max_seqlen, self.device, self.kv_dtype, page_size=self.page_size)
 
     def rope(self, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_tables(self.config, max_positions, self.device)
@@ -167,6 +242,9 @@ class Decoder:
         masking. Returns the last position's logits (batch, vocab).
         """
         batch, seqlen = tokens.shape
+        if cache.page_size or cache.fp8:
+            raise ValueError("cache: prefill fills a contiguous cache in the model's dtype; a paged or 8-bit one is "
+                             "filled with random values (fill_random)")
         if seqlen > cache.max_seqlen or not 0 <= first_row <= cache.batch - batch:
             raise ValueError(f"tokens: shape {tuple(tokens.shape)} from row {first_row} does not fit a "
                              f"cache of batch {cache.batch}, max_seqlen {cache.max_seqlen}")
@@ -220,7 +298,9 @@ class StaticDecoder:
         self.model, self.cache = model, cache
         c = model.config
         probe = torch.empty(cache.batch, 1, c.heads, c.head_dim, device=model.device, dtype=model.dtype)
-        self.attention = resolve(attention, DECODE, probe)
+        self.attention = resolve(attention, DECODE, probe, page_size=cache.page_size, kv_dtype=cache.data.dtype)
+        # Every layer's call has one shape: one workspace serves them all, one after another.
+        self.workspace = dict(workspace={}) if self.attention.decode_workspace else {}
         self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=model.device)
         self.lengths = torch.zeros(cache.batch, dtype=torch.int32, device=model.device)
         self.cos, self.sin = model.rope(cache.max_seqlen)
@@ -287,17 +367,15 @@ class StaticDecoder:
 
     @torch.no_grad()
     def _forward(self) -> torch.Tensor:
-        model, cache, c = self.model, self.cache, self.model.config
+        model, cache = self.model, self.cache
         positions = self.lengths.long()
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         lengths_after = self.lengths + 1
-        slot = positions.view(-1, 1, 1, 1).expand(-1, 1, c.kv_heads, c.head_dim)
         x = F.embedding(self.tokens, model.weights.embed)[:, None]          # (batch, 1, hidden)
         for i, layer in enumerate(model.weights.layers):
             q, k, v = model.project_qkv(layer, x, cos, sin)
-            cache.k(i).scatter_(1, slot, k)
-            cache.v(i).scatter_(1, slot, v)
-            attn = self._attend(q, cache.k(i), cache.v(i), lengths_after)
+            cache.write(i, positions, k, v)
+            attn = self._attend(q, i, lengths_after)
             x = model.finish_block(layer, x, attn)
         self._checked = True
         logits = model.logits(x[:, 0])
@@ -305,14 +383,17 @@ class StaticDecoder:
         self.lengths.add_(1)
         return logits
 
-    def _attend(self, q, k_cache, v_cache, lengths):
+    def _attend(self, q, layer: int, lengths):
+        k_cache, v_cache, options = self.cache.k(layer), self.cache.v(layer), self.cache.options(layer)
         if not self._checked:
-            out = decode_attention(q, k_cache, v_cache, lengths, scale=self.model.scale, impl=self.attention.name)
-            verdict = check_decode(out, q, k_cache, v_cache, lengths, scale=self.model.scale)
+            out = decode_attention(q, k_cache, v_cache, lengths, scale=self.model.scale, impl=self.attention.name,
+                                   **options)
+            inputs = dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=lengths, **options)
+            verdict = check_cached(out, inputs, scale=self.model.scale)
             if not verdict.ok:     # a decoder on wrong attention measures no model's speed
                 raise WrongOutput(self.attention.name, verdict)
             return out
-        return self.attention.decode(q, k_cache, v_cache, lengths, self.model.scale)
+        return self.attention.decode(q, k_cache, v_cache, lengths, self.model.scale, **options, **self.workspace)
 
 
 class WrongOutput(ValueError):

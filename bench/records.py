@@ -27,15 +27,15 @@ from typing import Iterable, Optional
 
 from attnlab.bench.output_file import (OutputLock, Tail, WriteFailed, check_output_path, claim_tail, open_regular,
                                        truncate_quietly, write_all)
-from attnlab.schema import (ENVIRONMENT_SCHEMA, FIELDS, FINAL_STATUSES, RESULT_SCHEMA, STATUSES, family,
-                            read_environments, read_lines, read_records)
+from attnlab.schema import (ENVIRONMENT_SCHEMA, FIELDS, FINAL_STATUSES, OK, RESULT_SCHEMA, ROLE_FIELDS, STATUSES,
+                            family, read_environments, read_lines, read_records)
 
 # The record vocabulary and reader live in attnlab.schema; writers and readers of record files
 # import them from here as well.
 SCHEMA, ENV_SCHEMA = RESULT_SCHEMA, ENVIRONMENT_SCHEMA
 
 __all__ = ["SCHEMA", "ENV_SCHEMA", "FIELDS", "STATUSES", "FINAL_STATUSES", "RECORD_SCHEMAS", "new_run_id",
-           "new_record", "jsonable", "dumps", "RecordWriter", "read_lines", "read_records", "read_environments",
+           "new_record", "kernel_roles", "jsonable", "dumps", "RecordWriter", "read_lines", "read_records", "read_environments",
            "latest_per_point", "environment", "parse_device", "device_name"]
 
 
@@ -45,20 +45,36 @@ def new_run_id() -> str:
 
 
 def new_record(**fields) -> dict:
-    """A result record: every FIELDS key (None where not given) in order, then the extras.
+    """A result record: every FIELDS key (None where not given) in order, then the extras, and
+    for a kernel the registry knows, its roles (ROLE_FIELDS, `registry.roles`) where not given.
 
-    `schema` is always SCHEMA; `status` defaults to "ok" and must be one of STATUSES.
+    `schema` is always SCHEMA; `status` defaults to OK and must be one of STATUSES.
     Energy in `energy_j` is per call; `joules_per_token` divides it by the call's tokens.
     """
     fields.pop("schema", None)
-    fields.setdefault("status", "ok")
+    fields.setdefault("status", OK)
     if fields["status"] not in STATUSES:
         raise ValueError(f"status: expected one of {', '.join(STATUSES)}, got {fields['status']!r}")
     record = {"schema": SCHEMA}
     for key in FIELDS[1:]:
         record[key] = fields.pop(key, None)
     record.update(fields)
+    for key, value in kernel_roles(record["kernel"]).items():
+        record.setdefault(key, value)
     return record
+
+
+def kernel_roles(kernel) -> dict:
+    """The roles of `kernel` where the registry knows it (ROLE_FIELDS), else {}. A process that
+    has not imported the registry knows no kernel: nothing is imported here for it."""
+    registry = sys.modules.get("attnlab.kernels.registry")
+    if registry is None or not isinstance(kernel, str):
+        return {}
+    try:
+        found = registry.roles(kernel)
+    except ValueError:      # not registered: a calibration, a ring run, a kernel since unregistered
+        return {}
+    return {key: found[key] for key in ROLE_FIELDS}
 
 
 def jsonable(value):

@@ -34,13 +34,14 @@ import torch
 import torch.distributed as dist
 
 from attnlab.bench import records as rec
+from attnlab.bench.device import check_device, release_memory, synchronize
+from attnlab.bench.outcomes import status_and_reason
 from attnlab.bench.shards import Launch, torchrun_launch
-from attnlab.bench.sweep import check_device, classify, describe, release_memory
 from attnlab.bench.timer import Timing
 from attnlab.bench.workloads import DTYPES, Workload
 from attnlab.distributed import LAYOUTS, ring_attention_with_stats
 from attnlab.kernels.impls import naive
-from attnlab.schema import RING
+from attnlab.schema import ERROR, OK, RING, SKIPPED
 
 KERNEL = "ring-naive"          # the ring over naive's prefill_lse, the local attention it merges by
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
@@ -166,7 +167,7 @@ def _attempt(fn):
     except KeyboardInterrupt:
         raise
     except Exception as exc:
-        return None, (classify(exc), describe(exc))
+        return None, status_and_reason(exc)
 
 
 def _agree(failure) -> list:
@@ -219,7 +220,7 @@ class _Run:
                     record = self._length(seq_len)
                 except RingBroken as exc:     # the ranks cannot go on together: rank 0 says where it stopped
                     if writer:
-                        self._keep(writer, result, self._record(seq_len, "error", reason=str(exc)))
+                        self._keep(writer, result, self._record(seq_len, ERROR, reason=str(exc)))
                     raise
                 if writer:
                     self._keep(writer, result, record)
@@ -280,7 +281,7 @@ class _Run:
         """One length on every rank: rank 0's record of it (None elsewhere)."""
         started = time.perf_counter()
         if self.broken:
-            return self._record(seq_len, "skipped", reason=self.broken)
+            return self._record(seq_len, SKIPPED, reason=self.broken)
         inputs, failure = _attempt(lambda: self._prepare(seq_len))
         failures = self._agree(failure, seq_len)
         if not failures:
@@ -314,7 +315,7 @@ class _Run:
         b = w.batch_for(seq_len)
         q, k, v = (torch.randn(b, n, heads, w.head_dim, **kw) for heads in (w.heads, w.kv_heads, w.kv_heads))
         naive.prefill_lse(q, k, v, False, w.head_dim ** -0.5)
-        self._sync()
+        synchronize(self.device)
         return q, k, v
 
     def _measure(self, q, k, v) -> dict:
@@ -341,12 +342,8 @@ class _Run:
         dist.barrier()
         start = time.perf_counter()
         value = fn()
-        self._sync()
+        synchronize(self.device)
         return (time.perf_counter() - start) * 1e3, value
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     # --- records ---------------------------------------------------------------------------------
 
@@ -375,7 +372,7 @@ class _Run:
         sent, seconds = mine["sent_bytes"], timing.median_ms / 1e3
         w = self.workload
         return self._record(
-            seq_len, "ok", times_ms=timing.times_ms, median_ms=timing.median_ms, p10_ms=timing.p10_ms,
+            seq_len, OK, times_ms=timing.times_ms, median_ms=timing.median_ms, p10_ms=timing.p10_ms,
             p90_ms=timing.p90_ms, tflops=self._flops(seq_len) / seconds / 1e12, gbps=sent / seconds / 1e9,
             tokens_per_s=w.batch_for(seq_len) * seq_len / seconds, sent_bytes_per_rank=sent, compute_ms=compute_ms,
             wait_ms=wait_ms, comm_alone_ms=comm_ms, hidden_fraction=hidden, per_step=per_step,
@@ -397,7 +394,7 @@ class _Run:
         blocks = self.world - 1
         block_bytes = 2 * w.batch_for(seq_len) * (seq_len // self.world) * w.kv_heads * w.head_dim
         extras = {"world": self.world, "layout": self.config.layout}
-        if status != "ok":
+        if status != OK:
             extras["sent_bytes_per_rank"] = None
         finished = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         return rec.new_record(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import gc
 import math
 import time
 from collections import Counter
@@ -34,14 +33,16 @@ from typing import Callable, Optional
 import torch
 
 from attnlab.bench import records as rec
+from attnlab.bench.device import check_device, free_bytes, release_memory
 from attnlab.bench.nvml import CSV_COLUMNS, NvmlSampler, nvml_reason
+from attnlab.bench.outcomes import check_fields, describe, status_and_reason, wrong_fields
 from attnlab.bench.output_file import OutputError
 from attnlab.bench.point_call import build_call
 from attnlab.bench.shards import Shard, partition
 from attnlab.bench.timer import Timer, Timing
-from attnlab.bench.workloads import (MODES, Point, Workload, bytes_moved, flops, point_key, predicted_peak_bytes,
-                                     seq_len_label)
-from attnlab.schema import CALIBRATION, WRONG
+from attnlab.bench.workloads import (DECODE, DEFAULT_MODES, DecodeCache, Point, Workload, bytes_moved, cache_pages,
+                                     flops, lengths_summary, point_key, predicted_peak_bytes, seq_len_label)
+from attnlab.schema import CALIBRATION, ERROR, OK, OOM, SKIPPED, UNSUPPORTED
 
 # Two default runs of one sweep on one machine must agree (an A/A pair). On a 2-core CPU a point's
 # round medians fall in two or more states a factor of up to 2 apart; with five rounds the median
@@ -65,14 +66,15 @@ class SweepConfig:
     `free_memory` returns the bytes a point may use (default: what the device has free).
     `rounds` is how many times each point is measured, interleaved (the timed budget is shared
     among them); `order_seed` shuffles each round's order (default: drawn, and recorded, where
-    there is more than one round).
+    there is more than one round). `cache` lays out the decode points' KV cache (paged, 8-bit,
+    ragged lengths; default: contiguous, the workload's dtype, equal lengths).
     """
 
     workload: Workload
     device: str = "cpu"
     out: Path = Path("attnlab-sweep.jsonl")
     kernels: Optional[list] = None
-    modes: tuple = MODES
+    modes: tuple = DEFAULT_MODES
     seq_lens: Optional[list] = None
     resume: bool = False
     budget_s: Optional[float] = None
@@ -86,6 +88,7 @@ class SweepConfig:
     l2_flush: str = "write"             # how the timer empties a GPU's L2 before each repetition (timer.L2_FLUSHES)
     rounds: int = DEFAULT_ROUNDS
     order_seed: Optional[int] = None
+    cache: DecodeCache = DecodeCache()
 
 
 @dataclass
@@ -122,28 +125,11 @@ def plan(config: SweepConfig) -> list[Point]:
     does not serve is recorded as unsupported); by default each kernel runs only its modes."""
     device_type = torch.device(config.device).type
     kernels = list(config.kernels or default_kernels(device_type))
-    points = config.workload.points(kernels, tuple(config.modes), config.seq_lens)
+    points = config.workload.points(kernels, tuple(config.modes), config.seq_lens, config.cache)
     if not config.kernels:
         from attnlab.kernels import get
         points = [p for p in points if p.mode in get(p.kernel).modes]
     return partition(points, config.shard.count)[config.shard.index] if config.shard else points
-
-
-def check_device(device) -> torch.device:
-    """`device` (cpu, cuda or cuda:N) as a torch.device this machine has; ValueError naming
-    `device` and what torch sees where it has not."""
-    text = rec.parse_device(str(device))
-    device = torch.device(text)
-    if device.type == "cpu":
-        return device
-    if not torch.cuda.is_available():
-        raise ValueError(f"device: {text!r} asked for, but torch sees no CUDA device")
-    count = torch.cuda.device_count()
-    if device.index is not None and device.index >= count:
-        here = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
-        raise ValueError(f"device: {text!r} asked for, but torch sees {count} CUDA device"
-                         f"{'s' if count > 1 else ''} ({here})")
-    return device
 
 
 def check_window(window: int, seq_lens) -> None:
@@ -253,7 +239,8 @@ def _measure(writer, result: SweepResult, todo: list, config: SweepConfig, devic
     seed = order_seed(config.order_seed, config.rounds)
     try:
         env = rec.environment(config.argv, device=device, run_id=result.run_id)
-        env.update(workload_config=dataclasses.asdict(config.workload), rounds=config.rounds, order_seed=seed)
+        env.update(workload_config=dataclasses.asdict(config.workload), rounds=config.rounds, order_seed=seed,
+                   decode_cache=dataclasses.asdict(config.cache))
         if config.shard:
             env["shard"] = str(config.shard)
         writer.write(env)
@@ -269,7 +256,7 @@ def _measure(writer, result: SweepResult, todo: list, config: SweepConfig, devic
                 continue
             record = _point_or_skip(runner, point, config.budget_s, start_s, round_index)
             _keep(writer, result, {**record, "round": round_index, "rounds": config.rounds, "order_seed": seed})
-            if record["status"] != "ok":
+            if record["status"] != OK:
                 failed.add(point.key())
             progress.advance(result.records[-1])
     except KeyboardInterrupt:
@@ -281,7 +268,7 @@ def _measure(writer, result: SweepResult, todo: list, config: SweepConfig, devic
 def _point_or_skip(runner: "PointRunner", point: Point, budget_s: Optional[float], start_s: float,
                    round_index: int = 0) -> dict:
     if budget_s is not None and time.perf_counter() - start_s >= budget_s:
-        return runner.record(point, "skipped", reason=f"sweep budget of {budget_s:g} s spent")
+        return runner.record(point, SKIPPED, reason=f"sweep budget of {budget_s:g} s spent")
     return runner.run(point, energy=round_index == 0)
 
 
@@ -296,7 +283,7 @@ def _settled(out: Path, device_name: str) -> set:
     round, since the sweep does not run it again. A record from before rounds is round 0."""
     settled = [r for r in rec.read_records(out) if r.get("status") in rec.FINAL_STATUSES
                and r.get("device") == device_name and r.get("mode") != CALIBRATION]
-    failed = {point_key(r) for r in settled if r["status"] != "ok"}
+    failed = {point_key(r) for r in settled if r["status"] != OK}
     return ({(point_key(r), r.get("round") or 0) for r in settled}
             | {(key, i) for key in failed for i in range(MAX_ROUNDS)})
 
@@ -322,15 +309,15 @@ class PointRunner:
         counter over a window of back-to-back calls (one round of a point is enough)."""
         why_not = support_reason(point, self.device.type)
         if why_not:
-            return self.record(point, "unsupported", reason=why_not)
+            return self.record(point, UNSUPPORTED, reason=why_not)
         predicted = predicted_point_bytes(point, self.device.type)
         failed_at = self._oom_at.get((point.kernel, point.mode))
         if failed_at is not None and point.seq_len >= failed_at:
-            return self.record(point, "oom", predicted_mem_bytes=predicted,
+            return self.record(point, OOM, predicted_mem_bytes=predicted,
                                reason=f"not launched: ran out of memory at seq_len {failed_at}")
         free = self.free_memory()
         if free is not None and predicted > free:
-            return self.record(point, "oom", predicted_mem_bytes=predicted, oom_predicted=True,
+            return self.record(point, OOM, predicted_mem_bytes=predicted, oom_predicted=True,
                                free_mem_bytes=free,
                                reason=f"not launched: predicted peak {_gib(predicted)} exceeds "
                                       f"{_gib(free)} free")
@@ -344,17 +331,17 @@ class PointRunner:
         except KeyboardInterrupt:
             raise
         except BaseException as exc:    # a kernel's sys.exit() is its point's failure, not the sweep's end
-            failure = (classify(exc), describe(exc))
+            failure = status_and_reason(exc)
         if failure is not None:
             # Outside the except block, so the traceback and the tensors its frames hold are gone.
             release_memory(self.device)
             status, reason = failure
-            if status == "oom":
+            if status == OOM:
                 key = (point.kernel, point.mode)
                 self._oom_at[key] = min(point.seq_len, self._oom_at.get(key, point.seq_len))
             return self.record(point, status, reason=reason, predicted_mem_bytes=predicted,
                                free_mem_bytes=free, duration_s=time.perf_counter() - started)
-        status = fields.pop("status", "ok")
+        status = fields.pop("status", OK)
         return self.record(point, status, predicted_mem_bytes=predicted, free_mem_bytes=free,
                            duration_s=time.perf_counter() - started, **fields)
 
@@ -367,9 +354,8 @@ class PointRunner:
             base = torch.cuda.memory_allocated(self.device)
         call = build_call(point, self.device)
         verdict = call.verify()
-        checked = check_fields(verdict)
         if not verdict.ok:
-            return dict(status=WRONG, reason=f"wrong output: {verdict.describe()}", **checked)
+            return wrong_fields(verdict)
         fn = call.run
         label = {"run_id": self.run_id, "point": point_label(point)}
         with NvmlSampler(self.device, csv_path=self.nvml_csv, label=label,
@@ -382,17 +368,11 @@ class PointRunner:
             calls = energy_calls(sampler, self.timer, fn, window_s, timing.median_ms / 1e3)
         peak = torch.cuda.max_memory_allocated(self.device) - base if cuda else None
         del fn, call
-        return {**measured_fields(point, timing, sampler.summary(), calls, peak), **checked}
+        return {**measured_fields(point, timing, sampler.summary(), calls, peak), **check_fields(verdict)}
 
     def record(self, point: Point, status: str, **fields) -> dict:
         return point_record(point, run_id=self.run_id, device=self.device_name, status=status,
                             device_type=self.device.type, l2_flush=self.timer.l2_flush, **fields)
-
-
-def check_fields(verdict) -> dict:
-    """What a record keeps of its output's check: the error against float64 on the rows
-    compared, the bound it was held to, and how many rows."""
-    return {"check_error": verdict.error, "check_bound": verdict.bound, "check_rows": verdict.rows}
 
 
 def energy_calls(sampler: NvmlSampler, timer: Timer, fn: Callable, window_s: float, per_call_s: float) -> int:
@@ -418,15 +398,17 @@ def measured_fields(point: Point, timing: Timing, nvml: dict, energy_calls: int,
     return fields
 
 
-def point_record(point: Point, *, run_id: str, device: str, device_type: str, status: str = "ok",
+def point_record(point: Point, *, run_id: str, device: str, device_type: str, status: str = OK,
                  **fields) -> dict:
     """A complete record for a point: its shapes, work, and figures derived from its time."""
     work = {"flops": flops(point), "bytes": bytes_moved(point)}
     if "predicted_mem_bytes" not in fields:
         fields["predicted_mem_bytes"] = predicted_point_bytes(point, device_type)
     fields.setdefault("harness", "sweep")
+    if point.mode == DECODE:
+        fields = {**cache_fields(point), **fields}
     median_ms = fields.get("median_ms")
-    if status == "ok" and median_ms:
+    if status == OK and median_ms:
         seconds = median_ms / 1e3
         work["tflops"] = work["flops"] / seconds / 1e12
         work["gbps"] = work["bytes"] / seconds / 1e9
@@ -436,6 +418,12 @@ def point_record(point: Point, *, run_id: str, device: str, device_type: str, st
     finished = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return rec.new_record(run_id=run_id, status=status, device=device, **point.fields(), **work,
                           device_type=device_type, **fields, tokens_per_call=point.tokens_per_call, time=finished)
+
+
+def cache_fields(point: Point) -> dict:
+    """What a decode record says of its cache beyond the point fields: its lengths' min, median
+    and max, and the pages a paged cache holds."""
+    return {**lengths_summary(point.cache_lengths()), **({"pages": cache_pages(point)} if point.page_size else {})}
 
 
 def point_label(point: Point) -> str:
@@ -462,57 +450,16 @@ def support_reason(point: Point, device_type: str) -> str:
         impl = get(point.kernel)
     except ValueError as exc:
         return str(exc)
-    for check in (lambda: impl.available(device_type),
-                  lambda: impl.supports(point.mode, point.torch_dtype, point.head_dim, device_type),
-                  lambda: impl.takes(point.variant, varlen=point.docs > 1)):
+    checks = [lambda: impl.available(device_type),
+              lambda: impl.supports(point.mode, point.torch_dtype, point.head_dim, device_type),
+              lambda: impl.takes(point.variant, varlen=point.docs > 1, mode=point.mode)]
+    if point.mode == DECODE:
+        checks.append(lambda: impl.takes_cache(point.torch_dtype, point.page_size, point.kv_torch_dtype))
+    for check in checks:
         status = check()
         if not status:
             return status.reason
     return ""
-
-
-def classify(exc: BaseException) -> str:
-    """The record status for an exception a kernel raised."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return "oom"
-    text = str(exc)
-    if isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text):
-        return "oom"
-    if isinstance(exc, ValueError) and text.startswith("impl:"):
-        return "unsupported"     # the implementation refused these inputs before launching
-    return "error"
-
-
-def describe(exc: BaseException) -> str:
-    """A failure's `reason`: the exception's type and message (a SystemExit's code), cut to 2000
-    characters."""
-    message = f"exit status {exc.code!r}" if isinstance(exc, SystemExit) else str(exc)
-    return f"{type(exc).__name__}: {message}"[:2000]
-
-
-def release_memory(device) -> None:
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def free_bytes(device) -> Optional[int]:
-    """Bytes a new point may allocate: free device memory plus what torch's cache holds
-    unused; on a CPU the kernel's MemAvailable (None where unknown)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _gib(n: int) -> str:
@@ -531,7 +478,7 @@ def calibrate(device, run_id: str, timer: Timer) -> list[dict]:
         except Exception as exc:   # calibration is context, never a reason to stop
             failure = describe(exc)
             release_memory(device)
-            out.append(rec.new_record(run_id=run_id, kernel=kernel, mode=CALIBRATION, status="error",
+            out.append(rec.new_record(run_id=run_id, kernel=kernel, mode=CALIBRATION, status=ERROR,
                                       reason=failure, device=name, harness="sweep"))
     return out
 

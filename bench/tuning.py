@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
+from attnlab.bench.device import check_device
+from attnlab.bench.outcomes import classify, describe
 from attnlab.bench.output_file import OutputError, OutputLock, WriteFailed, check_output_path
 from attnlab.bench.records import environment, jsonable
 from attnlab.bench.point_call import random_inputs
-from attnlab.bench.sweep import check_device, classify, describe
 from attnlab.bench.workloads import DTYPES, PREFILL, Workload
 from attnlab.kernels import get, implementations
-from attnlab.schema import TUNING_SCHEMA, family
+from attnlab.schema import OK, TUNING_SCHEMA, family
 
 _SCHEMA_FAMILY = family(TUNING_SCHEMA)
 
@@ -66,7 +67,7 @@ def _tune_point(point, device, out: Path, document: dict) -> None:
     case = {k: v for k, v in point.fields().items() if k != "mode"}
     try:
         q, k, v = random_inputs(point, device)
-        seen = [dict(status="ok", **variant) for variant in
+        seen = [dict(status=OK, **variant) for variant in
                 get(point.kernel).tune(q, k, v, point.causal, point.head_dim ** -0.5)]
     except Exception as exc:
         seen = [dict(status=classify(exc), reason=describe(exc))]

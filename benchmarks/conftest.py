@@ -4,13 +4,17 @@
 
 Plain `pytest` runs the tests and leaves the grid out; `--benchmark-only`, or naming this
 folder, runs it. After pytest-benchmark's table of times the grid prints the rates the
-times imply (TFLOP/s for prefill, GB/s for decode), which that table has no column for.
+times imply (TFLOP/s for prefill and the backward, GB/s for decode), which that table has no column for.
 
 On a GPU the grid is the llama3-8b workload, timed with CUDA events (the benchmark's clock
 reads events, not the CPU clock around an asynchronous launch) with the L2 cache flushed
 before every round; on a CPU it is the cpu-small preset with time.perf_counter. Each
 benchmark's `extra_info` is a complete attnlab result record (records.FIELDS), and the
-JSON's `machine_info["attnlab"]` holds the run's environment record.
+run's environment record is split in two: what names the machine and its software in
+`machine_info["attnlab"]`, which `--benchmark-compare` holds equal between runs, and what
+changes from run to run (RUN_FIELDS: run id, time, command line, order seed, commit, the GPU's
+clocks and temperature at the start) in `commit_info["attnlab"]`; `attnlab analyze` joins them.
+From the root, `--benchmark-only` collects the grid alone (the root conftest.py leaves tests/ out).
 
 Each point is measured in `--attnlab-rounds` rounds (default 5), interleaved as a sweep does
 (bench/sweep.py): every point once per round, each round in an order shuffled from a recorded
@@ -40,6 +44,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 GPU_SEQ_LENS = "1k,4k,16k,64k"
+RUN_FIELDS = ("run_id", "time", "command", "argv", "rounds", "order_seed", "git_commit", "git_dirty", "clocks",
+              "temperature_c", "pstate", "throttle_reasons")
 
 
 def pytest_addoption(parser):
@@ -50,7 +56,8 @@ def pytest_addoption(parser):
                     help=f"comma list of lengths (default: {GPU_SEQ_LENS} on CUDA, the preset's on CPU)")
     group.addoption("--attnlab-kernels", default=None,
                     help="comma list of implementations (default: all available here)")
-    group.addoption("--attnlab-modes", default="prefill,decode", help="prefill, decode or both")
+    group.addoption("--attnlab-modes", default="prefill,decode,backward",
+                    help="comma list of prefill, decode, backward and fwd_bwd (default: prefill,decode,backward)")
     group.addoption("--attnlab-device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
     group.addoption("--attnlab-budget-s", type=float, default=0.2,
                     help="time the timed rounds of one benchmark may use (at least 5 rounds)")
@@ -131,7 +138,8 @@ def grid_for(config) -> Grid:
     if grid is not None:
         return grid
     from attnlab.bench.records import new_run_id
-    from attnlab.bench.sweep import DEFAULT_ROUNDS, check_device, check_rounds, default_kernels, order_seed
+    from attnlab.bench.device import check_device
+    from attnlab.bench.sweep import DEFAULT_ROUNDS, check_rounds, default_kernels, order_seed
     from attnlab.bench.workloads import default_preset, parse_seq_lens, preset
 
     opt = config.getoption
@@ -259,6 +267,15 @@ except ImportError:   # the hook below belongs to pytest-benchmark; without it p
     pass
 else:
     def pytest_benchmark_update_machine_info(config, machine_info):
-        from attnlab.bench.records import jsonable
+        machine_info["attnlab"] = _environment_part(config, machine=True)
 
-        machine_info["attnlab"] = jsonable(grid_for(config).environment())
+    def pytest_benchmark_update_commit_info(config, commit_info):
+        commit_info["attnlab"] = _environment_part(config, machine=False)
+
+
+def _environment_part(config, machine: bool) -> dict:
+    """The run's environment record without RUN_FIELDS (`machine`), or only those."""
+    from attnlab.bench.records import jsonable
+
+    env = jsonable(grid_for(config).environment())
+    return {key: value for key, value in env.items() if (key in RUN_FIELDS) != machine}

@@ -11,11 +11,13 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
+from attnlab.bench.device import free_bytes, release_memory  # noqa: E402
 from attnlab.bench.nvml import NvmlSampler  # noqa: E402
+from attnlab.bench.outcomes import check_fields, classify  # noqa: E402
 from attnlab.bench.records import FIELDS, SCHEMA, device_name, jsonable  # noqa: E402
 from attnlab.bench.point_call import build_call  # noqa: E402
-from attnlab.bench.sweep import (check_fields, classify, energy_calls, free_bytes, measured_fields,  # noqa: E402
-                                 point_label, point_record, predicted_point_bytes, release_memory, support_reason)
+from attnlab.bench.sweep import (energy_calls, measured_fields, point_label, point_record,  # noqa: E402
+                                 predicted_point_bytes, support_reason)
 from attnlab.bench.timer import Timing  # noqa: E402
 
 MIN_ROUNDS, MAX_ROUNDS = 5, 1000

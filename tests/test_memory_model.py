@@ -159,7 +159,7 @@ def test_every_in_tree_implementation_is_covered():
 
 
 def _planned(name, device_type, cuda_graph=True):
-    model = SimpleNamespace(device=torch.device(device_type), dtype=torch.bfloat16)
+    model = SimpleNamespace(device=torch.device(device_type), dtype=torch.bfloat16, kv_dtype=torch.bfloat16)
     return e2e.memory_terms(model, e2e.E2EOptions(cuda_graph=cuda_graph), name, None)
 
 

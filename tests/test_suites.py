@@ -66,3 +66,11 @@ def test_tune_needs_a_gpu(capsys):
 
     assert main(["tune", "--device", "cpu", "--out", os.devnull]) == 2
     assert "device" in capsys.readouterr().err
+
+
+def test_device_suite_measures_training_beside_the_baselines(tmp_path):
+    steps = dry_run("device_suite.sh", tmp_path)
+    args = build_parser().parse_args(shlex.split(steps["training"])[3:])
+    assert args.workload == "llama3-8b" and set(args.modes) == {"backward", "fwd_bwd"}
+    assert {"triton", "sdpa-cudnn", "sdpa-flash"} <= set(args.kernels)
+    assert min(args.seq_lens) == 1024 and max(args.seq_lens) == 32768

@@ -85,8 +85,26 @@ def parse_device(text: str) -> str:
     return checked(parse)(text)
 
 
+def parse_kv_dtype(text: str) -> str:
+    """A KV cache's dtype: fp8_e4m3, fp8_e5m2, or a float dtype's name (bench/workloads.py)."""
+    from attnlab.bench.workloads import kv_dtype_name
+
+    return checked(kv_dtype_name)(text)
+
+
+def parse_page_size(text: str) -> int:
+    """Tokens per page of a paged KV cache; 0: one contiguous cache per sequence."""
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
+# The presets are listed by bench/workloads.py alone: an unknown name is refused with the list.
+WORKLOAD_HELP = ("a workload preset (default: the model's attention on CUDA, cpu-small on a CPU; an unknown "
+                 "name lists them)")
+
+
 def parse_workload(text: str) -> str:
-    """The name of a sweep workload preset (llama3-8b, fa-paper, cpu-small)."""
+    """The name of a sweep workload preset (bench/workloads.py PRESETS); an unknown one is refused
+    with the list."""
     from attnlab.bench.workloads import preset
 
     return checked(lambda name: preset(name).name)(text)

@@ -182,10 +182,20 @@ def _what_if_table(document) -> list:
     rows = [[text.k(point["seq_len"])] + [f"{text.num(c[i]['tok_s_max_batch'])} ({c[i]['max_batch']})"
                                           for _, c in curves]
             for i, point in enumerate(document["points"])]
-    legend = [f"{w['name']}: {w['description']}" for w in document["what_if"]]
+    legend = [f"{w['name']}: {w['description']}" + _tested_text(w) for w in document["what_if"]]
     return (["what if: output tokens/s at the largest batch (that batch), the same model with another KV cache"]
             + [text.table(["context", *(name for name, _ in curves)], rows, align="l" + "r" * len(curves)), ""]
             + [line for item in legend for line in _wrap(item)])
+
+
+def _tested_text(lever: dict) -> str:
+    """'; measured: 3 point(s), the model within 5.0% of each (worst at 128k)', or '' untested."""
+    worst = lever.get("measured_error_worst")
+    if not lever.get("measured") or not worst:
+        return ""
+    from attnlab import text
+    return (f"; measured: {len(lever['measured'])} point(s), the model within {100 * abs(worst['model_error']):.1f}% "
+            f"of each (worst at {text.k(worst['seq_len'])}, {worst['kernel']}, run {worst['run_id']})")
 
 
 def _wrap(paragraph: str) -> list:

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from attnlab.cli._args import (checked, error_line, parse_device, parse_names, parse_seq_lens, positive_int,
-                               seconds)
+from attnlab.cli._args import (checked, error_line, parse_device, parse_kv_dtype, parse_names, parse_page_size,
+                               parse_seq_lens, positive_int, seconds)
 from attnlab.models import PRESETS, preset
 from attnlab.text import table
 
@@ -47,10 +47,18 @@ def add_arguments(parser) -> None:
                         help="cuda, cuda:N or cpu (default: cuda if present)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="weights and cache (default: bfloat16 on CUDA, float32 on a CPU)")
+    parser.add_argument("--kv-dtype", type=parse_kv_dtype, default=None,
+                        help="the KV cache's dtype: fp8_e4m3 or fp8_e5m2 (8-bit, a float32 descale per layer, sequence "
+                             "and kv head; the planner counts a byte an element) or one of --dtype's (default: --dtype)")
+    parser.add_argument("--page-size", type=parse_page_size, default=0, metavar="N",
+                        help="keep the cache in pages of N tokens, in shuffled physical order behind a block table, "
+                             "as servers do (default 0: one contiguous cache per sequence)")
     parser.add_argument("--mem-budget-gib", type=float, default=None,
                         help="plan the largest batch within this many GiB instead of free device memory")
     parser.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly even where a graph works")
     parser.add_argument("--seed", type=int, default=0)
+
+
 
 
 @dataclasses.dataclass
@@ -177,7 +185,7 @@ def _options(args, e2e):
         model=args.model, prefill_kernel=args.prefill_kernel,
         seq_lens=args.seq_lens, batch=args.batch, decode_tokens=args.decode_tokens,
         warmup_steps=args.warmup_steps, with_prefill=args.with_prefill, device=args.device,
-        dtype=args.dtype, budget_s=args.budget_s, cuda_graph=not args.no_cuda_graph, seed=args.seed,
+        dtype=args.dtype, kv_dtype=args.kv_dtype, page_size=args.page_size, budget_s=args.budget_s, cuda_graph=not args.no_cuda_graph, seed=args.seed,
         mem_budget_bytes=None if args.mem_budget_gib is None else int(args.mem_budget_gib * 2**30),
     ).resolved()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from attnlab.cli._args import device_or_default, error_line, parse_seq_lens, parse_workload, positive_int, seconds
+from attnlab.cli._args import device_or_default, error_line, parse_seq_lens, parse_workload, WORKLOAD_HELP, positive_int, seconds
 from attnlab.text import k, table
 
 HELP = "time ring attention across ranks under torchrun, and how much of its communication it hides"
@@ -22,8 +22,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None,
                         help="causal over the whole sequence (default: the workload's)")
     parser.add_argument("--workload", type=parse_workload, default=None,
-                        help="preset without a window or softcap: llama3-8b (default on CUDA), fa-paper, "
-                             "cpu-small (default on CPU)")
+                        help=f"{WORKLOAD_HELP}; one without a window or softcap")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="cpu (gloo) or cuda (NCCL, each rank on cuda:LOCAL_RANK); default cuda if present")
     parser.add_argument("--reps", type=positive_int, default=5, help="timed repetitions per length (default 5)")

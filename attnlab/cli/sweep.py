@@ -5,8 +5,9 @@ import argparse
 import statistics
 import sys
 
-from attnlab.cli._args import (checked, device_or_default, error_line, finite_positive, parse_device, parse_names,
-                               parse_seq_lens, parse_workload, positive_int, rounds, rounds_help, seconds)
+from attnlab.cli._args import (WORKLOAD_HELP, checked, device_or_default, error_line, finite_positive, parse_device,
+                               parse_kv_dtype, parse_names, parse_page_size, parse_seq_lens, parse_workload,
+                               positive_int, rounds, rounds_help, seconds)
 from attnlab.text import k, table
 
 HELP = "measure kernels from short to long context (time, memory, power) into JSONL records"
@@ -19,16 +20,25 @@ def _dtype(text):
     return checked(dtype_name)(text)
 
 
+
+def _lengths(text):
+    from attnlab.bench.workloads import parse_lengths
+
+    return checked(parse_lengths)(text)
+
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--kernels", type=parse_names, default=None,
                         help="comma list of implementations (default: all available on the device)")
-    parser.add_argument("--modes", type=parse_names, default=None, help="prefill, decode or both (default: both)")
+    parser.add_argument("--modes", type=parse_names, default=None,
+                        help="comma list of prefill, decode, backward (the gradients alone, the forward run "
+                             "untimed before) and fwd_bwd (forward and backward) (default: prefill,decode)")
     parser.add_argument("--seq-lens", type=parse_seq_lens, default=None,
                         help="comma list of context lengths in tokens, 1k = 1024 "
                              "(default: 1k,2k,...,128k; the cpu-small preset has its own)")
     parser.add_argument("--workload", type=parse_workload, default=None,
-                        help="preset: llama3-8b (default on CUDA), mistral-7b, gemma2-9b, fa-paper, cpu-small "
-                             "(default on CPU)")
+                        help=WORKLOAD_HELP)
     parser.add_argument("--batch", type=positive_int, default=None, help="sequences per call")
     parser.add_argument("--heads", type=positive_int, default=None, help="query heads")
     parser.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads (GQA)")
@@ -45,6 +55,18 @@ def add_arguments(parser) -> None:
                         help="cap the logits at S * tanh(s / S) (gemma2-9b: 50)")
     parser.add_argument("--docs", type=positive_int, default=None,
                         help="pack this many equal documents into each prefill sequence (a varlen call)")
+    cache = parser.add_argument_group("the decode cache (decode points only; recorded in each record)")
+    cache.add_argument("--page-size", type=parse_page_size, default=None, metavar="N",
+                       help="a paged cache: pages of N tokens in shuffled physical order behind a block table "
+                            "(default 0: contiguous)")
+    cache.add_argument("--kv-dtype", type=parse_kv_dtype, default=None,
+                       help="the cache's dtype: fp8_e4m3 or fp8_e5m2 (8-bit, a float32 descale per sequence and kv "
+                            "head) or bfloat16, float16, ... (default: --dtype's)")
+    cache.add_argument("--lengths", type=_lengths, default=None,
+                       help="each sequence's cache length: equal (the context, the default), ragged (drawn uniformly "
+                            "from half the context to all of it) or ragged:uniform:F (from F x the context); the "
+                            "seed and the lengths' min, median and max are recorded")
+    cache.add_argument("--lengths-seed", type=int, default=0, help="the seed ragged lengths are drawn from (default 0)")
     parser.add_argument("--device", type=parse_device, default=None,
                         help="cuda, cuda:N or cpu (default: cuda if present)")
     parser.add_argument("--out", default="attnlab-sweep.jsonl",
@@ -80,8 +102,9 @@ def _shard(text):
 def build_config(args, launch=None):
     """The SweepConfig the flags describe: a preset, then explicit flags over it; under torchrun
     (`launch`) the rank's shard, file and GPU."""
-    from attnlab.bench.sweep import SweepConfig, check_device, check_window
-    from attnlab.bench.workloads import MODES, default_preset, preset
+    from attnlab.bench.device import check_device
+    from attnlab.bench.sweep import SweepConfig, check_window
+    from attnlab.bench.workloads import DEFAULT_MODES, MODES, default_preset, preset
     from attnlab.kernels import get
 
     device = check_device(_device(args.device, launch))
@@ -91,17 +114,32 @@ def build_config(args, launch=None):
     workload = base.override(
         batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
         dtype=args.dtype, causal=args.causal, window=args.window, softcap=args.softcap, docs=args.docs)
-    modes = tuple(args.modes or MODES)
+    modes = tuple(args.modes or DEFAULT_MODES)
     for mode in modes:
         if mode not in MODES:
-            raise ValueError(f"--modes: expected prefill and/or decode, got {mode!r}")
+            raise ValueError(f"--modes: expected some of {', '.join(MODES)}, got {mode!r}")
     for name in args.kernels or ():
         get(name)   # an unknown name fails here, listing the known ones
     shard = launch.shard if launch else args.shard
     out = launch.path(args.out) if launch else shard.path(args.out) if shard else args.out
     return SweepConfig(workload=workload, device=str(device), out=out, kernels=args.kernels, modes=modes,
                        seq_lens=args.seq_lens, resume=args.resume, budget_s=args.budget_s, shard=shard,
-                       l2_flush=args.l2_flush, **({"rounds": args.rounds} if args.rounds else {}))
+                       l2_flush=args.l2_flush, cache=_cache(args, modes),
+                       **({"rounds": args.rounds} if args.rounds else {}))
+
+
+def _cache(args, modes):
+    """The decode cache the flags describe; a cache flag without decode among the modes is refused,
+    naming the flag."""
+    from attnlab.bench.workloads import DECODE, DecodeCache
+
+    given = {name: getattr(args, name, None) for name in ("page_size", "kv_dtype", "lengths")}
+    given = {name: value for name, value in given.items() if value is not None}
+    if given and DECODE not in modes:
+        raise ValueError(f"{next(iter(given))}: sets the decode cache, but --modes has no decode")
+    if getattr(args, "lengths_seed", 0) < 0:
+        raise ValueError(f"lengths_seed: expected a whole number >= 0, got {args.lengths_seed}")
+    return DecodeCache(**given, lengths_seed=getattr(args, "lengths_seed", 0))
 
 
 def _device(given, launch) -> str:
@@ -171,7 +209,7 @@ def _failed(records) -> list:
 
 def _submit(args, config) -> int:
     """Run --shards shards through submitit and say where each wrote; 1 if a shard failed."""
-    from attnlab.bench.shards import submit
+    from attnlab.bench.jobs import submit
 
     outcomes = submit(config, args.shards, args.executor, partition=args.slurm_partition,
                       timeout_min=args.slurm_timeout_min, kernel_modules=args.kernel_module,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from attnlab.cli._args import error_line, parse_device, parse_names, parse_seq_lens, parse_workload
+from attnlab.cli._args import WORKLOAD_HELP, error_line, parse_device, parse_names, parse_seq_lens, parse_workload
 
 HELP = "time every tile the autotuning of each tunable prefill kernel tries on this GPU, and the one it picks"
 READS_KERNELS = True
@@ -12,7 +12,7 @@ READS_KERNELS = True
 
 def add_arguments(parser) -> None:
     parser.add_argument("--workload", default="llama3-8b", type=parse_workload,
-                        help="shape preset: llama3-8b, fa-paper or cpu-small (default %(default)s)")
+                        help=f"{WORKLOAD_HELP} (default %(default)s)")
     parser.add_argument("--seq-lens", type=parse_seq_lens, default=[16384, 131072],
                         help="comma list of context lengths, 1k = 1024 (default 16k,128k)")
     parser.add_argument("--device", type=parse_device, default="cuda", help="cuda or cuda:N (default cuda)")

@@ -286,11 +286,14 @@ def assert_claim_row(row, claim):
 # --- charts a person can read ------------------------------------------------------------------
 
 def test_a_kernel_keeps_its_colour_and_marker_whatever_else_is_drawn():
+    # Kernel names alone (no role columns): each kernel is its own family, its hue from that name.
     alone, crowd = charts.palette_for(["triton"]), charts.palette_for(["naive", "sdpa-flash", "triton", "zzz"])
     assert alone["triton"] == crowd["triton"] and crowd["triton"] != crowd["sdpa-flash"]
     assert charts.kernel_markers(["triton"]) == {"triton": charts.kernel_markers(["triton", "naive"])["triton"]}
-    # A kernel from outside the package too: its colour comes from its name alone.
     assert charts.palette_for(["my-kernel"])["my-kernel"] == charts.palette_for(["a", "my-kernel"])["my-kernel"]
+    # Families drawn together differ while hues remain (tests/analysis/test_roles.py: one family, one hue).
+    many = charts.palette_for([f"family-{i}" for i in range(len(charts.FAMILY_HUES))])
+    assert sorted(many.values()) == sorted(charts.FAMILY_HUES)
 
 
 def test_a_workload_at_one_length_is_drawn_as_bars_not_as_lines(two_runs, tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ def test_real_pytest_benchmark_output_loads(tmp_path):
 
 def test_files_and_folders_mix_and_each_file_counts_once():
     loaded = load([SAMPLE, SAMPLE / "results.jsonl"])
-    assert len(loaded.files) == 2
+    assert len(loaded.files) == 3       # results.jsonl, benchmark.json and the roles beside them
     assert len(loaded.results) == 80
     assert {"sample-h100-20261127", "sample-h100-20261127-pytest-benchmark"} <= set(loaded.environments["run_id"])
 

@@ -114,6 +114,9 @@ def test_report_tables_set_each_kernel_against_the_baseline_at_the_same_q_len(tm
     from attnlab.analysis.report import build_report
 
     run = q_len_run(tmp_path, kernels=("sdpa-flash", "naive"))
+    # Both baselines (a roles file beside records written without roles): the faster one is chosen.
+    write(tmp_path / "roles.jsonl", [{"schema": "attnlab.roles/1", "kernel": k, "family": k, "baseline": True}
+                                     for k in ("naive", "sdpa-flash")])
     report = build_report([run], tmp_path / "out", n_boot=50, formats=("png",))
     md = report.md_path.read_text()
     head_to_head = md.split("## Head to head", 1)[1].split("\n## ", 1)[0]

@@ -121,10 +121,11 @@ def test_every_fitted_point_is_its_records_median(analysis):
                 assert point["median_ms"] == pytest.approx(medians[key])
 
 
-def test_every_charted_number_is_one_runs_record(tmp_path):
+@pytest.mark.slow     # draws every chart of the committed profiles
+def test_every_charted_number_is_one_runs_record(analysis, tmp_path):
     import csv
     from attnlab.analysis.charts import render_all
-    result = analyze([PROFILES], tmp_path / "a", charts=False, n_boot=50)
+    result, _ = analysis
     render_all(result.results, tmp_path / "charts", fits=result.fits, roof=result.roof, claim=result.claim,
                formats=("png",))
     by_point = {(r["run_id"], r["kernel"], r["mode"], r["workload"], int(r["seq_len"])): r

@@ -84,7 +84,8 @@ def test_head_to_head_sets_each_kernel_against_the_baseline(tmp_path):
     def record(kernel, seq_len, ms, tflops):
         return {"schema": "attnlab.result/1", "run_id": "r", "kernel": kernel, "mode": "prefill",
                 "workload": "llama3-8b", "dtype": "bfloat16", "device": "H100", "status": "ok",
-                "seq_len": seq_len, "median_ms": ms, "tflops": tflops}
+                "seq_len": seq_len, "median_ms": ms, "tflops": tflops,
+                "baseline": kernel == "sdpa-flash"}    # its role, as the registry gives it
     records = [record("sdpa-flash", 4096, 2.0, 300.0), record("triton", 4096, 1.0, 600.0),
                record("sdpa-cudnn", 4096, 0.8, 750.0), record("triton", 8192, 3.0, 800.0),
                dict(record("naive", 4096, 9.0, 1.0), run_id="other")]   # another run: not set beside these

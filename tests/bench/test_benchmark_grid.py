@@ -19,14 +19,15 @@ def test_benchmark_grid_json_holds_complete_records(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, "-m", "pytest", "--benchmark-only", f"--benchmark-json={out}",
                "-q", "-p", "no:cacheprovider", "--attnlab-seq-lens=128,256", "--attnlab-kernels=naive,sdpa-flash",
-               "--attnlab-budget-s=0.01", "--attnlab-rounds=3"]
+               "--attnlab-modes=prefill,decode", "--attnlab-budget-s=0.01", "--attnlab-rounds=3"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads(out.read_text())
     benchmarks = data["benchmarks"]
     assert len(benchmarks) == 24         # 2 kernels x 2 modes x 2 lengths x 3 rounds
-    env = data["machine_info"]["attnlab"]
+    env = {**data["machine_info"]["attnlab"], **data["commit_info"]["attnlab"]}
+    assert not {"run_id", "time", "argv"} & set(data["machine_info"]["attnlab"])   # --benchmark-compare's
     assert env["schema"] == rec.ENV_SCHEMA and env["device_type"] == "cpu"
     names = set()
     for bench in benchmarks:
@@ -89,6 +90,7 @@ def test_saved_runs_compare_in_pytest_benchmark_and_in_attnlab(tmp_path):
     assert [p.name[:4] for p in saved] == ["0001", "0002"]
     done, output = run_pytest(*here, "--benchmark-only", storage, "--benchmark-compare=0001", *QUICK, cwd=tmp_path)
     assert done.returncode == 0 and "0001" in output and "NOW" in output, output[-3000:]
+    assert "machine_info is different" not in output      # run id, time and argv live in commit_info
     compared = subprocess.run([sys.executable, "-m", "attnlab", "compare", str(saved[0]), str(saved[1]),
                                "--json", str(tmp_path / "compare.json")], capture_output=True, text=True, timeout=120)
     assert compared.returncode in (0, 1), compared.stderr

@@ -10,7 +10,7 @@ import traceback
 import pytest
 
 from attnlab.bench import records as rec
-from attnlab.bench import shards
+from attnlab.bench import jobs, shards
 from attnlab.bench.sweep import SweepConfig, plan
 from attnlab.bench.workloads import preset
 from attnlab.cli import main
@@ -126,9 +126,9 @@ def _failed_job_message(trace: str) -> str:
 
 def test_a_task_failure_keeps_its_exception_whole_on_one_line():
     long = "out: " + "x" * 700
-    assert shards.task_error(_failed_job_message(_trace(ValueError(long)))) == f"ValueError: {long}"
+    assert jobs.task_error(_failed_job_message(_trace(ValueError(long)))) == f"ValueError: {long}"
     chained = _trace_of_chained()
-    assert shards.task_error(_failed_job_message(chained)) == "OSError: raised in the handler, over two lines"
+    assert jobs.task_error(_failed_job_message(chained)) == "OSError: raised in the handler, over two lines"
 
 
 def _trace_of_chained() -> str:
@@ -144,7 +144,7 @@ def _trace_of_chained() -> str:
 def test_a_task_that_never_finished_says_so():
     message = ("Job 7 (task: 0) with path /runs/7_0_result.pkl\nhas not produced any output (state: TIMEOUT)\n"
                "Error stream produced:\n----------------------------------------\nslurmstepd: error: *** CANCELLED ***")
-    assert shards.task_error(message) == ("Job 7 (task: 0) with path /runs/7_0_result.pkl has not produced any "
+    assert jobs.task_error(message) == ("Job 7 (task: 0) with path /runs/7_0_result.pkl has not produced any "
                                           "output (state: TIMEOUT)")
 
 
@@ -178,16 +178,16 @@ def test_tasks_get_the_launchers_plugins_as_absolute_paths(tmp_path, monkeypatch
     from attnlab.kernels import ENV_VAR
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(shards, "_submitit", lambda: type("submitit", (), {"AutoExecutor": _Executor}))
+    monkeypatch.setattr(jobs, "_submitit", lambda: type("submitit", (), {"AutoExecutor": _Executor}))
     config = SweepConfig(workload=preset("cpu-small"), device="cpu", out=tmp_path / "sweep.jsonl")
-    outcomes = shards.submit(config, 2, "slurm", kernel_modules=["mine.py", "plugins/more", "my_pkg.kernels"],
-                             environ={ENV_VAR: f"env.py{os.pathsep}my_pkg.other"}, plugin_timeout_s=5.0)
+    outcomes = jobs.submit(config, 2, "slurm", kernel_modules=["mine.py", "plugins/more", "my_pkg.kernels"],
+                           environ={ENV_VAR: f"env.py{os.pathsep}my_pkg.other"}, plugin_timeout_s=5.0)
     for _, modules, env_modules, timeout_s in _Executor.calls:
         assert timeout_s == 5.0
         assert modules == [str(tmp_path / "mine.py"), str(tmp_path / "plugins" / "more"), "my_pkg.kernels"]
         assert env_modules == f"{tmp_path / 'env.py'}{os.pathsep}my_pkg.other"
     assert [o.error for o in outcomes] == ["", "ValueError: kernel-module: no"]
-    shards.submit(config, 1, "local", environ={})
+    jobs.submit(config, 1, "local", environ={})
     assert _Executor.calls[0][1:] == ([], None, None)     # none set: none in the task either
 
 
@@ -199,7 +199,7 @@ def test_a_plugin_that_fails_in_a_task_fails_the_task_naming_it(tmp_path, monkey
     monkeypatch.setenv(ENV_VAR, "something-the-launcher-did-not-have.py")
     config = SweepConfig(workload=preset("cpu-small"), device="cpu", out=tmp_path / "sweep.jsonl")
     with pytest.raises(ValueError, match=r"^kernel-module: 2 plugin\(s\) did not load") as raised:
-        shards.run_shard(config, [str(tmp_path / "flag.py")], str(tmp_path / "env.py"))
+        jobs.run_shard(config, [str(tmp_path / "flag.py")], str(tmp_path / "env.py"))
     for name in ("flag.py", "env.py"):
         assert f"{tmp_path / name}: ImportError: {name} needs a package this node lacks" in str(raised.value)
     assert os.environ[ENV_VAR] == str(tmp_path / "env.py")       # the launcher's value, not the task's own

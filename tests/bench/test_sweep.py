@@ -15,6 +15,7 @@ import torch
 
 from attnlab.bench import records as rec
 from attnlab.bench import sweep as sw
+from attnlab.bench.outcomes import describe
 from attnlab.bench.workloads import Workload, flops, point_key
 from attnlab.cli import main
 from attnlab.cli._progress import make_progress
@@ -259,7 +260,7 @@ def test_a_kernel_that_exits_is_its_points_failure_and_the_command_goes_on(tmp_p
                  "test-exits,naive", "--modes", "prefill", "--seq-lens", "128,256", "--out", str(out)]) == 1
     records = {(r["kernel"], r["seq_len"]): r for r in rec.read_records(out)}
     assert len(records) == 4 and all(records[("naive", n)]["status"] == "ok" for n in (128, 256))
-    expected = sw.describe(raised)
+    expected = describe(raised)
     assert all(records[("test-exits", n)]["status"] == "error" for n in (128, 256))
     assert all(records[("test-exits", n)]["reason"] == expected for n in (128, 256))
     printed = capsys.readouterr()
@@ -268,8 +269,8 @@ def test_a_kernel_that_exits_is_its_points_failure_and_the_command_goes_on(tmp_p
 
 
 def test_a_systemexit_reason_says_it_was_an_exit_and_its_status():
-    assert sw.describe(SystemExit(7)) == "SystemExit: exit status 7"
-    assert sw.describe(SystemExit()) == "SystemExit: exit status None"
+    assert describe(SystemExit(7)) == "SystemExit: exit status 7"
+    assert describe(SystemExit()) == "SystemExit: exit status None"
 
 
 @pytest.mark.parametrize("window", [str(10 ** 30), "257"])
