@@ -28,7 +28,7 @@ setup(
     extras_require={
         "nvml": ["nvidia-ml-py"],
         "analysis": ["pandas", "scipy", "seaborn", "rich"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "playwright", "submitit>=1.5.4"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "playwright", "submitit>=1.5.4"],
         "slurm": ["submitit>=1.5.4"],
         "flash": ["flash-attn"],
     },

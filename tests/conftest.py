@@ -22,6 +22,16 @@ def pytest_configure(config):
         raise pytest.UsageError("kernel plugins did not load: " + "; ".join(map(str, failures)))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def not_a_worker_below():
+    """Under pytest-xdist (the README's `-n 2`) a worker's environment names it a worker; a pytest
+    or attnlab that a test starts in a subprocess must not take itself for one (pytest-benchmark
+    would then write nothing)."""
+    for name in [n for n in os.environ if n.startswith("PYTEST_XDIST_")]:
+        del os.environ[name]
+    yield
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
+from pathlib import Path
 
 from attnlab.cli._args import output_folder
 from attnlab.cli.analyze import OWNERSHIP, add_common, write_into_out
 
 HELP = "write report.html (self-contained) and report.md from run folders or result files"
+WARNINGS_FILE = "warnings.txt"     # beside the report: what it left out or could not draw, one line each
+# Notes on what the data hold, summed up in one line; any other warning (a file read in part, ...)
+# is printed whole.
+NOTES = ("left out ", "not fitted: ", "chart not drawn: ")
 
 
 def add_arguments(parser) -> None:
@@ -23,15 +29,38 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     def build():
         from attnlab.analysis.report import build_report
-        return build_report(args.runs, args.out, baseline=args.baseline, model=args.model, gpu=args.gpu,
-                            formats=args.formats, n_boot=args.bootstrap, all_runs=args.all_runs,
-                            this_machine=args.this_machine)
+        report = build_report(args.runs, args.out, baseline=args.baseline, model=args.model, gpu=args.gpu,
+                              formats=args.formats, n_boot=args.bootstrap, all_runs=args.all_runs,
+                              this_machine=args.this_machine)
+        if report.warnings:
+            path = Path(args.out) / WARNINGS_FILE
+            path.write_text("".join(f"{warning}\n" for warning in report.warnings), encoding="utf-8")
+            report.files.append(path)
+        return report
 
     report = write_into_out(args, "report", args.runs, build)
     if report is None:
         return 2
     for warning in report.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        if not warning.startswith(NOTES):
+            print(f"warning: {warning}", file=sys.stderr)
+    notes = [warning for warning in report.warnings if warning.startswith(NOTES)]
+    if notes:
+        print(warnings_line(notes, Path(args.out) / WARNINGS_FILE), file=sys.stderr)
     print(f"wrote {report.html_path} and {report.md_path} ({len(report.charts)} charts, "
           f"{len(report.files)} files in all)")
     return 0
+
+
+def warnings_line(notes: list, path: Path) -> str:
+    """One line for what the report left out or could not draw (NOTES): each kind once, with how
+    many ('not fitted (5)'), and where each is said in full."""
+    kinds = Counter(_gist(note) for note in notes)
+    said = "; ".join(kind if count == 1 else f"{kind} ({count})" for kind, count in kinds.items())
+    return f"warning: {said}: each with its reason in {path} and in the report's 'What was skipped'"
+
+
+def _gist(note: str) -> str:
+    """'left out 85 record(s) (60 retracted, 25 superseded)', 'not fitted', 'chart not drawn': a
+    note up to its details."""
+    return note.split(";")[0] if note.startswith("left out") else note.split(":")[0]
