@@ -321,10 +321,12 @@ def _bwd_dq(
 # for sm_90 in bf16 (`attnlab inspect --arch 90`): up to 128 they use wgmma and spill nothing.
 # dK/dV holds K, V, dK and dV of its key block in registers, so its query tile is narrow and its
 # warps many; dQ holds Q, dO and dQ, and streams K and V.
-DKDV_TILES = {64: [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2)], 128: [(32, 64, 8, 2)],
+# At 128 each list starts with a tile that spills nothing with a window and softcap (dK/dV) or
+# packed sequences (dQ) too, where the next, wider one spills a few bytes.
+DKDV_TILES = {64: [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2)], 128: [(16, 64, 8, 2), (32, 64, 8, 2)],
               256: [(16, 32, 4, 2)]}
-DQ_TILES = {64: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)], 128: [(128, 64, 8, 2), (64, 32, 4, 3)],
-            256: [(32, 32, 4, 2)]}
+DQ_TILES = {64: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
+            128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)], 256: [(32, 32, 4, 2)]}
 FP32_TILE = (16, 32, 4, 2)      # fp32 multiplies on FMA units: small tiles, few registers
 
 
@@ -345,7 +347,7 @@ def _pruner(tiles: dict):
             keep = [FP32_TILE]
         else:
             keep = tiles[min(d for d in tiles if d >= bd)]
-        return [c for c in configs if _tile(c) in keep]
+        return [c for tile in keep for c in configs if _tile(c) == tile]     # in the listed order
     return prune
 
 
