@@ -126,6 +126,20 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse, Delta, row, lo, hi, seqlen_q
     return dk, dv
 
 
+@triton.jit
+def _sequence(CuSeqlensQ, CuSeqlensK, b, seqlen_q, seqlen_k, PACKED: tl.constexpr):
+    """Sequence b's first row of q and of k (0, 0 in a batch) and its lengths: packed, its rows are
+    q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] and its keys likewise."""
+    q_start = 0
+    k_start = 0
+    if PACKED:
+        q_start = tl.load(CuSeqlensQ + b)
+        seqlen_q = tl.load(CuSeqlensQ + b + 1) - q_start
+        k_start = tl.load(CuSeqlensK + b)
+        seqlen_k = tl.load(CuSeqlensK + b + 1) - k_start
+    return q_start, k_start, seqlen_q, seqlen_k
+
+
 @triton.jit(do_not_specialize=["window_left", "window_right"])
 def _bwd_dkdv(
     Q, K, V, DO, Lse, Delta, DK, DV, CuSeqlensQ, CuSeqlensK,
@@ -144,14 +158,7 @@ def _bwd_dkdv(
     start_n = tl.program_id(0) * BLOCK_N
     b = tl.program_id(1) // kv_heads
     kv_h = tl.program_id(1) % kv_heads
-    # Packed: sequence b's rows are q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]], its keys likewise.
-    q_start = 0
-    k_start = 0
-    if PACKED:
-        q_start = tl.load(CuSeqlensQ + b)
-        seqlen_q = tl.load(CuSeqlensQ + b + 1) - q_start
-        k_start = tl.load(CuSeqlensK + b)
-        seqlen_k = tl.load(CuSeqlensK + b + 1) - k_start
+    q_start, k_start, seqlen_q, seqlen_k = _sequence(CuSeqlensQ, CuSeqlensK, b, seqlen_q, seqlen_k, PACKED)
     if start_n >= seqlen_k:  # a packed sequence that ends before this block
         return
     # Each tensor from its sequence's first row (packed: the batch stride is 0).
@@ -263,13 +270,7 @@ def _bwd_dq(
     b = tl.program_id(1) // heads
     h = tl.program_id(1) % heads
     kv_h = h // groups
-    q_start = 0
-    k_start = 0
-    if PACKED:  # as in _bwd_dkdv
-        q_start = tl.load(CuSeqlensQ + b)
-        seqlen_q = tl.load(CuSeqlensQ + b + 1) - q_start
-        k_start = tl.load(CuSeqlensK + b)
-        seqlen_k = tl.load(CuSeqlensK + b + 1) - k_start
+    q_start, k_start, seqlen_q, seqlen_k = _sequence(CuSeqlensQ, CuSeqlensK, b, seqlen_q, seqlen_k, PACKED)
     if start_m >= seqlen_q:  # a packed sequence that ends before this block
         return
     Q += b * stride_qb + q_start * stride_qm
