@@ -139,12 +139,15 @@ class AttentionMemory:
     `expands_kv`: K and V are copied out once per query head (GQA expanded), by the
     implementation or by the backend it calls. `fp32_scores`: the (batch, heads, q_len, keys)
     score matrix is materialised, in fp32. `fp32_inputs`: half-precision q, k and v are
-    upcast to fp32 first (torch's math backend). All False: K and V are streamed in place.
+    upcast to fp32 first (torch's math backend). `gathers_cache`: a paged or 8-bit KV cache is
+    first copied into a contiguous one in q's dtype (an 8-bit one through float32), as an
+    implementation without a paged kernel reads it. All False: K and V are streamed in place.
     """
 
     expands_kv: bool = False
     fp32_scores: bool = False
     fp32_inputs: bool = False
+    gathers_cache: bool = False
 
 
 def attention_workspace_bytes(attention: AttentionMemory, *, batch: int, heads: int, kv_heads: int,
@@ -165,6 +168,17 @@ def attention_workspace_bytes(attention: AttentionMemory, *, batch: int, heads: 
     else:
         total += rows * 4                                      # a log-sum-exp per query row
     return total
+
+
+def gathered_cache_bytes(attention: AttentionMemory, *, batch: int, kv_heads: int, head_dim: int, keys: int,
+                         dtype_bytes: int, paged: bool, fp8: bool) -> int:
+    """Transient bytes of gathering a decode's cache, where the implementation gathers it and the
+    cache is paged or 8-bit: K and V copied contiguous in q's dtype, and while an 8-bit one is
+    dequantised, one of them in float32 too."""
+    if not attention.gathers_cache or not (paged or fp8):
+        return 0
+    elements = batch * keys * kv_heads * head_dim
+    return 2 * elements * dtype_bytes + (elements * 4 if fp8 else 0)
 
 
 def backward_workspace_bytes(attention: AttentionMemory, *, batch: int, heads: int, kv_heads: int, head_dim: int,
@@ -212,12 +226,15 @@ def activation_bytes_per_sequence(config: ModelConfig, max_seqlen: int, *, atten
 
 
 def sequence_bytes(config: ModelConfig, seq_len: int, decode_tokens: int, *, attention: AttentionMemory,
-                   dtype_bytes: int, graph: bool, kv_dtype_bytes: int | None = None) -> int:
+                   dtype_bytes: int, graph: bool, kv_dtype_bytes: int | None = None, paged: bool = False) -> int:
     """KV cache for seq_len + decode_tokens tokens plus this sequence's share of the activations.
     `kv_dtype_bytes`: the cache's element size where it differs from the activations' (1 for an
-    8-bit cache)."""
+    8-bit cache); with `paged` the cache is in pages: both count the copy of one layer's cache an
+    implementation that gathers it makes (`gathered_cache_bytes`)."""
     max_seqlen = seq_len + decode_tokens
-    return (max_seqlen * config.kv_bytes_per_token(kv_dtype_bytes or dtype_bytes)
+    gathered = gathered_cache_bytes(attention, batch=1, kv_heads=config.kv_heads, head_dim=config.head_dim,
+                                    keys=max_seqlen, dtype_bytes=dtype_bytes, paged=paged, fp8=kv_dtype_bytes == 1)
+    return (max_seqlen * config.kv_bytes_per_token(kv_dtype_bytes or dtype_bytes) + gathered
             + activation_bytes_per_sequence(config, max_seqlen, attention=attention, dtype_bytes=dtype_bytes,
                                             graph=graph))
 
@@ -237,24 +254,27 @@ def prefill_workspace_bytes(config: ModelConfig, seq_len: int, *, attention: Att
 
 def predicted_bytes(config: ModelConfig, batch: int, seq_len: int, decode_tokens: int, *,
                     attention: AttentionMemory, dtype_bytes: int, graph: bool,
-                    prefill_attention: AttentionMemory | None = None, kv_dtype_bytes: int | None = None) -> int:
+                    prefill_attention: AttentionMemory | None = None, kv_dtype_bytes: int | None = None,
+                    paged: bool = False) -> int:
     """Weights + batch x per-sequence bytes + a fixed workspace + rotary tables, and the prefill
     workspace when prefill_attention describes the implementation that fills the cache.
-    `kv_dtype_bytes` as for `sequence_bytes`."""
+    `kv_dtype_bytes` and `paged` as for `sequence_bytes`."""
     rope = 2 * (seq_len + decode_tokens) * (config.head_dim // 2) * 4
     prefill = 0
     if prefill_attention is not None:
         prefill = prefill_workspace_bytes(config, seq_len, attention=prefill_attention, dtype_bytes=dtype_bytes)
     per_sequence = sequence_bytes(config, seq_len, decode_tokens, attention=attention, dtype_bytes=dtype_bytes,
-                                  graph=graph, kv_dtype_bytes=kv_dtype_bytes)
+                                  graph=graph, kv_dtype_bytes=kv_dtype_bytes, paged=paged)
     return config.weight_bytes(dtype_bytes) + FIXED_WORKSPACE_BYTES + rope + prefill + batch * per_sequence
 
 
 def largest_batch(config: ModelConfig, seq_len: int, decode_tokens: int, budget_bytes: int, *,
                   attention: AttentionMemory, dtype_bytes: int, graph: bool,
-                  prefill_attention: AttentionMemory | None = None, kv_dtype_bytes: int | None = None) -> int:
+                  prefill_attention: AttentionMemory | None = None, kv_dtype_bytes: int | None = None,
+                  paged: bool = False) -> int:
     """The largest batch whose `predicted_bytes` fits in budget_bytes (weights included); 0 if none."""
-    terms = dict(attention=attention, dtype_bytes=dtype_bytes, graph=graph, kv_dtype_bytes=kv_dtype_bytes)
+    terms = dict(attention=attention, dtype_bytes=dtype_bytes, graph=graph, kv_dtype_bytes=kv_dtype_bytes,
+                 paged=paged)
     fixed = predicted_bytes(config, 0, seq_len, decode_tokens, prefill_attention=prefill_attention, **terms)
     return max(0, (budget_bytes - fixed) // sequence_bytes(config, seq_len, decode_tokens, **terms))
 

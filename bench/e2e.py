@@ -182,7 +182,7 @@ def memory_terms(model: Decoder, o: E2EOptions, decode_name: str, prefill_name: 
     prefill = kernels.get(prefill_name).attention_memory(device_type) if prefill_name else None
     return dict(attention=decode.attention_memory(device_type), dtype_bytes=model.dtype.itemsize,
                 graph=o.cuda_graph and not why_not_captured(decode, model.device), prefill_attention=prefill,
-                kv_dtype_bytes=model.kv_dtype.itemsize)
+                kv_dtype_bytes=model.kv_dtype.itemsize, paged=o.page_size > 0)
 
 
 def assumed_fields(terms: dict) -> dict:

@@ -18,7 +18,7 @@ import torch
 from attnlab import text as fmt
 from attnlab import models
 from attnlab.kernels.masks import Variant
-from attnlab.models import AttentionMemory, attention_workspace_bytes, backward_workspace_bytes
+from attnlab.models import AttentionMemory, attention_workspace_bytes, backward_workspace_bytes, gathered_cache_bytes
 from attnlab.schema import DECODE, EQUAL_LENGTHS, PREFILL, KERNEL_MODES as MODES  # MODES: the kernel modes only
 from attnlab.schema import BACKWARD, FWD_BWD
 
@@ -385,12 +385,16 @@ def predicted_peak_bytes(point: Point, attention: AttentionMemory) -> int:
     """Peak memory of one call, from the shapes: inputs and output plus the working memory the
     kernel declares (`attention`, from the registry's `attention_memory` for the device type):
     K and V copied per query head, an fp32 score matrix, fp32 copies of half inputs. A backward
-    (alone or after its forward) adds what it keeps and computes (`backward_workspace_bytes`)."""
+    (alone or after its forward) adds what it keeps and computes (`backward_workspace_bytes`); a
+    decode over a paged or 8-bit cache, the contiguous copy an implementation that gathers it makes."""
     workspace = backward_workspace_bytes if point.mode in (BACKWARD, FWD_BWD) else attention_workspace_bytes
     working = workspace(attention, batch=point.batch, heads=point.heads, kv_heads=point.kv_heads,
                         head_dim=point.head_dim, q_len=point.q_len, keys=point.seqlen_k,
                         dtype_bytes=point.element_bytes)
-    return input_bytes(point) + working
+    gathered = gathered_cache_bytes(attention, batch=point.batch, kv_heads=point.kv_heads, head_dim=point.head_dim,
+                                    keys=point.seqlen_k, dtype_bytes=point.element_bytes,
+                                    paged=point.page_size > 0, fp8=point.fp8_cache) if point.mode == DECODE else 0
+    return input_bytes(point) + working + gathered
 
 
 def dtype_name(dtype) -> str:

@@ -122,22 +122,23 @@ def test_graph_flag_doubles_only_the_activations():
 
 
 # What each implementation declares: K and V copied per query head (expands_kv), a fp32 score
-# matrix (fp32_scores), fp32 copies of half inputs (fp32_inputs); None: the SDPA adapter copies K
-# and V exactly where its backend takes no GQA natively on that device.
+# matrix (fp32_scores), fp32 copies of half inputs (fp32_inputs), a paged or 8-bit cache gathered
+# contiguous first (gathers_cache); None: the SDPA adapter copies K and V exactly where its
+# backend takes no GQA natively on that device.
 DECLARED = {
-    "naive": (True, True, False),
-    "sdpa-math": (True, True, True),     # the math backend repeats K and V itself under enable_gqa
-    "sdpa-flash": (None, False, False),
-    "sdpa-efficient": (None, False, False),
-    "sdpa-cudnn": (None, False, False),
-    "triton": (False, False, False),
-    "triton-ptr": (False, False, False),
-    "triton-decode": (False, False, False),
-    "triton-decode-nopdl": (False, False, False),
-    "flash-attn": (False, False, False),
-    "flex": (True, True, False),         # eager on the CPU: torch's unfused reference
-    "triton-ws": (False, False, False),
-    "triton-decode-fused": (False, False, False),
+    "naive": (True, True, False, True),
+    "sdpa-math": (True, True, True, True),     # the math backend repeats K and V itself under enable_gqa
+    "sdpa-flash": (None, False, False, True),
+    "sdpa-efficient": (None, False, False, True),
+    "sdpa-cudnn": (None, False, False, True),
+    "triton": (False, False, False, False),
+    "triton-ptr": (False, False, False, False),
+    "triton-decode": (False, False, False, False),      # pages and 8-bit values read in the kernel
+    "triton-decode-nopdl": (False, False, False, False),
+    "flash-attn": (False, False, False, False),
+    "flex": (True, True, False, False),        # eager on the CPU: torch's unfused reference
+    "triton-ws": (False, False, False, False),
+    "triton-decode-fused": (False, False, False, False),
 }
 BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
             "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -145,10 +146,24 @@ BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBacke
 
 @pytest.mark.parametrize("name", sorted(DECLARED))
 def test_each_implementation_declares_its_memory(name):
-    expands, scores, inputs = DECLARED[name]
+    expands, scores, inputs, gathers = DECLARED[name]
     if expands is None:
         expands = not sdpa._native_gqa(BACKENDS[name], "cpu")
-    assert kernels.get(name).attention_memory("cpu") == AttentionMemory(expands, scores, inputs)
+    assert kernels.get(name).attention_memory("cpu") == AttentionMemory(expands, scores, inputs, gathers)
+
+
+def test_a_paged_fp8_decode_predicts_the_copy_an_implementation_that_gathers_makes():
+    cpu_small = wl.preset("cpu-small")
+    cache = wl.DecodeCache(page_size=64, kv_dtype="float8_e4m3fn")
+    point = cpu_small.point("naive", "decode", 1024, cache)
+    plain = cpu_small.point("naive", "decode", 1024)
+    copy = 2 * 1 * 1024 * 2 * 64 * 4           # K and V of (batch 1, 1024 keys, 2 kv heads, 64) in float32 ...
+    through_fp32 = 1024 * 2 * 64 * 4            # ... and one of them in float32 while it is dequantised
+    naive, fused = kernels.get("naive").attention_memory("cpu"), kernels.get("triton-decode").attention_memory("cpu")
+    gathered = wl.predicted_peak_bytes(point, naive) - wl.input_bytes(point)
+    assert gathered - (wl.predicted_peak_bytes(plain, naive) - wl.input_bytes(plain)) == copy + through_fp32
+    assert wl.predicted_peak_bytes(point, fused) == wl.input_bytes(point) + wl.predicted_peak_bytes(
+        plain, fused) - wl.input_bytes(plain)      # read in the kernel: nothing gathered
 
 
 def test_every_in_tree_implementation_is_covered():
@@ -182,7 +197,7 @@ def test_only_a_capturable_decode_on_cuda_plans_a_graph_pool():
 def test_the_record_says_what_its_prediction_assumed():
     fields = e2e.assumed_fields(_planned("naive", "cpu"))
     assert fields == {"attention_expands_kv": True, "attention_fp32_scores": True,
-                      "attention_fp32_inputs": False, "cuda_graph": False}
+                      "attention_fp32_inputs": False, "attention_gathers_cache": True, "cuda_graph": False}
 
 
 def test_shapes_for_an_analytic_model():

@@ -14,8 +14,9 @@ from attnlab.kernels.paged import FP8_DTYPES, contiguous_caches
 from attnlab.kernels.registry import autograd_backward, autograd_varlen_backward, register_kernel
 from attnlab.models import AttentionMemory
 
-# K and V repeated for every query head, the whole score matrix in fp32: on every device.
-MEMORY = AttentionMemory(expands_kv=True, fp32_scores=True)
+# K and V repeated for every query head, the whole score matrix in fp32: on every device; a paged
+# or 8-bit cache gathered into a contiguous one first.
+MEMORY = AttentionMemory(expands_kv=True, fp32_scores=True, gathers_cache=True)
 
 
 def _attend(q, k, v, mask, scale, softcap=0.0):

@@ -114,10 +114,12 @@ def _memory(backend):
     """The fused backends stream K and V, copied per query head only where the adapter must
     (see `_prefill`). The math backend keeps fp32 scores, upcasts half inputs to fp32 (unless
     torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp is set) and, given enable_gqa,
-    repeats K and V per query head itself, so its GQA costs the copies either way."""
+    repeats K and V per query head itself, so its GQA costs the copies either way. Every backend
+    reads a paged or 8-bit cache gathered into a contiguous one (kernels/paged.py)."""
     if backend == SDPBackend.MATH:
-        return lambda device_type: AttentionMemory(expands_kv=True, fp32_scores=True, fp32_inputs=True)
-    return lambda device_type: AttentionMemory(expands_kv=not _native_gqa(backend, device_type))
+        return lambda device_type: AttentionMemory(expands_kv=True, fp32_scores=True, fp32_inputs=True,
+                                                   gathers_cache=True)
+    return lambda device_type: AttentionMemory(expands_kv=not _native_gqa(backend, device_type), gathers_cache=True)
 
 
 def _probe(backend):

@@ -167,17 +167,21 @@ def test_a_paged_decoder_decodes_as_the_contiguous_one_does():
     torch.testing.assert_close(logits[4], logits[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_e2e_with_an_fp8_paged_cache_records_its_cache_and_plans_with_its_bytes(tmp_path):
-    tiny, attention = PRESETS["tiny"], registry.get("naive").attention_memory("cpu")
+    # triton-decode reads pages and 8-bit values in the kernel; naive gathers them into a float32 copy.
+    tiny, attention = PRESETS["tiny"], registry.get("triton-decode").attention_memory("cpu")
     budget = predicted_bytes(tiny, 6, 48, 4, attention=attention, dtype_bytes=4, graph=False)
-    options = dict(model="tiny", device="cpu", kernel="naive", seq_lens=(48,), decode_tokens=4, warmup_steps=1,
+    options = dict(model="tiny", device="cpu", seq_lens=(48,), decode_tokens=4, warmup_steps=1,
                    cuda_graph=False, mem_budget_bytes=budget)
-    plain = next(e2e.run(e2e.E2EOptions(**options)))
-    (record,) = e2e.run(e2e.E2EOptions(**options, kv_dtype="fp8_e4m3", page_size=16))
-    assert plain["status"] == record["status"] == "ok"
+    plain = next(e2e.run(e2e.E2EOptions(**options, kernel="triton-decode")))
+    (record,) = e2e.run(e2e.E2EOptions(**options, kernel="triton-decode", kv_dtype="fp8_e4m3", page_size=16))
+    (gathered,) = e2e.run(e2e.E2EOptions(**options, kernel="naive", kv_dtype="fp8_e4m3", page_size=16))
+    assert plain["status"] == record["status"] == gathered["status"] == "ok"
     assert (record["kv_dtype"], record["page_size"], record["kv_bytes_per_token"]) == \
         ("float8_e4m3fn", 16, plain["kv_bytes_per_token"] // 4)
     assert record["batch"] > plain["batch"] == 6     # a byte per cached element, not four
+    assert gathered["batch"] < record["batch"] and gathered["attention_gathers_cache"]
     with pytest.raises(ValueError, match="^with_prefill"):
         e2e.E2EOptions(**options, kv_dtype="fp8_e4m3", with_prefill=True).resolved()
 
