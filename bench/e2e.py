@@ -23,12 +23,12 @@ from attnlab import kernels, models
 from attnlab.bench.device import check_device, hand_back_cache, peak_memory_bytes, reset_peak_memory, synchronize
 from attnlab.bench.model import Decoder, StaticDecoder, WrongOutput, resolve_prefill, why_not_captured
 from attnlab.bench.nvml import NvmlSampler
-from attnlab.bench.outcomes import first_line
+from attnlab.bench.outcomes import first_line, wrong_fields
 from attnlab.bench.records import device_name, new_record, new_run_id
 from attnlab.bench.timer import Timing
 from attnlab.bench.workloads import CPU_SEQ_LENS, KV_DTYPES, LONG_SEQ_LENS, kv_dtype_name
 from attnlab.schema import EQUAL_LENGTHS, E2E_DECODE as MODE_DECODE, E2E_PREFILL_DECODE as MODE_PREFILL_DECODE
-from attnlab.schema import ERROR, OK, OOM, SKIPPED, WRONG
+from attnlab.schema import ERROR, OK, OOM, SKIPPED
 
 DEFAULT_SEQ_LENS = LONG_SEQ_LENS            # 1k .. 128k, as the sweep
 CPU_BATCH = 4            # on a CPU memory is not what the experiment studies: a small fixed batch
@@ -159,7 +159,7 @@ def measure_point(model: Decoder, seq_len: int, o: E2EOptions, decode_name: str,
     except torch.OutOfMemoryError as exc:
         failure = dict(status=OOM, reason=first_line(exc))
     except WrongOutput as exc:
-        failure = dict(status=WRONG, reason=str(exc), check_error=exc.verdict.error, check_bound=exc.verdict.bound)
+        failure = {**wrong_fields(exc.verdict), "reason": str(exc)}     # the reason names the kernel
     except Exception as exc:  # one length failing must not end the run
         failure = dict(status=ERROR, reason=f"{type(exc).__name__}: {first_line(exc)}")
     peak = peak_memory_bytes(model.device)

@@ -247,6 +247,7 @@ def test_a_decoder_on_wrong_attention_is_recorded_wrong_and_not_timed():
         registry.unregister("test-wrong-decode")
     assert wrong["status"] == "wrong" and wrong["reason"].startswith("wrong output: test-wrong-decode: max error")
     assert wrong["check_error"] > wrong["check_bound"] > 0 and wrong["tokens_per_s"] is None
+    assert wrong["check_rows"] > 0
     (right,) = e2e.run(_options(seq_lens=(32,)))
     assert right["status"] == "ok"
 
