@@ -62,7 +62,7 @@ def release_memory(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
 
 
 def hand_back_cache(device) -> None:

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import torch
 
 from attnlab.bench import records as rec
-from attnlab.bench.device import check_device, free_bytes, release_memory
+from attnlab.bench.device import check_device, free_bytes, peak_memory_bytes, release_memory, reset_peak_memory
 from attnlab.bench.nvml import CSV_COLUMNS, NvmlSampler, nvml_reason
 from attnlab.bench.outcomes import check_fields, describe, status_and_reason, wrong_fields
 from attnlab.bench.output_file import OutputError
@@ -361,12 +361,11 @@ class PointRunner:
         with NvmlSampler(self.device, csv_path=self.nvml_csv, label=label,
                          interval_s=self.config.nvml_interval_s) as sampler:
             self.timer.warm_up(fn)
-            if cuda:   # warm-up transients (autotuning buffers) stay out of the peak
-                torch.cuda.reset_peak_memory_stats(self.device)
+            reset_peak_memory(self.device)   # warm-up transients (autotuning buffers) stay out of the peak
             timing = self.timer.time(fn, warm=True)
             window_s = self.config.energy_window_s if energy else 0.0
             calls = energy_calls(sampler, self.timer, fn, window_s, timing.median_ms / 1e3)
-        peak = torch.cuda.max_memory_allocated(self.device) - base if cuda else None
+        peak = peak_memory_bytes(self.device) - base if cuda else None
         del fn, call
         return {**measured_fields(point, timing, sampler.summary(), calls, peak), **check_fields(verdict)}
 

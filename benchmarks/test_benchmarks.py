@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from attnlab.bench.device import free_bytes, release_memory  # noqa: E402
+from attnlab.bench.device import free_bytes, peak_memory_bytes, release_memory, reset_peak_memory  # noqa: E402
 from attnlab.bench.nvml import NvmlSampler  # noqa: E402
 from attnlab.bench.outcomes import check_fields, classify  # noqa: E402
 from attnlab.bench.records import FIELDS, SCHEMA, device_name, jsonable  # noqa: E402
@@ -77,15 +77,14 @@ def _measure(benchmark, grid, point):
         timer.warm_up(fn)
         estimate_s = max(timer.estimate_ms(fn) / 1e3, 1e-7)
         rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(grid.budget_s / estimate_s)))
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)
         # The L2 flush is pytest-benchmark's setup, so it runs before each round, untimed.
         benchmark.pedantic(fn, setup=timer.flush, rounds=rounds, warmup_rounds=1, iterations=1)
         if benchmark.stats is None:
             return None
         times_ms = [seconds * 1e3 for seconds in benchmark.stats.stats.data]
         calls = energy_calls(sampler, timer, fn, grid.energy_s, estimate_s)
-    peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
+    peak = peak_memory_bytes(device) - base if cuda else None
     timing = Timing.from_times(times_ms, warmup_reps=timer.warmup_reps + 1)
     fields = measured_fields(point, timing, sampler.summary(), calls, peak)
     return point_record(point, run_id=grid.run_id, device=device_name(device), status="ok",
